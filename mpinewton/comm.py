@@ -1,0 +1,197 @@
+"""The MPI layer: rank, size, buffer-based sums, broadcasts, abort on error.
+
+This module knows no TensorFlow. Data travel as contiguous numpy buffers through
+the uppercase mpi4py methods (``Allreduce``, ``Bcast``); small Python objects
+through the lowercase ones. Started without ``mpirun`` the same code runs as one
+process (MPI singleton, or no MPI at all with ``MPINEWTON_NO_MPI=1``).
+
+Lockstep (design invariant 2): every rank must call the same collectives in the
+same order; every branch is decided from reduced values or a broadcast.
+No hangs (invariant 3): :func:`install_abort_handler` turns an uncaught
+exception on any rank into ``MPI_Abort`` of the whole job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """An error that one or more ranks met, now known to every rank."""
+
+    def __init__(self, message: str, ranks: list[int]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
+@dataclass
+class CommStats:
+    """Counters of collective traffic: calls, values moved and seconds spent."""
+
+    allreduce_calls: int = 0
+    allreduce_values: int = 0
+    allreduce_seconds: float = 0.0
+    bcast_calls: int = 0
+    bcast_seconds: float = 0.0
+
+    def snapshot(self) -> dict[str, float]:
+        """The counters as a plain dict (for metrics and benchmarks)."""
+        return dict(self.__dict__)
+
+
+class Comm:
+    """A communicator wrapper: the few collectives mpinewton needs, timed.
+
+    ``mpi_comm`` is an ``mpi4py.MPI.Comm``; ``None`` makes a one-process
+    communicator that needs no MPI library.
+    """
+
+    def __init__(self, mpi_comm: Any | None = None) -> None:
+        self._comm = mpi_comm
+        self.rank: int = 0 if mpi_comm is None else mpi_comm.Get_rank()
+        self.size: int = 1 if mpi_comm is None else mpi_comm.Get_size()
+        self.stats = CommStats()
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0, the rank that alone prints and writes."""
+        return self.rank == 0
+
+    @property
+    def mpi(self) -> Any | None:
+        """The underlying mpi4py communicator, or None in a one-process run."""
+        return self._comm
+
+    def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
+        """Sum one contiguous float buffer over all ranks (``MPI_Allreduce``, SUM).
+
+        Returns a new array; the input is left unchanged.
+        """
+        buffer = np.ascontiguousarray(buffer)
+        self.stats.allreduce_calls += 1
+        self.stats.allreduce_values += buffer.size
+        if self._comm is None or self.size == 1:
+            return buffer.copy()
+        from mpi4py import MPI
+
+        out = np.empty_like(buffer)
+        start = time.perf_counter()
+        self._comm.Allreduce(buffer, out, op=MPI.SUM)
+        self.stats.allreduce_seconds += time.perf_counter() - start
+        return out
+
+    def bcast_array(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        """Broadcast a numpy array from ``root`` (``MPI_Bcast``); returns root's values."""
+        array = np.ascontiguousarray(array)
+        self.stats.bcast_calls += 1
+        if self._comm is None or self.size == 1:
+            return array
+        start = time.perf_counter()
+        out = array.copy() if self.rank == root else np.empty_like(array)
+        self._comm.Bcast(out, root=root)
+        self.stats.bcast_seconds += time.perf_counter() - start
+        return out
+
+    def bcast(self, obj: T, root: int = 0) -> T:
+        """Broadcast a small picklable object from ``root``."""
+        self.stats.bcast_calls += 1
+        if self._comm is None or self.size == 1:
+            return obj
+        return self._comm.bcast(obj, root=root)
+
+    def allgather(self, obj: T) -> list[T]:
+        """Gather one small object from every rank onto every rank."""
+        if self._comm is None or self.size == 1:
+            return [obj]
+        return self._comm.allgather(obj)
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self._comm is not None and self.size > 1:
+            self._comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """End the whole job at once (``MPI_Abort``); in one process, exit."""
+        if self._comm is not None and self.size > 1:
+            self._comm.Abort(code)
+        os._exit(code)
+
+    def run_agreed(self, step: Callable[[], T], what: str) -> T:
+        """Run ``step`` on every rank; if it raises on any rank, raise everywhere.
+
+        Used for set-up phases (config, data, model) so that an error met by one
+        rank — a bad label in its shard, say — is reported by every rank and
+        the job ends cleanly instead of leaving the others in a collective.
+        """
+        result: T | None = None
+        error: str | None = None
+        try:
+            result = step()
+        except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+            error = f"{type(exc).__name__}: {exc}"
+        errors = self.allgather(error)
+        failed = [rank for rank, err in enumerate(errors) if err is not None]
+        if failed:
+            first = errors[failed[0]]
+            where = "rank " + ", ".join(str(r) for r in failed)
+            raise DistributedError(f"{what} failed on {where}: {first}", failed)
+        return result  # type: ignore[return-value]
+
+
+def local_size() -> int:
+    """Number of ranks on this node, from the launcher's environment (1 if unknown)."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE",
+                "PMI_LOCAL_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def world() -> Comm:
+    """The world communicator: MPI if available, else a one-process stand-in.
+
+    ``MPINEWTON_NO_MPI=1`` skips MPI entirely (useful where no MPI library is
+    installed); under ``mpirun`` that would be an error, which is reported.
+    """
+    if os.environ.get("MPINEWTON_NO_MPI") == "1":
+        if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+            raise RuntimeError("MPINEWTON_NO_MPI=1 is set, but the process was started by an "
+                               "MPI launcher; unset it to run with MPI")
+        return Comm(None)
+    from mpi4py import MPI
+
+    return Comm(MPI.COMM_WORLD)
+
+
+def install_abort_handler(comm: Comm) -> None:
+    """Make an uncaught exception on any rank abort the whole job (invariant 3).
+
+    The hook prints the traceback prefixed with the rank, flushes, and calls
+    ``MPI_Abort`` so that the other ranks, possibly waiting in a collective,
+    end too instead of hanging.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException,
+             tb: TracebackType | None) -> None:
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write("".join(f"[rank {comm.rank}] {line}\n" for line in text.splitlines()))
+        sys.stderr.flush()
+        sys.stdout.flush()
+        if comm.size > 1:
+            comm.abort(1)
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
