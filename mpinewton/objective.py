@@ -1,0 +1,86 @@
+"""The global objective c(w): local sums + Allreduce, divided by the global count.
+
+``DistributedObjective`` is the ``Problem`` the solvers see: ``value``,
+``value_and_grad`` and ``hvp`` return the same numbers whatever the number of
+ranks (thesis Corollary 9.2), because every rank contributes sums over its own
+samples and the result is divided by the global sample count. Each call issues
+exactly one ``Allreduce`` of one contiguous float64 buffer, on every rank in
+the same order (design invariant 2).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from mpinewton.comm import Comm
+
+
+class LocalSums(Protocol):
+    """What a rank computes over its shard (implemented by ``mpinewton.local``)."""
+
+    def loss_sum(self, w: np.ndarray) -> float: ...
+    def loss_grad_sum(self, w: np.ndarray) -> tuple[float, np.ndarray]: ...
+    def hvp_sum(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
+    def correct_count(self, w: np.ndarray) -> int: ...
+
+
+@dataclass
+class ObjectiveStats:
+    """Calls and local compute seconds per kind of product (for progress and benchmarks)."""
+
+    values: int = 0
+    grads: int = 0
+    hvps: int = 0
+    compute_seconds: float = 0.0
+
+
+class DistributedObjective:
+    """c(w) = (1/N) sum_i loss_i(w) over the N samples spread across all ranks."""
+
+    def __init__(self, local: LocalSums, comm: Comm, total_samples: int) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"the objective needs at least one sample, got {total_samples}")
+        self.local = local
+        self.comm = comm
+        self.total_samples = total_samples
+        self.stats = ObjectiveStats()
+
+    def _reduce(self, local: np.ndarray) -> np.ndarray:
+        return self.comm.allreduce_sum(local) / self.total_samples
+
+    def value(self, w: np.ndarray) -> float:
+        """Global mean loss at ``w``."""
+        start = time.perf_counter()
+        local = np.array([self.local.loss_sum(w)], dtype=np.float64)
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.values += 1
+        return float(self._reduce(local)[0])
+
+    def value_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        """Global mean loss and gradient, reduced in one buffer ``[loss, g...]``."""
+        start = time.perf_counter()
+        loss, grad = self.local.loss_grad_sum(w)
+        buffer = np.empty(grad.size + 1, dtype=np.float64)
+        buffer[0] = loss
+        buffer[1:] = grad
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.grads += 1
+        reduced = self._reduce(buffer)
+        return float(reduced[0]), reduced[1:]
+
+    def hvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Exact global Hessian-vector product H(w) v."""
+        start = time.perf_counter()
+        local = self.local.hvp_sum(w, v)
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.hvps += 1
+        return self._reduce(local)
+
+    def accuracy(self, w: np.ndarray) -> float:
+        """Fraction of all samples classified correctly (arg-max of the output)."""
+        local = np.array([float(self.local.correct_count(w))], dtype=np.float64)
+        return float(self._reduce(local)[0])

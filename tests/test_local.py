@@ -1,0 +1,136 @@
+"""Exactness of the per-rank products (design invariant 4, thesis 14.2).
+
+References are independent of the code under test: the explicit Hessian
+(Jacobian of the gradient, thesis 9.1), central finite differences of the
+gradient, and symmetry u.Hv = v.Hu.
+"""
+
+import numpy as np
+import pytest
+
+from mpinewton.local import LocalObjective
+from mpinewton.models import mlp, thesis_cnn
+from mpinewton.params import get_flat
+
+
+def _data(n, shape=(28, 28, 1), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+@pytest.fixture(scope="module")
+def cnn_problem():
+    model = thesis_cnn(dtype="float64", seed=3)
+    x, y = _data(24)
+    local = LocalObjective(model, x, y, micro_batch=10, jit=False)
+    return local, get_flat(model)
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    model = mlp(dtype="float64", seed=5, input_shape=(6, 6, 1), hidden=(7, 5))
+    x, y = _data(40, shape=(6, 6, 1), seed=1)
+    local = LocalObjective(model, x, y, micro_batch=16, jit=False)
+    return local, get_flat(model)
+
+
+def test_thesis_cnn_has_3192_weights():
+    assert get_flat(thesis_cnn()).size == 3192
+
+
+@pytest.mark.parametrize("name", ["cnn_problem", "mlp_problem"])
+@pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
+def test_hvp_equals_explicit_hessian(request, name, mode):
+    local, w = request.getfixturevalue(name)
+    other = LocalObjective(local.model, *_unchunk(local), micro_batch=local.micro_batch,
+                           jit=False, hvp=mode)
+    hessian = local.hessian_sum(w)
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        v = rng.standard_normal(w.size)
+        hv = other.hvp_sum(w, v)
+        ref = hessian @ v
+        assert np.linalg.norm(hv - ref) <= 1e-10 * np.linalg.norm(ref)
+
+
+def _unchunk(local):
+    xs = np.concatenate([x.numpy() for x, _ in local._chunks])
+    ys = np.concatenate([y.numpy() for _, y in local._chunks])
+    return xs, ys
+
+
+def test_explicit_hessian_is_symmetric_and_hvp_symmetric(mlp_problem):
+    local, w = mlp_problem
+    hessian = local.hessian_sum(w)
+    assert np.allclose(hessian, hessian.T, rtol=0, atol=1e-12 * np.abs(hessian).max())
+    rng = np.random.default_rng(2)
+    u, v = rng.standard_normal((2, w.size))
+    uhv, vhu = u @ local.hvp_sum(w, v), v @ local.hvp_sum(w, u)
+    assert abs(uhv - vhu) <= 1e-12 * abs(uhv)
+
+
+def test_hvp_matches_central_differences_to_second_order(mlp_problem):
+    # The MLP is smooth (tanh, softmax), so the central difference of the gradient
+    # has an O(h^2) error: halving h divides it by about 4.
+    local, w = mlp_problem
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal(w.size)
+    v /= np.linalg.norm(v)
+    hv = local.hvp_sum(w, v)
+    errors = []
+    for h in (4e-2, 2e-2, 1e-2):
+        fd = (local.loss_grad_sum(w + h * v)[1] - local.loss_grad_sum(w - h * v)[1]) / (2 * h)
+        errors.append(np.linalg.norm(fd - hv))
+    rates = [np.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(1.8 < r < 2.2 for r in rates), (errors, rates)
+
+
+def test_cnn_hvp_matches_small_step_central_differences(cnn_problem):
+    # ReLU makes the thesis CNN only piecewise C^2 (thesis 10.1): use a step small
+    # enough not to cross a kink and compare to the difference quotient.
+    local, w = cnn_problem
+    v = np.random.default_rng(4).standard_normal(w.size)
+    v /= np.linalg.norm(v)
+    hv = local.hvp_sum(w, v)
+    h = 1e-5
+    fd = (local.loss_grad_sum(w + h * v)[1] - local.loss_grad_sum(w - h * v)[1]) / (2 * h)
+    assert np.linalg.norm(fd - hv) <= 1e-6 * np.linalg.norm(hv)
+
+
+def test_micro_batch_size_does_not_change_sums(cnn_problem):
+    local, w = cnn_problem
+    x, y = _unchunk(local)
+    whole = LocalObjective(local.model, x, y, micro_batch=len(x), jit=True)
+    v = np.random.default_rng(7).standard_normal(w.size)
+    loss_a, grad_a = local.loss_grad_sum(w)
+    loss_b, grad_b = whole.loss_grad_sum(w)
+    assert loss_a == pytest.approx(loss_b, rel=1e-13)
+    np.testing.assert_allclose(grad_a, grad_b, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(local.hvp_sum(w, v), whole.hvp_sum(w, v), rtol=1e-10, atol=1e-12)
+
+
+def test_loss_sum_is_batch_additive(cnn_problem):
+    local, w = cnn_problem
+    x, y = _unchunk(local)
+    halves = [LocalObjective(local.model, x[s], y[s], micro_batch=7, jit=False)
+              for s in (slice(0, 9), slice(9, None))]
+    assert sum(h.loss_sum(w) for h in halves) == pytest.approx(local.loss_sum(w), rel=1e-13)
+    np.testing.assert_allclose(sum(h.loss_grad_sum(w)[1] for h in halves),
+                               local.loss_grad_sum(w)[1], rtol=1e-11, atol=1e-14)
+
+
+def test_empty_shard_contributes_zero():
+    model = thesis_cnn()
+    x, y = _data(0)
+    local = LocalObjective(model, x, y)
+    w = get_flat(model)
+    assert local.loss_sum(w) == 0.0
+    assert not local.loss_grad_sum(w)[1].any()
+    assert not local.hvp_sum(w, np.ones_like(w)).any()
+    assert local.correct_count(w) == 0
+
+
+def test_wrong_weight_shape_is_an_error(cnn_problem):
+    local, _ = cnn_problem
+    with pytest.raises(ValueError, match=r"expected \(3192,\)"):
+        local.loss_sum(np.zeros(5))
