@@ -1,0 +1,307 @@
+"""``python -m mpinewton.train [JOB.toml] [--set key=value ...] [--run-dir DIR]``.
+
+The one module that sees the whole flow (design section 2): the HDF5 shard of
+this rank, the TensorFlow local sums, the MPI reduction, the numpy solvers, and
+the run directory that rank 0 writes:
+
+``DIR/config.toml``
+    the resolved job (every key, defaults included).
+``DIR/metrics.jsonl``
+    one JSON object per iteration: ``iter``, ``phase`` (``pretrain``,
+    ``newton`` or ``gd``), ``loss`` (at the start of the iteration),
+    ``new_loss``, ``grad_norm``, ``cg_iters``, ``cg_reason``, ``step_size``,
+    ``fallback``, ``linesearch_trials``, ``damping``, ``hvps``, ``iter_seconds``,
+    ``wall_time`` (seconds since training started).
+``DIR/summary.json``
+    at the end: final loss, accuracies, ``world_size``, time, CG statistics.
+``DIR/weights.h5``
+    the final weights: dataset ``w`` (flat) and one dataset per variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpinewton import __version__
+from mpinewton.comm import Comm, DistributedError, install_abort_handler, local_size, world
+from mpinewton.config import ConfigError, JobConfig, load_job
+
+#: Exit code of a job stopped by a bad input (config, data, model); see docs.
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments of the trainer."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mpinewton.train",
+        description="Train a Keras model with globalised Newton-CG (thesis Algorithm 4), "
+                    "data-parallel over MPI ranks. Without JOB, runs jobs/mnist_cnn.toml.")
+    parser.add_argument("job", nargs="?", default=None, help="TOML job file (default: %(default)s "
+                        "= jobs/mnist_cnn.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one job key (repeatable)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default runs/<run.name>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="reuse a run directory that already holds a run")
+    parser.add_argument("--check-sync", action="store_true",
+                        help="after every step, verify that all ranks hold bitwise identical "
+                             "weights (one extra allgather of a hash per iteration)")
+    return parser.parse_args(argv)
+
+
+def configure_threads(job: JobConfig) -> tuple[int, int]:
+    """Choose TensorFlow's thread pools before TensorFlow starts (one rank, one share)."""
+    intra = job.threads.intra_op
+    if intra == 0:
+        for var in ("MPINEWTON_INTRA_OP_THREADS", "OMP_NUM_THREADS"):
+            if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+                intra = int(os.environ[var])
+                break
+        else:
+            intra = max(1, (os.cpu_count() or 1) // local_size())
+    inter = job.threads.inter_op
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return intra, inter
+
+
+class RunDirectory:
+    """The run directory contract (module docstring); only rank 0 writes."""
+
+    def __init__(self, path: Path, comm: Comm) -> None:
+        self.path = path
+        self.comm = comm
+        self._metrics: Any = None
+
+    def prepare(self, job: JobConfig, overwrite: bool) -> None:
+        """Create the folder, refuse to clobber a previous run, write config.toml."""
+        if not self.comm.is_root:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"run directory {self.path} exists and is not a directory")
+        if (self.path / "metrics.jsonl").exists() and not overwrite:
+            raise ConfigError(f"run directory {self.path} already holds a run (metrics.jsonl); "
+                              "choose another --run-dir or pass --overwrite")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "summary.json", "weights.h5"):
+            (self.path / name).unlink(missing_ok=True)
+        _atomic_write_text(self.path / "config.toml", job.to_toml())
+        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one iteration's metrics (rank 0)."""
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+
+    def finish(self, summary: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+        """Write summary.json and weights.h5 atomically (rank 0)."""
+        if not self.comm.is_root:
+            return
+        if self._metrics is not None:
+            self._metrics.close()
+        import h5py
+
+        tmp = self.path / ".weights.h5.tmp"
+        with h5py.File(tmp, "w") as f:
+            for name, value in weights.items():
+                f.create_dataset(name, data=value)
+            f.attrs["mpinewton_version"] = __version__
+        os.replace(tmp, self.path / "weights.h5")
+        _atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fail_hook(comm: Comm, iteration: int) -> None:
+    """Test-only: ``MPINEWTON_FAIL_RANK=r`` (and ``MPINEWTON_FAIL_ITER=k``) raise on rank r."""
+    rank = os.environ.get("MPINEWTON_FAIL_RANK")
+    if rank is not None and int(rank) == comm.rank and \
+            iteration >= int(os.environ.get("MPINEWTON_FAIL_ITER", "1")):
+        raise RuntimeError(f"test failure injected on rank {comm.rank} at iteration {iteration}")
+
+
+def _check_sync(comm: Comm, w: np.ndarray, iteration: int) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()
+    digests = comm.allgather(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"weights differ between ranks after iteration {iteration}: "
+                           + ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
+    return digest
+
+
+def _format_line(rec: dict[str, Any]) -> str:
+    cg = f"{rec['cg_iters']:3d} {rec['cg_reason'] or '-':<18}" if rec["phase"] == "newton" else \
+        f"{'-':>3} {'-':<18}"
+    return (f"{rec['phase']:<8} {rec['iter']:4d}  loss {rec['loss']:.6e}  "
+            f"|g| {rec['grad_norm']:.3e}"
+            f"  cg {cg}  step {rec['step_size']:.3g}{' FALLBACK' if rec['fallback'] else ''}"
+            f"  {rec['iter_seconds']:6.2f}s  t={rec['wall_time']:7.1f}s")
+
+
+def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
+          check_sync: bool = False) -> dict[str, Any]:
+    """Run one job on this rank; returns the summary (the same on every rank)."""
+    say = print if comm.is_root else (lambda *a, **k: None)
+    intra, inter = configure_threads(job)
+
+    from mpinewton import solvers
+    from mpinewton.data import inspect_dataset, read_shard
+    from mpinewton.local import LocalObjective
+    from mpinewton.models import build_model
+    from mpinewton.objective import DistributedObjective
+    from mpinewton.params import ParamLayout, get_flat
+
+    out = RunDirectory(run_dir, comm)
+    comm.run_agreed(lambda: out.prepare(job, overwrite), "preparing the run directory")
+
+    def load_data() -> tuple[Any, Any, list[Any]]:
+        info = inspect_dataset(job.data.path)
+        checks = {"num_classes": job.model.num_classes,
+                  "expected_sample_shape": tuple(job.model.input_shape)}
+        shard = read_shard(job.data.path, list(job.data.train_splits), comm.rank, comm.size,
+                           limit=job.data.limit or None, **checks)
+        evals = [read_shard(job.data.path, split, comm.rank, comm.size, **checks)
+                 for split in job.data.eval_splits]
+        return info, shard, evals
+
+    _, shard, eval_shards = comm.run_agreed(load_data, "loading data")
+    input_shape = tuple(job.model.input_shape)
+
+    def make_model() -> Any:
+        return build_model(job.model.name, dtype=job.model.dtype, seed=job.run.seed,
+                           input_shape=input_shape, num_classes=job.model.num_classes,
+                           hidden=job.model.hidden)
+
+    model = comm.run_agreed(make_model, "building the model")
+    layout = ParamLayout.of(model)
+    w = comm.bcast_array(get_flat(model).astype(np.float64))
+
+    def objective_of(x: np.ndarray, y: np.ndarray, total: int) -> DistributedObjective:
+        local = LocalObjective(model, x, y, loss=job.objective.loss,
+                               num_classes=job.model.num_classes,
+                               micro_batch=job.objective.micro_batch, jit=job.objective.jit,
+                               hvp=job.objective.hvp, pixel_scale=job.data.pixel_scale)
+        return DistributedObjective(local, comm, total)
+
+    objective = objective_of(shard.x, shard.y, shard.total)
+    say(f"mpinewton {__version__}: job {job.run.name!r}, {comm.size} rank(s) x {intra} thread(s)"
+        f" (inter-op {inter}); model {job.model.name} ({layout.size} weights, {job.model.dtype});"
+        f" {shard.total} training samples from {job.data.path} "
+        f"[{'+'.join(job.data.train_splits)}], micro-batch {job.objective.micro_batch}; "
+        f"run dir {run_dir}", flush=True)
+
+    opt = job.optimizer
+    newton_config = solvers.NewtonConfig(
+        damping=opt.damping, cg_rtol=opt.cg_rtol, cg_max_iter=opt.cg_max_iter,
+        cg_scale_tol_sqrt_n=opt.cg_scale_tol_sqrt_n, warm_start=opt.warm_start,
+        descent_threshold=opt.descent_threshold, step_rule=opt.step_rule,
+        armijo_beta=opt.armijo_beta, armijo_gamma=opt.armijo_gamma,
+        armijo_max_trials=opt.armijo_max_trials, learning_rate=opt.learning_rate)
+    state = solvers.NewtonState()
+    schedule = ["pretrain"] * opt.pretrain_iters + [opt.method] * opt.iters
+    start = time.perf_counter()
+    cg_iters_total, newton_iters = 0, 0
+    for k, phase in enumerate(schedule, start=1):
+        t0 = time.perf_counter()
+        hvps0 = objective.stats.hvps
+        _fail_hook(comm, k)
+        record: dict[str, Any] = {"iter": k, "phase": phase, "cg_iters": 0, "cg_reason": None,
+                                  "fallback": False, "linesearch_trials": 0,
+                                  "damping": opt.damping if phase == "newton" else None}
+        if phase == "newton":
+            w_new, state, step = solvers.newton_step(objective, w, state, newton_config)
+            record.update(loss=step.loss, new_loss=step.new_loss, grad_norm=step.grad_norm,
+                          step_size=step.step.step, fallback=step.fallback,
+                          linesearch_trials=step.step.trials,
+                          cg_iters=step.cg.iterations if step.cg is not None else 0,
+                          cg_reason=step.cg.reason.value if step.cg is not None else None)
+            cg_iters_total += record["cg_iters"]
+            newton_iters += 1
+        else:
+            lr = opt.pretrain_lr if phase == "pretrain" else opt.learning_rate
+            w_new, loss, grad_norm = solvers.gd_step(objective, w, lr)
+            record.update(loss=loss, new_loss=None, grad_norm=grad_norm, step_size=lr)
+        if not np.all(np.isfinite(w_new)):
+            raise FloatingPointError(f"iteration {k} ({phase}) produced NaN/Inf weights; "
+                                     "lower the learning rate or raise the damping")
+        # Rank 0's step is authoritative (design section 2): broadcast its weights.
+        w = comm.bcast_array(w_new)
+        if check_sync:
+            record["weights_sha256"] = _check_sync(comm, w, k)
+        record.update(hvps=objective.stats.hvps - hvps0,
+                      iter_seconds=time.perf_counter() - t0,
+                      wall_time=time.perf_counter() - start)
+        out.log(record)
+        say(_format_line(record), flush=True)
+
+    train_seconds = time.perf_counter() - start
+    final_loss = objective.value(w)
+    final_grad = float(np.linalg.norm(objective.value_and_grad(w)[1]))
+    summary: dict[str, Any] = {
+        "job": job.run.name, "mpinewton_version": __version__, "world_size": comm.size,
+        "threads_per_rank": intra, "weights": layout.size, "train_samples": shard.total,
+        "iterations": len(schedule), "pretrain_iters": opt.pretrain_iters,
+        "method": opt.method, "final_loss": final_loss, "final_grad_norm": final_grad,
+        "train_accuracy": objective.accuracy(w), "wall_time": train_seconds,
+        "newton_iters": newton_iters,
+        "mean_cg_iters": cg_iters_total / newton_iters if newton_iters else None,
+        "hvps": objective.stats.hvps, "gradients": objective.stats.grads,
+        "loss_evaluations": objective.stats.values,
+        "allreduce_seconds": comm.stats.allreduce_seconds, "config_sha256": job.digest(),
+    }
+    for split, eval_shard in zip(job.data.eval_splits, eval_shards, strict=True):
+        if eval_shard.total:
+            evaluator = objective_of(eval_shard.x, eval_shard.y, eval_shard.total)
+            summary[f"{split}_accuracy"] = evaluator.accuracy(w)
+            summary[f"{split}_loss"] = evaluator.value(w)
+    weights = {"w": w, **{f"variables/{name}": value
+                          for name, value in zip(layout.names, layout.split(w), strict=True)}}
+    out.finish(summary, weights)
+    accs = "  ".join(f"{k.removesuffix('_accuracy')} accuracy {v:.4f}"
+                     for k, v in summary.items() if k.endswith("_accuracy"))
+    mean_cg = f", mean CG iterations {summary['mean_cg_iters']:.1f}" if newton_iters else ""
+    say(f"done: {len(schedule)} iterations in {train_seconds:.1f}s{mean_cg}; final loss "
+        f"{final_loss:.6e}; {accs}; results in {run_dir}", flush=True)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(argv)
+    comm = world()
+    install_abort_handler(comm)
+    try:
+        job = comm.run_agreed(lambda: load_job(args.job, args.overrides), "reading the job")
+        run_dir = Path(args.run_dir) if args.run_dir else Path(job.run.run_dir or
+                                                                 f"runs/{job.run.name}")
+        train(job, comm, run_dir, overwrite=args.overwrite, check_sync=args.check_sync)
+    except (ConfigError, DistributedError) as exc:
+        # Every rank raised this same error (run_agreed): each exits non-zero.
+        if comm.is_root:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
