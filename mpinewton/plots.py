@@ -1,0 +1,91 @@
+"""``python -m mpinewton.plots RUN_DIR [RUN_DIR ...] --out FILE.png``.
+
+Loss against iterations and against wall time, one curve per run directory,
+read from each run's ``metrics.jsonl`` (the loss after each iteration, so the
+curves start at the first iterate and end at the final weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve(records: list[dict[str, Any]], *, skip_pretrain: bool) -> tuple[list, list, list]:
+    """(iterations, wall times, losses): loss before the first kept step, then after each."""
+    kept = [r for r in records if not (skip_pretrain and r["phase"] == "pretrain")]
+    if not kept:
+        return [], [], []
+    first = kept[0]
+    t0 = first["wall_time"] - first["iter_seconds"]
+    iters, times, losses = [0], [0.0], [first["loss"]]
+    for i, (rec, nxt) in enumerate(zip(kept, kept[1:] + [None], strict=True), start=1):
+        after = nxt["loss"] if nxt is not None else rec.get("new_loss")
+        if after is None:
+            break
+        iters.append(i)
+        times.append(rec["wall_time"] - t0)
+        losses.append(after)
+    return iters, times, losses
+
+
+def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
+         skip_pretrain: bool = True, title: str | None = None) -> None:
+    """Draw loss against iterations and against wall time for each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_it, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, run_dir in enumerate(run_dirs):
+        iters, times, losses = curve(read_metrics(run_dir), skip_pretrain=skip_pretrain)
+        label = labels[i] if labels else Path(run_dir).name
+        ax_it.plot(iters, losses, marker=".", label=label)
+        ax_t.plot(times, losses, marker=".", label=label)
+    for ax, xlabel in ((ax_it, "iteration (after pre-training)" if skip_pretrain else
+                        "iteration"), (ax_t, "wall time [s]")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m mpinewton.plots", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--labels", nargs="*", default=None, help="one label per run")
+    parser.add_argument("--with-pretrain", action="store_true",
+                        help="include the pre-training iterations")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        parser.error(f"{len(args.labels)} labels for {len(args.runs)} runs")
+    plot(args.runs, args.out, labels=args.labels, skip_pretrain=not args.with_pretrain,
+         title=args.title)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
