@@ -22,8 +22,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curve(records: list[dict[str, Any]], *, skip_pretrain: bool) -> tuple[list, list, list]:
-    """(iterations, wall times, losses): loss before the first kept step, then after each."""
+def curve(records: list[dict[str, Any]], *, skip_pretrain: bool,
+          final_loss: float | None = None) -> tuple[list, list, list]:
+    """(iterations, wall times, losses): loss before the first kept step, then after each.
+
+    The loss after the last step is the record's ``new_loss`` (Newton) or, for a
+    gradient-descent step, ``final_loss`` from the run's summary.
+    """
     kept = [r for r in records if not (skip_pretrain and r["phase"] == "pretrain")]
     if not kept:
         return [], [], []
@@ -31,7 +36,7 @@ def curve(records: list[dict[str, Any]], *, skip_pretrain: bool) -> tuple[list, 
     t0 = first["wall_time"] - first["iter_seconds"]
     iters, times, losses = [0], [0.0], [first["loss"]]
     for i, (rec, nxt) in enumerate(zip(kept, kept[1:] + [None], strict=True), start=1):
-        after = nxt["loss"] if nxt is not None else rec.get("new_loss")
+        after = nxt["loss"] if nxt is not None else (rec.get("new_loss") or final_loss)
         if after is None:
             break
         iters.append(i)
@@ -50,7 +55,10 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
 
     fig, (ax_it, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, run_dir in enumerate(run_dirs):
-        iters, times, losses = curve(read_metrics(run_dir), skip_pretrain=skip_pretrain)
+        summary = Path(run_dir) / "summary.json"
+        final = json.loads(summary.read_text())["final_loss"] if summary.exists() else None
+        iters, times, losses = curve(read_metrics(run_dir), skip_pretrain=skip_pretrain,
+                                     final_loss=final)
         label = labels[i] if labels else Path(run_dir).name
         ax_it.plot(iters, losses, marker=".", label=label)
         ax_t.plot(times, losses, marker=".", label=label)

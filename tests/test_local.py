@@ -134,3 +134,17 @@ def test_wrong_weight_shape_is_an_error(cnn_problem):
     local, _ = cnn_problem
     with pytest.raises(ValueError, match=r"expected \(3192,\)"):
         local.loss_sum(np.zeros(5))
+
+
+def test_float32_model_matches_float64_products():
+    x, y = _data(12, shape=(6, 6, 1), seed=9)
+    m64 = mlp(dtype="float64", seed=2, input_shape=(6, 6, 1), hidden=(5,))
+    m32 = mlp(dtype="float32", seed=2, input_shape=(6, 6, 1), hidden=(5,))
+    w = get_flat(m64)
+    l64 = LocalObjective(m64, x, y, micro_batch=5, jit=False)
+    l32 = LocalObjective(m32, x, y, micro_batch=5, jit=False)
+    assert l32.dtype.name == "float32"
+    v = np.random.default_rng(0).standard_normal(w.size)
+    ref = l64.hvp_sum(w, v)
+    assert np.linalg.norm(l32.hvp_sum(w, v) - ref) <= 1e-4 * np.linalg.norm(ref)
+    assert l32.loss_sum(w) == pytest.approx(l64.loss_sum(w), rel=1e-5)
