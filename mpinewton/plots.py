@@ -60,15 +60,16 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
         iters, times, losses = curve(read_metrics(run_dir), skip_pretrain=skip_pretrain,
                                      final_loss=final)
         label = labels[i] if labels else Path(run_dir).name
-        ax_it.plot(iters, losses, marker=".", label=label)
-        ax_t.plot(times, losses, marker=".", label=label)
+        marker = "." if len(iters) <= 60 else None
+        ax_it.plot(iters, losses, marker=marker, label=label)
+        ax_t.plot(times, losses, marker=marker, label=label)
     for ax, xlabel in ((ax_it, "iteration (after pre-training)" if skip_pretrain else
                         "iteration"), (ax_t, "wall time [s]")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper right", fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

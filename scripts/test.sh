@@ -18,5 +18,5 @@ python -m pytest -q -p no:cacheprovider --ignore=tests/mpi "$@"
 for n in 1 2 3; do
     echo "== MPI tests on $n rank(s)"
     timeout --kill-after=10 600 bash scripts/mpirun.sh -n "$n" \
-        python -m pytest -q -p no:cacheprovider --with-mpi --timeout=240 tests/mpi
+        python -m pytest -q -p no:cacheprovider --color=no --with-mpi --timeout=240 tests/mpi
 done
