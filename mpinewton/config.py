@@ -61,7 +61,7 @@ class ObjectiveConfig:
     """How the per-rank sums are computed (see mpinewton.local)."""
 
     loss: str = "categorical_crossentropy"  # categorical_crossentropy | mean_squared_error
-    micro_batch: int = 10000  # samples per compiled call; bounds per-rank memory
+    micro_batch: int = 2000  # samples per compiled call; bounds per-rank memory
     jit: bool = True  # compile with XLA (measured faster on CPU, docs/benchmarks.md)
     hvp: str = "reverse_over_reverse"  # reverse_over_reverse | forward_over_reverse
 
@@ -96,6 +96,14 @@ class ThreadsConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """When rank 0 writes HDF5 checkpoints into DIR/checkpoints (docs/checkpoints.md)."""
+
+    every: int = 0  # also checkpoint every `every` iterations (0 = only at the end and on signal)
+    keep: int = 3  # keep the last `keep` checkpoints
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job: one TOML file, one table per section."""
 
@@ -105,6 +113,7 @@ class JobConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The job as plain TOML-compatible tables."""
@@ -143,10 +152,11 @@ _POSITIVE = {
     ("objective", "micro_batch"), ("optimizer", "cg_max_iter"), ("optimizer", "cg_rtol"),
     ("optimizer", "armijo_max_trials"), ("data", "pixel_scale"), ("model", "num_classes"),
     ("optimizer", "learning_rate"), ("optimizer", "pretrain_lr"), ("threads", "inter_op"),
+    ("checkpoint", "keep"),
 }
 _NON_NEGATIVE = {
     ("optimizer", "iters"), ("optimizer", "pretrain_iters"), ("optimizer", "damping"),
-    ("data", "limit"), ("threads", "intra_op"),
+    ("data", "limit"), ("threads", "intra_op"), ("checkpoint", "every"),
 }
 _OPEN_UNIT = {("optimizer", "armijo_beta"), ("optimizer", "armijo_gamma")}
 

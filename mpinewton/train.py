@@ -16,6 +16,12 @@ the run directory that rank 0 writes:
     at the end: final loss, accuracies, ``world_size``, time, CG statistics.
 ``DIR/weights.h5``
     the final weights: dataset ``w`` (flat) and one dataset per variable.
+``DIR/checkpoints/``
+    HDF5 checkpoints and the ``latest`` pointer (docs/checkpoints.md).
+
+Exit codes: 0 finished; 2 bad input (job, data, model, checkpoint, run
+directory), reported by every rank; 75 checkpointed, not finished (SIGTERM or
+SIGUSR1 received: rerun with ``--resume``); anything else a failure.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +45,8 @@ from mpinewton.config import ConfigError, JobConfig, load_job
 
 #: Exit code of a job stopped by a bad input (config, data, model); see docs.
 EXIT_BAD_INPUT = 2
+#: Exit code of a job that stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+EXIT_CHECKPOINTED = 75
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,7 +61,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         metavar="SECTION.KEY=VALUE", help="override one job key (repeatable)")
     parser.add_argument("--run-dir", default=None, help="run directory (default runs/<run.name>)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="reuse a run directory that already holds a run")
+                        help="start afresh in a run directory that already holds a run "
+                             "(its metrics and checkpoints are deleted)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        metavar="PATH|required",
+                        help="continue from the run directory's latest valid checkpoint (a "
+                             "fresh start when there is none), from the checkpoint PATH, or, "
+                             "with 'required', fail when no valid checkpoint exists")
     parser.add_argument("--check-sync", action="store_true",
                         help="after every step, verify that all ranks hold bitwise identical "
                              "weights (one extra allgather of a hash per iteration)")
@@ -86,20 +101,46 @@ class RunDirectory:
         self.comm = comm
         self._metrics: Any = None
 
-    def prepare(self, job: JobConfig, overwrite: bool) -> None:
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of this run's checkpoints."""
+        return self.path / "checkpoints"
+
+    def prepare(self, job: JobConfig, *, overwrite: bool, resuming: bool) -> None:
         """Create the folder, refuse to clobber a previous run, write config.toml."""
         if not self.comm.is_root:
             return
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"run directory {self.path} exists and is not a directory")
-        if (self.path / "metrics.jsonl").exists() and not overwrite:
+        if (self.path / "metrics.jsonl").exists() and not (overwrite or resuming):
             raise ConfigError(f"run directory {self.path} already holds a run (metrics.jsonl); "
-                              "choose another --run-dir or pass --overwrite")
+                              "continue it with --resume, choose another --run-dir, or pass "
+                              "--overwrite to start afresh")
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "summary.json", "weights.h5"):
-            (self.path / name).unlink(missing_ok=True)
+        if not resuming:
+            for name in ("metrics.jsonl", "summary.json", "weights.h5"):
+                (self.path / name).unlink(missing_ok=True)
+            if self.checkpoints.is_dir():
+                for old in self.checkpoints.iterdir():
+                    if old.is_file():
+                        old.unlink()
         _atomic_write_text(self.path / "config.toml", job.to_toml())
-        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+
+    def open_metrics(self, upto: int) -> None:
+        """Open metrics.jsonl for appending, keeping only records with ``iter <= upto``.
+
+        On resume from iteration ``upto`` the records of iterations the
+        interrupted run made after its checkpoint are dropped, so the file ends
+        as an uninterrupted run's would.
+        """
+        if not self.comm.is_root:
+            return
+        path = self.path / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iter"] <= upto]
+            _atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self._metrics = open(path, "a", buffering=1)  # noqa: SIM115
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one iteration's metrics (rank 0)."""
@@ -133,7 +174,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _fail_hook(comm: Comm, iteration: int) -> None:
-    """Test-only: ``MPINEWTON_FAIL_RANK=r`` (and ``MPINEWTON_FAIL_ITER=k``) raise on rank r."""
+    """Test-only hooks.
+
+    ``MPINEWTON_FAIL_RANK=r`` (and ``MPINEWTON_FAIL_ITER=k``) raise on rank r;
+    ``MPINEWTON_TEST_ITER_SLEEP=s`` sleeps s seconds per iteration, so that
+    tests can signal a run in the middle.
+    """
+    if "MPINEWTON_TEST_ITER_SLEEP" in os.environ:
+        time.sleep(float(os.environ["MPINEWTON_TEST_ITER_SLEEP"]))
     rank = os.environ.get("MPINEWTON_FAIL_RANK")
     if rank is not None and int(rank) == comm.rank and \
             iteration >= int(os.environ.get("MPINEWTON_FAIL_ITER", "1")):
@@ -158,43 +206,122 @@ def _format_line(rec: dict[str, Any]) -> str:
             f"  {rec['iter_seconds']:6.2f}s  t={rec['wall_time']:7.1f}s")
 
 
+class StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; the ranks agree on it at iteration boundaries.
+
+    The handler only records the signal, so a second signal while a checkpoint
+    is being written interrupts nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def agreed(self, comm: Comm) -> bool:
+        """True on every rank when any rank received a signal (one tiny Allreduce)."""
+        flag = np.array([0.0 if self.signum is None else 1.0])
+        return bool(comm.allreduce_sum(flag)[0] > 0)
+
+
+def _resume_point(resume: str | None, folder: Path, spec: Any,
+                  say: Any) -> Any:
+    """Rank 0: the checkpoint to resume from (None: fresh start), per ``--resume``."""
+    from mpinewton import checkpoint
+
+    if resume is None:
+        return None
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"checkpoint folder {folder} exists and is not a directory")
+    if folder.is_dir():
+        for tmp in checkpoint.cleanup_temporaries(folder):
+            say(f"removed unfinished checkpoint file {tmp}")
+    if resume not in ("auto", "required"):
+        try:
+            return checkpoint.load_checkpoint(Path(resume), expected=spec)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"--resume {resume}: {exc}") from None
+    found, messages = checkpoint.find_latest_valid(folder, expected=spec) if folder.is_dir() \
+        else (None, [])
+    for message in messages:
+        say(f"skipped checkpoint: {message}")
+    if found is None and resume == "required":
+        raise ConfigError(f"--resume required: no valid checkpoint in {folder}"
+                          + ("" if messages else " (none written yet)"))
+    if found is None:
+        say(f"--resume: no checkpoint in {folder} yet; starting afresh")
+    return found
+
+
 def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
-          check_sync: bool = False) -> dict[str, Any]:
-    """Run one job on this rank; returns the summary (the same on every rank)."""
+          check_sync: bool = False, resume: str | None = None) -> dict[str, Any] | None:
+    """Run one job on this rank; returns the summary, or None if stopped by a signal."""
     say = print if comm.is_root else (lambda *a, **k: None)
+    stop = StopRequest()
     intra, inter = configure_threads(job)
 
     from mpinewton import solvers
-    from mpinewton.data import inspect_dataset, read_shard
+    from mpinewton.checkpoint import ModelSpec, write_checkpoint
+    from mpinewton.data import read_shard
     from mpinewton.local import LocalObjective
     from mpinewton.models import build_model
     from mpinewton.objective import DistributedObjective
     from mpinewton.params import ParamLayout, get_flat
 
     out = RunDirectory(run_dir, comm)
-    comm.run_agreed(lambda: out.prepare(job, overwrite), "preparing the run directory")
+    comm.run_agreed(lambda: out.prepare(job, overwrite=overwrite, resuming=resume is not None),
+                    "preparing the run directory")
 
-    def load_data() -> tuple[Any, Any, list[Any]]:
-        info = inspect_dataset(job.data.path)
+    def load_data() -> tuple[Any, list[Any]]:
         checks = {"num_classes": job.model.num_classes,
                   "expected_sample_shape": tuple(job.model.input_shape)}
         shard = read_shard(job.data.path, list(job.data.train_splits), comm.rank, comm.size,
                            limit=job.data.limit or None, **checks)
         evals = [read_shard(job.data.path, split, comm.rank, comm.size, **checks)
                  for split in job.data.eval_splits]
-        return info, shard, evals
+        return shard, evals
 
-    _, shard, eval_shards = comm.run_agreed(load_data, "loading data")
-    input_shape = tuple(job.model.input_shape)
+    shard, eval_shards = comm.run_agreed(load_data, "loading data")
 
     def make_model() -> Any:
         return build_model(job.model.name, dtype=job.model.dtype, seed=job.run.seed,
-                           input_shape=input_shape, num_classes=job.model.num_classes,
-                           hidden=job.model.hidden)
+                           input_shape=tuple(job.model.input_shape),
+                           num_classes=job.model.num_classes, hidden=job.model.hidden)
 
     model = comm.run_agreed(make_model, "building the model")
     layout = ParamLayout.of(model)
-    w = comm.bcast_array(get_flat(model).astype(np.float64))
+    spec = ModelSpec(names=layout.names, shapes=layout.shapes,
+                     dtypes=tuple(layout.dtype for _ in layout.names))
+    # The optimiser's weights live in the model's precision, so a resumed run
+    # continues from exactly the numbers an uninterrupted run holds.
+    w = comm.bcast_array(get_flat(model).astype(layout.dtype))
+
+    found = comm.run_agreed(
+        lambda: _resume_point(resume, out.checkpoints, spec, say) if comm.is_root else None,
+        "finding a checkpoint to resume from")
+    found = comm.bcast(None if found is None else
+                       {"path": str(found.path), "iteration": found.iteration,
+                        "state": found.state, "config_sha256": found.config_sha256})
+    done = 0
+    progress: dict[str, Any] = {"wall_time": 0.0, "cg_iters": 0, "newton_iters": 0, "hvps": 0,
+                                "gradients": 0, "loss_evaluations": 0}
+    state = solvers.NewtonState()
+    if found is not None:
+        ckpt_w = np.concatenate([a.reshape(-1) for a in _checkpoint_weights(found, comm)]) \
+            if comm.is_root else np.empty_like(w)
+        w = comm.bcast_array(ckpt_w.astype(layout.dtype))
+        done = int(found["iteration"])
+        state = solvers.NewtonState.from_dict(found["state"]["newton"])
+        progress.update(found["state"]["progress"])
+        say(f"resuming from {found['path']} after iteration {done}")
+        if found["config_sha256"] != job.digest():
+            say("note: the job differs from the checkpoint's; continuing with the job as given")
+    out.open_metrics(done)
 
     def objective_of(x: np.ndarray, y: np.ndarray, total: int) -> DistributedObjective:
         local = LocalObjective(model, x, y, loss=job.objective.loss,
@@ -217,11 +344,28 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
         descent_threshold=opt.descent_threshold, step_rule=opt.step_rule,
         armijo_beta=opt.armijo_beta, armijo_gamma=opt.armijo_gamma,
         armijo_max_trials=opt.armijo_max_trials, learning_rate=opt.learning_rate)
-    state = solvers.NewtonState()
     schedule = ["pretrain"] * opt.pretrain_iters + [opt.method] * opt.iters
-    start = time.perf_counter()
-    cg_iters_total, newton_iters = 0, 0
+    start = time.perf_counter() - progress["wall_time"]
+
+    def save(iteration: int) -> None:
+        progress.update(wall_time=time.perf_counter() - start, hvps=objective.stats.hvps,
+                        gradients=objective.stats.grads,
+                        loss_evaluations=objective.stats.values)
+        saved = comm.run_agreed(lambda: write_checkpoint(
+            out.checkpoints, iteration=iteration,
+            weights=dict(zip(layout.names, layout.split(w), strict=True)),
+            state={"newton": state.to_dict(), "progress": dict(progress),
+                   "schedule": _schedule_state(schedule, iteration, job)},
+            config_toml=job.to_toml(), config_sha256=job.digest(), world_size=comm.size,
+            keep=job.checkpoint.keep) if comm.is_root else None, "writing a checkpoint")
+        if saved is not None:
+            say(f"checkpoint {saved}", flush=True)
+
+    objective.stats.hvps, objective.stats.grads = progress["hvps"], progress["gradients"]
+    objective.stats.values = progress["loss_evaluations"]
     for k, phase in enumerate(schedule, start=1):
+        if k <= done:
+            continue
         t0 = time.perf_counter()
         hvps0 = objective.stats.hvps
         _fail_hook(comm, k)
@@ -235,8 +379,8 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
                           linesearch_trials=step.step.trials,
                           cg_iters=step.cg.iterations if step.cg is not None else 0,
                           cg_reason=step.cg.reason.value if step.cg is not None else None)
-            cg_iters_total += record["cg_iters"]
-            newton_iters += 1
+            progress["cg_iters"] += record["cg_iters"]
+            progress["newton_iters"] += 1
         else:
             lr = opt.pretrain_lr if phase == "pretrain" else opt.learning_rate
             w_new, loss, grad_norm = solvers.gd_step(objective, w, lr)
@@ -245,7 +389,7 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
             raise FloatingPointError(f"iteration {k} ({phase}) produced NaN/Inf weights; "
                                      "lower the learning rate or raise the damping")
         # Rank 0's step is authoritative (design section 2): broadcast its weights.
-        w = comm.bcast_array(w_new)
+        w = comm.bcast_array(np.asarray(w_new, dtype=layout.dtype))
         if check_sync:
             record["weights_sha256"] = _check_sync(comm, w, k)
         record.update(hvps=objective.stats.hvps - hvps0,
@@ -253,10 +397,22 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
                       wall_time=time.perf_counter() - start)
         out.log(record)
         say(_format_line(record), flush=True)
+        if stop.agreed(comm):
+            save(k)
+            comm.barrier()  # no rank exits before rank 0 has committed the checkpoint
+            name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+            say(f"stopped by {name} after iteration {k}: checkpointed, not finished; "
+                "continue with --resume", flush=True)
+            return None
+        if job.checkpoint.every and k % job.checkpoint.every == 0 and k < len(schedule):
+            save(k)
 
+    if done < len(schedule) or not schedule:
+        save(len(schedule))
     train_seconds = time.perf_counter() - start
     final_loss = objective.value(w)
     final_grad = float(np.linalg.norm(objective.value_and_grad(w)[1]))
+    newton_iters = progress["newton_iters"]
     summary: dict[str, Any] = {
         "job": job.run.name, "mpinewton_version": __version__, "world_size": comm.size,
         "threads_per_rank": intra, "weights": layout.size, "train_samples": shard.total,
@@ -264,10 +420,11 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
         "method": opt.method, "final_loss": final_loss, "final_grad_norm": final_grad,
         "train_accuracy": objective.accuracy(w), "wall_time": train_seconds,
         "newton_iters": newton_iters,
-        "mean_cg_iters": cg_iters_total / newton_iters if newton_iters else None,
+        "mean_cg_iters": progress["cg_iters"] / newton_iters if newton_iters else None,
         "hvps": objective.stats.hvps, "gradients": objective.stats.grads,
         "loss_evaluations": objective.stats.values,
         "allreduce_seconds": comm.stats.allreduce_seconds, "config_sha256": job.digest(),
+        "resumed_from": found["path"] if found is not None else None,
     }
     for split, eval_shard in zip(job.data.eval_splits, eval_shards, strict=True):
         if eval_shard.total:
@@ -285,22 +442,72 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     return summary
 
 
+def _schedule_state(schedule: list[str], iteration: int, job: JobConfig) -> dict[str, Any]:
+    """Where the run stands, for a checkpoint: phase, damping, data position, seed.
+
+    Every iteration uses the whole training set (one epoch, position 0) and the
+    driver draws no random numbers after building the model (whose initial
+    weights the checkpoint replaces), so the seed is all the RNG state there is.
+    """
+    return {"iteration": iteration, "total_iterations": len(schedule),
+            "phase": schedule[iteration - 1] if 0 < iteration <= len(schedule) else "start",
+            "next_phase": schedule[iteration] if iteration < len(schedule) else "done",
+            "damping": job.optimizer.damping, "step_rule": job.optimizer.step_rule,
+            "sampling": {"mode": "full_batch", "epoch": iteration, "position": 0,
+                         "seed": job.run.seed}}
+
+
+def _checkpoint_weights(found: dict[str, Any], comm: Comm) -> list[np.ndarray]:
+    """Rank 0: the resumed checkpoint's weights, in the model's variable order."""
+    from mpinewton.checkpoint import load_checkpoint
+
+    return list(load_checkpoint(Path(found["path"])).weights.values())
+
+
+def check_slurm_world(comm: Comm) -> None:
+    """Refuse a launch that started N one-rank jobs instead of one N-rank job.
+
+    ``srun`` without a working PMI plugin (or an MPI library built without
+    it) starts every task as its own one-rank world; each would then train on
+    the whole data set and overwrite the others' files. Inside an ``srun``
+    step (``SLURM_STEP_ID`` set) a one-rank world in a step of several tasks
+    is that failure. Only a one-rank world is refused: ranks that Open MPI's
+    ``mpirun`` starts through its per-node daemons see the daemons' step
+    (one task per node), not theirs, and are fine.
+    """
+    if os.environ.get("SLURM_STEP_ID") is None or comm.size != 1:
+        return
+    for var in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"):
+        ntasks = os.environ.get(var, "")
+        if ntasks.isdigit():
+            break
+    else:
+        return
+    if int(ntasks) > 1:
+        raise ConfigError(
+            f"SLURM started {ntasks} tasks ({var}) but the MPI world has 1 rank: the launcher "
+            "started independent processes. Use `srun --mpi=pmix` (see `srun --mpi=list`) "
+            "or `mpirun` inside the allocation (docs/cluster.md)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(argv)
     comm = world()
     install_abort_handler(comm)
     try:
+        comm.run_agreed(lambda: check_slurm_world(comm), "checking the launch")
         job = comm.run_agreed(lambda: load_job(args.job, args.overrides), "reading the job")
         run_dir = Path(args.run_dir) if args.run_dir else Path(job.run.run_dir or
                                                                  f"runs/{job.run.name}")
-        train(job, comm, run_dir, overwrite=args.overwrite, check_sync=args.check_sync)
+        summary = train(job, comm, run_dir, overwrite=args.overwrite,
+                        check_sync=args.check_sync, resume=args.resume)
     except (ConfigError, DistributedError) as exc:
         # Every rank raised this same error (run_agreed): each exits non-zero.
         if comm.is_root:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    return 0
+    return 0 if summary is not None else EXIT_CHECKPOINTED
 
 
 if __name__ == "__main__":

