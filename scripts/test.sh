@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/slurm-setup.sh   # SLURM for tests/slurm (skipped where it cannot run)
 # shellcheck disable=SC1091
 . "${MPINEWTON_VENV:-.venv}/bin/activate"
 export TF_CPP_MIN_LOG_LEVEL=2
