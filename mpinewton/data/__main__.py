@@ -1,8 +1,10 @@
-"""Command line: ``python -m mpinewton.data {mnist,info} ...``.
+"""Command line: ``python -m mpinewton.data {mnist,imagenet,info} ...``.
 
 ``mnist`` converts MNIST to the mpinewton HDF5 format (skipping a valid
-existing file unless ``--force``); ``info`` describes (and with ``--check``
-fully validates) a dataset file.  Subcommands leave room for ``imagenet``.
+existing file unless ``--force``); ``imagenet`` converts a class-per-folder
+image tree with OpenCV, alone or under ``mpirun`` (the ranks share the
+decoding); ``info`` describes (and with ``--check`` fully validates) a dataset
+file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mpinewton.comm import install_abort_handler
 from mpinewton.data.hdf5 import DataError, inspect_dataset, read_shard
+from mpinewton.data.imagenet import COMPRESSIONS, RESIZE_MODES, convert_imagenet, job_comm
 from mpinewton.data.mnist import MNIST_SOURCES, VALIDATION_SIZE, convert_mnist, default_cache_dir
 
 
@@ -45,6 +49,25 @@ def _cmd_mnist(args: argparse.Namespace) -> int:
         f"  file size    {out.stat().st_size / 2**20:.1f} MiB, "
         f"written in {time.perf_counter() - t0:.1f} s"
     )
+    return 0
+
+
+def _cmd_imagenet(args: argparse.Namespace) -> int:
+    comm = job_comm()
+    install_abort_handler(comm)  # an unexpected error on one rank ends the whole job
+    try:
+        report = convert_imagenet(
+            args.src, args.out, size=args.size, resize=args.resize, crop=args.crop,
+            classes_file=args.classes, val_labels=args.val_labels,
+            max_bad_fraction=args.max_bad_fraction, accept_truncated=args.accept_truncated,
+            compression=args.compression, force=args.force, comm=comm,
+        )  # fmt: skip
+    except DataError as e:  # every rank has the error; rank 0 alone reports it
+        if comm.is_root:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    if comm.is_root:
+        print(report)
     return 0
 
 
@@ -83,6 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     m.add_argument("--force", action="store_true", help="rebuild even if --out already exists")
     m.set_defaults(func=_cmd_mnist)
+
+    n = sub.add_parser(
+        "imagenet", help="convert a class-per-folder image tree (ILSVRC layout) with OpenCV",
+        description="Convert DIR/train/<synset>/* (and DIR/val/) or DIR/<class>/* to the "
+        "mpinewton HDF5 format; run under mpirun -n N to share the decoding. See docs/data.md.",
+    )  # fmt: skip
+    n.add_argument("--src", type=Path, required=True,
+                   help="tree root: holds train/ (and val/), or the class folders themselves")
+    n.add_argument("--out", type=Path, required=True, help="output .h5 file")
+    n.add_argument("--size", type=int, default=224, help="images become SIZE x SIZE (default 224)")
+    n.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
+                   help="stretch: whole image to SIZE x SIZE (default, aspect not kept); "
+                   "shorter: shorter side to SIZE, then --crop center")
+    n.add_argument("--crop", choices=["center"],
+                   help="with --resize shorter: the centre SIZE x SIZE crop (the default there)")
+    n.add_argument("--classes", type=Path,
+                   help="class list, one synset per line (first token): fixes the label order, "
+                   "may select a subset (default: sorted folder names)")
+    n.add_argument("--val-labels", type=Path,
+                   help="labels of a flat DIR/val/: lines '<file> <synset>', or ILSVRC's "
+                   "LOC_val_solution.csv")
+    n.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail when more than this fraction of the files is unreadable "
+                   "(default 0.01); up to it they are skipped and listed in OUT.manifest.json")
+    n.add_argument("--accept-truncated", action="store_true",
+                   help="keep JPEGs without the end marker FF D9 as OpenCV decodes them "
+                   "(the missing part grey) instead of skipping them")
+    n.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="pixel storage: gzip (default) or none (rank 0 writes far faster, "
+                   "the file is larger)")
+    n.add_argument("--force", action="store_true", help="replace an existing --out")
+    n.set_defaults(func=_cmd_imagenet)
 
     i = sub.add_parser("info", help="describe a dataset file")
     i.add_argument("file", type=Path)

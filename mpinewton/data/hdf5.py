@@ -125,6 +125,32 @@ def _check_labels(y: np.ndarray, num_classes: int, *, where: str, offset: int = 
         )
 
 
+_ORDER = h5py.h5p.CRT_ORDER_TRACKED | h5py.h5p.CRT_ORDER_INDEXED
+
+
+def _create_untimed_file(path: Path) -> h5py.File:
+    """A new HDF5 file (creation order kept) whose root group holds no timestamps.
+
+    HDF5 stamps every object with its creation time by default; without the
+    stamps the same content gives the same bytes, so a conversion on 1 and on N
+    ranks yields identical files.
+    """
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_link_creation_order(_ORDER)
+    fcpl.set_attr_creation_order(_ORDER)
+    fcpl.set_obj_track_times(False)
+    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl))
+
+
+def _create_untimed_group(parent: h5py.Group, name: str) -> h5py.Group:
+    """A new group (creation order kept) without timestamps (see ``_create_untimed_file``)."""
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    gcpl.set_link_creation_order(_ORDER)
+    gcpl.set_attr_creation_order(_ORDER)
+    gcpl.set_obj_track_times(False)
+    return h5py.Group(h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl))
+
+
 class DatasetWriter:
     """Incremental, atomic writer of a dataset file (for data that does not fit in memory).
 
@@ -176,7 +202,7 @@ class DatasetWriter:
         os.close(fd)
         self._tmp = Path(tmp)
         try:
-            self._file = h5py.File(self._tmp, "w", track_order=True)
+            self._file = _create_untimed_file(self._tmp)
             attrs = self._file.attrs
             attrs["format"] = FORMAT
             attrs["format_version"] = FORMAT_VERSION
@@ -217,7 +243,7 @@ class DatasetWriter:
         n = int(n)
         if n < 0:
             raise DataError(f"writing {self.path}, split {name!r}: n must be >= 0, got {n}")
-        group = self._file.create_group(name)
+        group = _create_untimed_group(self._file, name)
         sample_bytes = int(np.prod(shape))
         opts: dict[str, Any] = {}
         if n > 0:
@@ -226,8 +252,8 @@ class DatasetWriter:
             yopts = {"chunks": (min(n, 1 << 16),), "compression": self.compression}
         else:
             yopts = {}
-        group.create_dataset("x", shape=(n, *shape), dtype=np.uint8, **opts)
-        group.create_dataset("y", shape=(n,), dtype=np.int64, **yopts)
+        group.create_dataset("x", shape=(n, *shape), dtype=np.uint8, track_times=False, **opts)
+        group.create_dataset("y", shape=(n,), dtype=np.int64, track_times=False, **yopts)
         self._sizes[name] = n
         self._rows[name] = 0
 
@@ -276,6 +302,11 @@ class DatasetWriter:
         self._file.flush()
         self._file.close()
         self._file = None
+        # mkstemp made the file 0600; a dataset is for every user of the cluster
+        # account's group, like any file the user creates (umask applies).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)
         _fsync_path(self._tmp)
         os.replace(self._tmp, self.path)
         self._tmp = None
@@ -531,20 +562,7 @@ def read_shard(
         raise ValueError(f"limit must be None or >= 0, got {limit}")
     label = "+".join(names)
     with _open(path) as f:
-        parts = [(name, *_split(f, path, name)) for name in names]
-        sample_shape = tuple(int(s) for s in parts[0][1].shape[1:])
-        for name, x_ds, _ in parts[1:]:
-            if tuple(x_ds.shape[1:]) != sample_shape:
-                raise DataError(
-                    f"{path}: cannot concatenate split {name!r} "
-                    f"with sample shape {tuple(x_ds.shape[1:])} "
-                    f"to split {parts[0][0]!r} with sample shape {sample_shape}"
-                )
-        if expected_sample_shape is not None and tuple(expected_sample_shape) != sample_shape:
-            raise DataError(
-                f"{path}, split {label!r}: samples have shape {sample_shape} but the model expects "
-                f"{tuple(expected_sample_shape)}; use a dataset whose images match the model input"
-            )
+        parts, sample_shape = _checked_parts(f, path, names, expected_sample_shape)
         ncls = int(f.attrs["num_classes"]) if num_classes is None else int(num_classes)
         n_all = sum(int(x_ds.shape[0]) for _, x_ds, _ in parts)
         total = n_all if limit is None else min(int(limit), n_all)
@@ -575,6 +593,82 @@ def read_shard(
                     )
             offset += n
     return Shard(x=x, y=y, lo=lo, hi=hi, total=total, split=label, path=str(path))
+
+
+def _checked_parts(
+    f: h5py.File, path: PathLike, names: list[str], expected_sample_shape: tuple[int, ...] | None
+) -> tuple[list[tuple[str, h5py.Dataset, h5py.Dataset]], tuple[int, ...]]:
+    """The (name, x, y) datasets of the splits to concatenate, and their common sample shape."""
+    parts = [(name, *_split(f, path, name)) for name in names]
+    sample_shape = tuple(int(s) for s in parts[0][1].shape[1:])
+    for name, x_ds, _ in parts[1:]:
+        if tuple(x_ds.shape[1:]) != sample_shape:
+            raise DataError(
+                f"{path}: cannot concatenate split {name!r} "
+                f"with sample shape {tuple(x_ds.shape[1:])} "
+                f"to split {parts[0][0]!r} with sample shape {sample_shape}"
+            )
+    if expected_sample_shape is not None and tuple(expected_sample_shape) != sample_shape:
+        raise DataError(
+            f"{path}, split {'+'.join(names)!r}: samples have shape {sample_shape} but the model "
+            f"expects {tuple(expected_sample_shape)}; use a dataset whose images match the model "
+            "input"
+        )
+    return parts, sample_shape
+
+
+def read_rows(
+    path: PathLike,
+    split: str | Sequence[str],
+    indices: np.ndarray,
+    *,
+    limit: int | None = None,
+    expected_sample_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read the rows ``indices`` (global, sorted, distinct) of ``split`` concatenated.
+
+    For mini-batches (thesis 8.2): a rank reads just its part of each batch,
+    so its memory does not grow with the data set. Labels are checked like
+    :func:`read_shard`'s.
+    """
+    names = _split_names(split)
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.ndim != 1 or (idx.size > 1 and not np.all(np.diff(idx) > 0)):
+        raise ValueError("indices must be a sorted 1-d array of distinct row numbers")
+    label = "+".join(names)
+    with _open(path) as f:
+        parts, sample_shape = _checked_parts(f, path, names, expected_sample_shape)
+        ncls = int(f.attrs["num_classes"]) if num_classes is None else int(num_classes)
+        n_all = sum(int(x_ds.shape[0]) for _, x_ds, _ in parts)
+        total = n_all if limit is None else min(int(limit), n_all)
+        if idx.size and (idx[0] < 0 or idx[-1] >= total):
+            raise DataError(f"{path}, split {label!r}: row {int(idx[-1])} requested, but there "
+                            f"are {total} rows")
+        x = np.empty((idx.size, *sample_shape), dtype=np.uint8)
+        y = np.empty((idx.size,), dtype=np.int64)
+        offset = 0
+        for name, x_ds, y_ds in parts:
+            n = int(x_ds.shape[0])
+            a, b = np.searchsorted(idx, [offset, offset + n])
+            if a < b:
+                rows = idx[a:b] - offset
+                try:
+                    x[a:b] = x_ds[rows]
+                    y[a:b] = y_ds[rows]
+                except OSError as e:
+                    raise DataError(f"{path}, split {name!r}: reading {b - a} rows failed "
+                                    f"(corrupt file?): {e}; recreate the file") from e
+                bad = (y[a:b] < 0) | (y[a:b] >= ncls)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise DataError(
+                        f"{path}, split {name!r}: label at row {int(rows[i])} (global index "
+                        f"{int(idx[a + i])} of {label!r}) is {int(y[a + i])}, outside "
+                        f"[0, {ncls}); fix the labels or num_classes"
+                    )
+            offset += n
+    return x, y
 
 
 def read_splits_concat(
