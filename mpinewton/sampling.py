@@ -1,0 +1,86 @@
+"""Mini-batches for stochastic Newton (thesis section 8.2), the same on any number of ranks.
+
+Each iteration of a stochastic run uses a batch of ``batch_size`` samples of
+the training set, drawn without replacement from a permutation that depends
+only on the seed and the epoch: ``numpy.random.default_rng([seed, epoch])``.
+Epoch ``e`` is cut into ``N // batch_size`` consecutive batches of that
+permutation (the last ``N % batch_size`` samples of an epoch are left out of
+it, and are in other batches in other epochs). So the batch of iteration k is
+a set of *global* sample indices, whatever the number of ranks. The driver
+cuts the sorted batch into ``size`` balanced contiguous parts
+(``mpinewton.data.shard_bounds``), each rank reads the rows of its part from
+the HDF5 file (``mpinewton.data.hdf5.read_rows``: memory per rank does not
+grow with the data set), and the Allreduce adds the parts' sums up (design
+invariant 1).
+
+The whole state is ``(seed, epoch, position)``: a checkpoint holds it and a
+resumed run draws the same batches as an uninterrupted one. numpy only: this
+module knows neither MPI nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class MiniBatchSampler:
+    """Seeded epochs of a global permutation, cut into batches of ``batch_size``."""
+
+    num_samples: int
+    batch_size: int
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0  # index into the current epoch's permutation
+    _perm: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _perm_epoch: int = field(default=-1, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch size must be > 0, got {self.batch_size}")
+        if self.batch_size > self.num_samples:
+            raise ValueError(f"batch size {self.batch_size} exceeds the {self.num_samples} "
+                             "training samples")
+        if self.epoch < 0 or not 0 <= self.position <= self.num_samples:
+            raise ValueError(f"bad sampler position: epoch {self.epoch}, position "
+                             f"{self.position} of {self.num_samples}")
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The permutation of all sample indices used in ``epoch``."""
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.num_samples)
+            self._perm_epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def next(self) -> np.ndarray:
+        """The next batch: sorted global sample indices; advances the state."""
+        if self.position + self.batch_size > self.num_samples:
+            self.epoch += 1
+            self.position = 0
+        batch = self.permutation(self.epoch)[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return np.sort(batch)
+
+    def state(self) -> dict[str, Any]:
+        """Plain dict for a checkpoint."""
+        return {"mode": "mini_batch", "num_samples": self.num_samples,
+                "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch,
+                "position": self.position}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, num_samples: int,
+                   batch_size: int) -> MiniBatchSampler:
+        """Restore from :meth:`state`; the data set and the batch size must be the same."""
+        if int(state["num_samples"]) != num_samples or int(state["batch_size"]) != batch_size:
+            raise ValueError(
+                f"the checkpoint drew batches of {state['batch_size']} from "
+                f"{state['num_samples']} samples; this job draws {batch_size} from "
+                f"{num_samples}: resuming would not continue the same run")
+        return cls(num_samples, batch_size, seed=int(state["seed"]), epoch=int(state["epoch"]),
+                   position=int(state["position"]))
+

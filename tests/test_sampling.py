@@ -1,0 +1,54 @@
+"""Mini-batch sampling (thesis 8.2): seeded epochs, disjoint batches, exact state."""
+
+import numpy as np
+import pytest
+
+from mpinewton.sampling import MiniBatchSampler
+
+
+def test_batches_of_an_epoch_are_disjoint_sorted_and_cover_the_permutation():
+    s = MiniBatchSampler(103, 10, seed=4)
+    batches = [s.next() for _ in range(10)]  # 103 // 10 = 10 batches per epoch
+    assert all(b.size == 10 and np.all(np.diff(b) > 0) for b in batches)
+    rows = np.concatenate(batches)
+    assert np.unique(rows).size == 100
+    np.testing.assert_array_equal(np.sort(rows), np.sort(s.permutation(0)[:100]))
+    assert s.epoch == 0 and s.position == 100
+    nxt = s.next()  # 3 samples left over: the next batch opens epoch 1
+    assert s.epoch == 1 and s.position == 10
+    np.testing.assert_array_equal(nxt, np.sort(s.permutation(1)[:10]))
+
+
+def test_epochs_draw_different_permutations_and_the_seed_fixes_them():
+    a, b, c = MiniBatchSampler(50, 5, seed=1), MiniBatchSampler(50, 5, seed=1), \
+        MiniBatchSampler(50, 5, seed=2)
+    assert not np.array_equal(a.permutation(0), a.permutation(1))
+    np.testing.assert_array_equal(a.permutation(3), b.permutation(3))
+    assert not np.array_equal(a.permutation(0), c.permutation(0))
+    for _ in range(23):
+        np.testing.assert_array_equal(a.next(), b.next())
+
+
+def test_state_round_trip_continues_the_same_sequence():
+    straight = MiniBatchSampler(37, 6, seed=9)
+    expected = [straight.next() for _ in range(15)]
+    first = MiniBatchSampler(37, 6, seed=9)
+    got = [first.next() for _ in range(8)]
+    resumed = MiniBatchSampler.from_state(first.state(), num_samples=37, batch_size=6)
+    got += [resumed.next() for _ in range(7)]
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(e, g)
+
+
+def test_resuming_with_another_data_set_or_batch_size_is_refused():
+    state = MiniBatchSampler(37, 6).state()
+    with pytest.raises(ValueError, match="batches of 6 from 37 samples"):
+        MiniBatchSampler.from_state(state, num_samples=37, batch_size=7)
+    with pytest.raises(ValueError, match="draws 6 from 40"):
+        MiniBatchSampler.from_state(state, num_samples=40, batch_size=6)
+
+
+@pytest.mark.parametrize("n, b", [(10, 0), (10, 11)])
+def test_bad_batch_sizes_are_errors(n, b):
+    with pytest.raises(ValueError, match="batch size"):
+        MiniBatchSampler(n, b)
