@@ -18,15 +18,37 @@ per-rank memory is bounded by ``micro_batch`` whatever the shard size.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
 
 from mpinewton.params import ParamLayout
 
 LOSSES = ("categorical_crossentropy", "mean_squared_error")
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
+PREPROCESS = ("scale", "caffe")
+#: ImageNet channel means in BGR order, as keras.applications.resnet50.preprocess_input.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def _xla_dynamic_update_slice_grad(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None]:
+    """Gradient of XlaDynamicUpdateSlice, which TensorFlow does not register.
+
+    Under XLA, TensorFlow differentiates Slice (which is the gradient of Pad)
+    into this op; forward-over-reverse takes every JVP as the gradient of a
+    gradient, so without this rule it fails with ``jit`` on any model that pads
+    inside the net, ResNet-50 among them (before its max pooling).
+    """
+    update, indices = op.inputs[1], op.inputs[2]
+    return [xla.dynamic_update_slice(grad, tf.zeros_like(update), indices),
+            xla.dynamic_slice(grad, indices, tf.shape(update, out_type=indices.dtype)), None]
+
+
+with suppress(KeyError):  # a later TensorFlow may register its own
+    tf.RegisterGradient("XlaDynamicUpdateSlice")(_xla_dynamic_update_slice_grad)
 
 
 def _per_sample_loss(name: str, num_classes: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -54,7 +76,8 @@ class LocalObjective:
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, *,
                  loss: str = "categorical_crossentropy", num_classes: int = 10,
                  micro_batch: int = 10000, jit: bool = True,
-                 hvp: str = "reverse_over_reverse", pixel_scale: float = 255.0) -> None:
+                 hvp: str = "reverse_over_reverse", pixel_scale: float = 255.0,
+                 preprocess: str = "scale") -> None:
         if len(x) != len(y):
             raise ValueError(f"shard has {len(x)} samples but {len(y)} labels")
         if micro_batch <= 0:
@@ -64,13 +87,14 @@ class LocalObjective:
         self.model = model
         self.layout = ParamLayout.of(model)
         self.dtype = tf.as_dtype(self.layout.dtype)
-        self.num_samples = len(x)
         self.micro_batch = micro_batch
         self._pixel_scale = pixel_scale
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"unknown preprocess {preprocess!r}; known: {', '.join(PREPROCESS)}")
+        self.preprocess = preprocess
         self._loss = _per_sample_loss(loss, num_classes)
         self._non_trainable = [v.value for v in model.non_trainable_variables]
-        self._chunks = [(tf.constant(x[i:i + micro_batch]), tf.constant(y[i:i + micro_batch]))
-                        for i in range(0, len(x), micro_batch)]
+        self.set_samples(x, y)
         def compile_(f: Callable) -> Callable:
             return tf.function(f, jit_compile=jit, reduce_retracing=True)
 
@@ -80,6 +104,27 @@ class LocalObjective:
         self._hvp_fn = compile_(hvp_graph)
         self._correct_fn = compile_(self._correct_graph)
 
+    def set_samples(self, x: np.ndarray, y: np.ndarray, *, pad_to: int = 0) -> None:
+        """Replace the samples the sums run over (a new mini-batch part, thesis 8.2).
+
+        With ``pad_to > 0`` every micro-batch has exactly ``min(micro_batch,
+        pad_to)`` rows: the last one is filled with zero samples that a mask
+        leaves out of every sum, so parts of size up to ``pad_to`` reuse one
+        compiled graph instead of compiling a new one per size.
+        """
+        if len(x) != len(y):
+            raise ValueError(f"shard has {len(x)} samples but {len(y)} labels")
+        self.num_samples = len(x)
+        mb = min(self.micro_batch, pad_to) if pad_to > 0 else self.micro_batch
+        self._chunks = []
+        for i in range(0, len(x), mb):
+            xc, yc = x[i:i + mb], y[i:i + mb]
+            n = len(xc)
+            if pad_to > 0 and n < mb:
+                xc = np.concatenate([xc, np.zeros((mb - n, *x.shape[1:]), dtype=x.dtype)])
+                yc = np.concatenate([yc, np.zeros(mb - n, dtype=y.dtype)])
+            self._chunks.append((tf.constant(xc), tf.constant(yc), tf.constant(n, tf.int32)))
+
     # -- graphs (traced once per micro-batch shape) --------------------------------
 
     def _unflatten(self, w: tf.Tensor) -> list[tf.Tensor]:
@@ -87,43 +132,60 @@ class LocalObjective:
         return [tf.reshape(p, s) for p, s in zip(parts, self.layout.shapes, strict=True)]
 
     def _outputs(self, w: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-        inputs = tf.cast(x, self.dtype) / tf.constant(self._pixel_scale, self.dtype)
+        """Model outputs of raw uint8 samples, preprocessed here (the shard stays uint8)."""
+        inputs = tf.cast(x, self.dtype)
+        if self.preprocess == "caffe":  # RGB -> BGR, minus the ImageNet means, no scaling
+            if x.shape[-1] != 3:
+                raise ValueError(f"caffe preprocessing needs RGB images, got shape {x.shape}")
+            inputs = inputs[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, self.dtype)
+        else:
+            inputs = inputs / tf.constant(self._pixel_scale, self.dtype)
         out, _ = self.model.stateless_call(self._unflatten(w), self._non_trainable, inputs,
                                            training=False)
         return out
 
-    def _loss_sum_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_sum(self._loss(y, self._outputs(w, x)))
+    def _mask(self, y: tf.Tensor, n: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+        """1 for the first ``n`` rows of a micro-batch, 0 for padding rows."""
+        return tf.cast(tf.range(tf.shape(y)[0]) < n, dtype)
 
-    def _loss_grad_graph(self, w: tf.Tensor, x: tf.Tensor,
-                         y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _loss_sum_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                        n: tf.Tensor) -> tf.Tensor:
+        losses = self._loss(y, self._outputs(w, x))
+        return tf.reduce_sum(losses * self._mask(y, n, losses.dtype))
+
+    def _loss_grad_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                         n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             tape.watch(w)
-            loss = self._loss_sum_graph(w, x, y)
+            loss = self._loss_sum_graph(w, x, y, n)
         return loss, tape.gradient(loss, w)
 
-    def _hvp_rr_graph(self, w: tf.Tensor, v: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def _hvp_rr_graph(self, w: tf.Tensor, v: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                      n: tf.Tensor) -> tf.Tensor:
         """Double backpropagation: H v = d/dw (g(w) . v) (thesis 9.1)."""
         with tf.GradientTape() as outer:
             outer.watch(w)
             with tf.GradientTape() as inner:
                 inner.watch(w)
-                loss = self._loss_sum_graph(w, x, y)
+                loss = self._loss_sum_graph(w, x, y, n)
             grad_dot_v = tf.tensordot(inner.gradient(loss, w), v, 1)
         return outer.gradient(grad_dot_v, w)
 
-    def _hvp_fr_graph(self, w: tf.Tensor, v: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def _hvp_fr_graph(self, w: tf.Tensor, v: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                      n: tf.Tensor) -> tf.Tensor:
         """Forward-over-reverse: the directional derivative of g(w) along v."""
         with tf.autodiff.ForwardAccumulator(w, v) as acc:
             with tf.GradientTape() as tape:
                 tape.watch(w)
-                loss = self._loss_sum_graph(w, x, y)
+                loss = self._loss_sum_graph(w, x, y, n)
             grad = tape.gradient(loss, w)
         return acc.jvp(grad)
 
-    def _correct_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def _correct_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                       n: tf.Tensor) -> tf.Tensor:
         predicted = tf.argmax(self._outputs(w, x), axis=-1, output_type=y.dtype)
-        return tf.reduce_sum(tf.cast(tf.equal(predicted, y), tf.int64))
+        hits = tf.cast(tf.equal(predicted, y), tf.int64)
+        return tf.reduce_sum(hits * self._mask(y, n, tf.int64))
 
     # -- numpy interface ------------------------------------------------------------
 
@@ -136,16 +198,16 @@ class LocalObjective:
         """Sum of the per-sample losses over the shard at ``w``."""
         tw = self._w(w)
         total = 0.0
-        for x, y in self._chunks:
-            total += float(self._loss_fn(tw, x, y))
+        for x, y, n in self._chunks:
+            total += float(self._loss_fn(tw, x, y, n))
         return total
 
     def loss_grad_sum(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         """Loss sum and gradient sum over the shard at ``w``."""
         tw = self._w(w)
         total, grad = 0.0, np.zeros(self.layout.size, dtype=np.float64)
-        for x, y in self._chunks:
-            loss, g = self._grad_fn(tw, x, y)
+        for x, y, n in self._chunks:
+            loss, g = self._grad_fn(tw, x, y, n)
             total += float(loss)
             grad += g.numpy()
         return total, grad
@@ -154,26 +216,26 @@ class LocalObjective:
         """Exact Hessian-vector product of the loss sum over the shard."""
         tw, tv = self._w(w), self._w(np.asarray(v))
         out = np.zeros(self.layout.size, dtype=np.float64)
-        for x, y in self._chunks:
-            out += self._hvp_fn(tw, tv, x, y).numpy()
+        for x, y, n in self._chunks:
+            out += self._hvp_fn(tw, tv, x, y, n).numpy()
         return out
 
     def correct_count(self, w: np.ndarray) -> int:
         """Number of shard samples whose arg-max prediction equals the label."""
         tw = self._w(w)
-        return sum(int(self._correct_fn(tw, x, y)) for x, y in self._chunks)
+        return sum(int(self._correct_fn(tw, x, y, n)) for x, y, n in self._chunks)
 
     def hessian_sum(self, w: np.ndarray) -> np.ndarray:
         """Explicit Hessian of the loss sum (n x n): small models only (thesis 9.1)."""
         tw = self._w(w)
         n = self.layout.size
         out = np.zeros((n, n), dtype=np.float64)
-        for x, y in self._chunks:
+        for x, y, n in self._chunks:
             with tf.GradientTape() as outer:
                 outer.watch(tw)
                 with tf.GradientTape() as inner:
                     inner.watch(tw)
-                    loss = self._loss_sum_graph(tw, x, y)
+                    loss = self._loss_sum_graph(tw, x, y, n)
                 grad = inner.gradient(loss, tw)
             out += outer.jacobian(grad, tw).numpy()
         return out

@@ -54,8 +54,8 @@ def test_hvp_equals_explicit_hessian(request, name, mode):
 
 
 def _unchunk(local):
-    xs = np.concatenate([x.numpy() for x, _ in local._chunks])
-    ys = np.concatenate([y.numpy() for _, y in local._chunks])
+    xs = np.concatenate([x.numpy()[:n] for x, _, n in local._chunks])
+    ys = np.concatenate([y.numpy()[:n] for _, y, n in local._chunks])
     return xs, ys
 
 
@@ -148,3 +148,25 @@ def test_float32_model_matches_float64_products():
     ref = l64.hvp_sum(w, v)
     assert np.linalg.norm(l32.hvp_sum(w, v) - ref) <= 1e-4 * np.linalg.norm(ref)
     assert l32.loss_sum(w) == pytest.approx(l64.loss_sum(w), rel=1e-5)
+
+
+def test_padded_micro_batches_give_the_same_sums(mlp_problem):
+    """Mini-batch parts padded to full micro-batches (masked rows) change no sum."""
+    local, w = mlp_problem
+    xs, ys = _unchunk(local)
+    keep = np.arange(len(xs)) % 3 != 1  # an odd-sized subset, so the last chunk is padded
+    exact = LocalObjective(local.model, xs[keep], ys[keep], micro_batch=7, jit=False)
+    padded = LocalObjective(local.model, xs[:1], ys[:1], micro_batch=7, jit=False)
+    padded.set_samples(xs[keep], ys[keep], pad_to=100)
+    assert keep.sum() % 7 != 0 and padded.num_samples == keep.sum()
+    assert all(int(x.shape[0]) == 7 for x, _, _ in padded._chunks)
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(w.size)
+    assert padded.loss_sum(w) == pytest.approx(exact.loss_sum(w), rel=1e-13)
+    _, g_pad = padded.loss_grad_sum(w)
+    _, g_ref = exact.loss_grad_sum(w)
+    np.testing.assert_allclose(g_pad, g_ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(padded.hvp_sum(w, v), exact.hvp_sum(w, v), rtol=1e-11, atol=1e-13)
+    assert padded.correct_count(w) == exact.correct_count(w)
+    padded.set_samples(xs[:0], ys[:0], pad_to=100)  # a rank whose part of the batch is empty
+    assert padded.loss_sum(w) == 0.0 and not padded.loss_grad_sum(w)[1].any()

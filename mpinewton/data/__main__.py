@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--force", action="store_true", help="replace an existing --out")
     n.set_defaults(func=_cmd_imagenet)
 
+    from mpinewton.data.resize import add_resize_arguments
+
+    add_resize_arguments(sub.add_parser(
+        "resize", help="resize every image of a dataset file with OpenCV (e.g. MNIST to 32x32 RGB)",
+        description="Resize every image of a dataset file with cv2.resize, grey to RGB with "
+        "--channels 3 (ResNet-50 needs at least 32x32x3). See docs/data.md."))
+
     i = sub.add_parser("info", help="describe a dataset file")
     i.add_argument("file", type=Path)
     i.add_argument(
