@@ -43,17 +43,21 @@ class DataConfig:
     eval_splits: tuple[str, ...] = ("validation",)  # splits whose accuracy is reported
     limit: int = 0  # use only the first `limit` training samples (0 = all)
     pixel_scale: float = 255.0  # inputs are uint8 / pixel_scale (thesis section 10.1)
+    preprocess: str = "scale"  # scale: x / pixel_scale | caffe: Keras' ResNet50 preprocessing
+    eval_limit: int = 0  # final accuracies on at most this many samples per split (0 = all)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network to build (see mpinewton.models)."""
 
-    name: str = "thesis_cnn"  # thesis_cnn | mlp
+    name: str = "thesis_cnn"  # thesis_cnn | mlp | resnet50 | resnet_mini
     dtype: str = "float64"  # float32 | float64
     input_shape: tuple[int, ...] = (28, 28, 1)  # sample shape the model takes (H, W, C)
     hidden: tuple[int, ...] = (32,)  # hidden layer widths for the mlp model
     num_classes: int = 10  # number of output classes
+    weights: str = ""  # start from these weights (Keras .weights.h5 or mpinewton weights.h5)
+    perturb_std: float = 0.0  # thesis 15.3: start from w * p, p ~ N(1, perturb_std) elementwise
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class OptimizerConfig:
     """Thesis Algorithm 4 (section 9.2) and its gradient-descent baseline."""
 
     method: str = "newton"  # newton | gd
+    batch_size: int = 0  # samples per iteration, drawn afresh each time (thesis 8.2); 0 = all
     iters: int = 20  # Newton (or gd) iterations after pre-training
     pretrain_iters: int = 60  # gradient-descent pre-training iterations
     pretrain_lr: float = 1.0  # learning rate of pre-training
@@ -139,7 +144,8 @@ class JobConfig:
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "name"): ("thesis_cnn", "mlp"),
+    ("model", "name"): ("thesis_cnn", "mlp", "resnet50", "resnet_mini"),
+    ("data", "preprocess"): ("scale", "caffe"),
     ("model", "dtype"): ("float32", "float64"),
     ("objective", "loss"): ("categorical_crossentropy", "mean_squared_error"),
     ("objective", "hvp"): ("reverse_over_reverse", "forward_over_reverse"),
@@ -157,6 +163,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     ("optimizer", "iters"), ("optimizer", "pretrain_iters"), ("optimizer", "damping"),
     ("data", "limit"), ("threads", "intra_op"), ("checkpoint", "every"),
+    ("optimizer", "batch_size"), ("model", "perturb_std"), ("data", "eval_limit"),
 }
 _OPEN_UNIT = {("optimizer", "armijo_beta"), ("optimizer", "armijo_gamma")}
 

@@ -11,7 +11,9 @@ the run directory that rank 0 writes:
     ``newton`` or ``gd``), ``loss`` (at the start of the iteration),
     ``new_loss``, ``grad_norm``, ``cg_iters``, ``cg_reason``, ``step_size``,
     ``fallback``, ``linesearch_trials``, ``damping``, ``hvps``, ``iter_seconds``,
-    ``wall_time`` (seconds since training started).
+    ``wall_time`` (seconds since training started); with mini-batches
+    (``optimizer.batch_size``, thesis 8.2) also ``batch_size`` and ``epoch``,
+    and ``loss`` is the loss on that iteration's batch.
 ``DIR/summary.json``
     at the end: final loss, accuracies, ``world_size``, time, CG statistics.
 ``DIR/weights.h5``
@@ -70,7 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "with 'required', fail when no valid checkpoint exists")
     parser.add_argument("--check-sync", action="store_true",
                         help="after every step, verify that all ranks hold bitwise identical "
-                             "weights (one extra allgather of a hash per iteration)")
+                             "weights (one extra allgather of a hash per iteration); with "
+                             "mini-batches also record a hash of the rows all ranks read")
     return parser.parse_args(argv)
 
 
@@ -267,7 +270,8 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
 
     from mpinewton import solvers
     from mpinewton.checkpoint import ModelSpec, write_checkpoint
-    from mpinewton.data import read_shard
+    from mpinewton.data import Shard, inspect_dataset, read_shard, shard_bounds
+    from mpinewton.data.hdf5 import read_rows
     from mpinewton.local import LocalObjective
     from mpinewton.models import build_model
     from mpinewton.objective import DistributedObjective
@@ -277,12 +281,24 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     comm.run_agreed(lambda: out.prepare(job, overwrite=overwrite, resuming=resume is not None),
                     "preparing the run directory")
 
+    checks = {"num_classes": job.model.num_classes,
+              "expected_sample_shape": tuple(job.model.input_shape)}
+    train_splits = list(job.data.train_splits)
+
     def load_data() -> tuple[Any, list[Any]]:
-        checks = {"num_classes": job.model.num_classes,
-                  "expected_sample_shape": tuple(job.model.input_shape)}
-        shard = read_shard(job.data.path, list(job.data.train_splits), comm.rank, comm.size,
-                           limit=job.data.limit or None, **checks)
-        evals = [read_shard(job.data.path, split, comm.rank, comm.size, **checks)
+        if job.optimizer.batch_size:  # rows are read batch by batch (thesis 8.2)
+            read_rows(job.data.path, train_splits, np.empty(0, np.int64), **checks)
+            counts = inspect_dataset(job.data.path).splits
+            total = sum(counts[name] for name in train_splits)
+            total = min(total, job.data.limit) if job.data.limit else total
+            shard = Shard(x=np.empty((0, *job.model.input_shape), np.uint8),
+                          y=np.empty(0, np.int64), lo=0, hi=0, total=total,
+                          split="+".join(train_splits), path=job.data.path)
+        else:
+            shard = read_shard(job.data.path, train_splits, comm.rank, comm.size,
+                               limit=job.data.limit or None, **checks)
+        evals = [read_shard(job.data.path, split, comm.rank, comm.size,
+                            limit=job.data.eval_limit or None, **checks)
                  for split in job.data.eval_splits]
         return shard, evals
 
@@ -297,9 +313,23 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     layout = ParamLayout.of(model)
     spec = ModelSpec(names=layout.names, shapes=layout.shapes,
                      dtypes=tuple(layout.dtype for _ in layout.names))
+
+    def initial_weights() -> np.ndarray:
+        if job.model.weights:
+            from mpinewton.models import load_initial_weights
+
+            load_initial_weights(model, job.model.weights)
+        w0 = get_flat(model)
+        if job.model.perturb_std > 0:  # thesis 15.3: w <- w * p, p ~ N(1, std)
+            from mpinewton.models import perturb_weights
+
+            w0 = perturb_weights(w0, job.model.perturb_std, job.run.seed)
+        return w0
+
     # The optimiser's weights live in the model's precision, so a resumed run
     # continues from exactly the numbers an uninterrupted run holds.
-    w = comm.bcast_array(get_flat(model).astype(layout.dtype))
+    w = comm.bcast_array(comm.run_agreed(initial_weights, "loading the initial weights")
+                         .astype(layout.dtype))
 
     found = comm.run_agreed(
         lambda: _resume_point(resume, out.checkpoints, spec, say) if comm.is_root else None,
@@ -311,6 +341,9 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     progress: dict[str, Any] = {"wall_time": 0.0, "cg_iters": 0, "newton_iters": 0, "hvps": 0,
                                 "gradients": 0, "loss_evaluations": 0}
     state = solvers.NewtonState()
+    opt = job.optimizer
+    sampler = comm.run_agreed(lambda: _make_sampler(job, shard.total, found),
+                              "setting up mini-batches")
     if found is not None:
         ckpt_w = np.concatenate([a.reshape(-1) for a in _checkpoint_weights(found, comm)]) \
             if comm.is_root else np.empty_like(w)
@@ -327,17 +360,22 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
         local = LocalObjective(model, x, y, loss=job.objective.loss,
                                num_classes=job.model.num_classes,
                                micro_batch=job.objective.micro_batch, jit=job.objective.jit,
-                               hvp=job.objective.hvp, pixel_scale=job.data.pixel_scale)
+                               hvp=job.objective.hvp, pixel_scale=job.data.pixel_scale,
+                               preprocess=job.data.preprocess)
         return DistributedObjective(local, comm, total)
 
-    objective = objective_of(shard.x, shard.y, shard.total)
+    if sampler is None:
+        objective = objective_of(shard.x, shard.y, shard.total)
+    else:  # thesis 8.2: each iteration sets its own batch (below)
+        objective = objective_of(shard.x[:0], shard.y[:0], sampler.batch_size)
     say(f"mpinewton {__version__}: job {job.run.name!r}, {comm.size} rank(s) x {intra} thread(s)"
         f" (inter-op {inter}); model {job.model.name} ({layout.size} weights, {job.model.dtype});"
         f" {shard.total} training samples from {job.data.path} "
-        f"[{'+'.join(job.data.train_splits)}], micro-batch {job.objective.micro_batch}; "
+        f"[{'+'.join(job.data.train_splits)}]"
+        f"{f', batches of {sampler.batch_size}' if sampler else ', full batch'}, "
+        f"micro-batch {job.objective.micro_batch}; "
         f"run dir {run_dir}", flush=True)
 
-    opt = job.optimizer
     newton_config = solvers.NewtonConfig(
         damping=opt.damping, cg_rtol=opt.cg_rtol, cg_max_iter=opt.cg_max_iter,
         cg_scale_tol_sqrt_n=opt.cg_scale_tol_sqrt_n, warm_start=opt.warm_start,
@@ -355,7 +393,7 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
             out.checkpoints, iteration=iteration,
             weights=dict(zip(layout.names, layout.split(w), strict=True)),
             state={"newton": state.to_dict(), "progress": dict(progress),
-                   "schedule": _schedule_state(schedule, iteration, job)},
+                   "schedule": _schedule_state(schedule, iteration, job, sampler)},
             config_toml=job.to_toml(), config_sha256=job.digest(), world_size=comm.size,
             keep=job.checkpoint.keep) if comm.is_root else None, "writing a checkpoint")
         if saved is not None:
@@ -372,6 +410,16 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
         record: dict[str, Any] = {"iter": k, "phase": phase, "cg_iters": 0, "cg_reason": None,
                                   "fallback": False, "linesearch_trials": 0,
                                   "damping": opt.damping if phase == "newton" else None}
+        if sampler is not None:  # this iteration's batch; this rank reads its part
+            batch = sampler.next()
+            lo, hi = shard_bounds(batch.size, comm.rank, comm.size)
+            x_part, y_part = read_rows(job.data.path, train_splits, batch[lo:hi],
+                                       limit=job.data.limit or None, **checks)
+            objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
+            record.update(batch_size=batch.size, epoch=sampler.epoch)
+            if check_sync:  # the parts the ranks read, together: the batch (same on any size)
+                rows = np.concatenate(comm.allgather(batch[lo:hi]))
+                record["batch_sha256"] = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
         if phase == "newton":
             w_new, state, step = solvers.newton_step(objective, w, state, newton_config)
             record.update(loss=step.loss, new_loss=step.new_loss, grad_norm=step.grad_norm,
@@ -410,19 +458,29 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     if done < len(schedule) or not schedule:
         save(len(schedule))
     train_seconds = time.perf_counter() - start
+    train_total = shard.total
+    if sampler is not None:  # the summary reports the training set (data.eval_limit)
+        limits = [n for n in (job.data.limit, job.data.eval_limit) if n]
+        shard = comm.run_agreed(lambda: read_shard(
+            job.data.path, train_splits, comm.rank, comm.size,
+            limit=min(limits) if limits else None, **checks),
+            "reading the training set for the summary")
+        objective = objective_of(shard.x, shard.y, shard.total)
     final_loss = objective.value(w)
     final_grad = float(np.linalg.norm(objective.value_and_grad(w)[1]))
     newton_iters = progress["newton_iters"]
     summary: dict[str, Any] = {
         "job": job.run.name, "mpinewton_version": __version__, "world_size": comm.size,
-        "threads_per_rank": intra, "weights": layout.size, "train_samples": shard.total,
+        "threads_per_rank": intra, "weights": layout.size, "train_samples": train_total,
+        "train_eval_samples": shard.total,
         "iterations": len(schedule), "pretrain_iters": opt.pretrain_iters,
         "method": opt.method, "final_loss": final_loss, "final_grad_norm": final_grad,
         "train_accuracy": objective.accuracy(w), "wall_time": train_seconds,
         "newton_iters": newton_iters,
         "mean_cg_iters": progress["cg_iters"] / newton_iters if newton_iters else None,
-        "hvps": objective.stats.hvps, "gradients": objective.stats.grads,
-        "loss_evaluations": objective.stats.values,
+        "hvps": progress["hvps"], "gradients": progress["gradients"],
+        "loss_evaluations": progress["loss_evaluations"],
+        "batch_size": sampler.batch_size if sampler else shard.total,
         "allreduce_seconds": comm.stats.allreduce_seconds, "config_sha256": job.digest(),
         "resumed_from": found["path"] if found is not None else None,
     }
@@ -431,8 +489,12 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
             evaluator = objective_of(eval_shard.x, eval_shard.y, eval_shard.total)
             summary[f"{split}_accuracy"] = evaluator.accuracy(w)
             summary[f"{split}_loss"] = evaluator.value(w)
+    # Batch-norm statistics too (never trained here, but part of the model), so
+    # that model.weights = "DIR/weights.h5" restarts exactly this network.
     weights = {"w": w, **{f"variables/{name}": value
-                          for name, value in zip(layout.names, layout.split(w), strict=True)}}
+                          for name, value in zip(layout.names, layout.split(w), strict=True)},
+               **{f"variables/{v.path}": np.asarray(v.numpy())
+                  for v in model.non_trainable_variables}}
     out.finish(summary, weights)
     accs = "  ".join(f"{k.removesuffix('_accuracy')} accuracy {v:.4f}"
                      for k, v in summary.items() if k.endswith("_accuracy"))
@@ -442,19 +504,45 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     return summary
 
 
-def _schedule_state(schedule: list[str], iteration: int, job: JobConfig) -> dict[str, Any]:
+def _schedule_state(schedule: list[str], iteration: int, job: JobConfig,
+                    sampler: Any) -> dict[str, Any]:
     """Where the run stands, for a checkpoint: phase, damping, data position, seed.
 
-    Every iteration uses the whole training set (one epoch, position 0) and the
-    driver draws no random numbers after building the model (whose initial
-    weights the checkpoint replaces), so the seed is all the RNG state there is.
+    Full batch: every iteration uses the whole training set (one epoch,
+    position 0). Mini-batches: the sampler's seed, epoch and position (thesis
+    8.2, mpinewton.sampling). The driver draws no other random numbers after
+    the initial weights (which the checkpoint replaces), so this is all the RNG
+    state there is.
     """
+    sampling = sampler.state() if sampler is not None else {
+        "mode": "full_batch", "epoch": iteration, "position": 0, "seed": job.run.seed}
     return {"iteration": iteration, "total_iterations": len(schedule),
             "phase": schedule[iteration - 1] if 0 < iteration <= len(schedule) else "start",
             "next_phase": schedule[iteration] if iteration < len(schedule) else "done",
             "damping": job.optimizer.damping, "step_rule": job.optimizer.step_rule,
-            "sampling": {"mode": "full_batch", "epoch": iteration, "position": 0,
-                         "seed": job.run.seed}}
+            "sampling": sampling}
+
+
+def _make_sampler(job: JobConfig, total: int, found: dict[str, Any] | None) -> Any:
+    """The mini-batch sampler of a stochastic run (None: full batch), restored on resume."""
+    from mpinewton.sampling import MiniBatchSampler
+
+    b = job.optimizer.batch_size
+    if b == 0:
+        return None
+    if b > total:
+        raise ConfigError(f"optimizer.batch_size = {b} exceeds the {total} training samples "
+                          f"of {job.data.path}")
+    saved = (found or {}).get("state", {}).get("schedule", {}).get("sampling")
+    if saved is not None and saved.get("mode") == "mini_batch":
+        try:
+            return MiniBatchSampler.from_state(saved, num_samples=total, batch_size=b)
+        except ValueError as exc:
+            raise ConfigError(f"--resume {found['path']}: {exc}") from None  # type: ignore[index]
+    if found is not None and found["iteration"] > 0:
+        raise ConfigError(f"--resume {found['path']}: the checkpoint holds no mini-batch "
+                          "position, but this job draws mini-batches (optimizer.batch_size)")
+    return MiniBatchSampler(total, b, seed=job.run.seed)
 
 
 def _checkpoint_weights(found: dict[str, Any], comm: Comm) -> list[np.ndarray]:
