@@ -10,6 +10,17 @@ Speed and memory targets are checked here, never by timed unit tests.
 ``memory``    peak RSS of one rank computing a full-shard HVP, shard 25,000 and 50,000
               (one fresh process each).
 
+Not part of ``all`` (thesis section 15: ResNet-50, float32, 224 x 224 x 3, 1000
+classes, random uint8 images and labels, 'caffe' preprocessing):
+
+``resnet``         gradient and HVP time at b = 16, HVP / gradient, every HVP mode
+                   with and without XLA, beside the thesis' 20.6 s for one HVP.
+``resnet-memory``  peak RSS of one fresh process computing a full HVP at global
+                   batch 16 and 256 on one rank (micro-batches of ``--micro-batch``,
+                   default 8: as fast as 16 per sample, half the memory).
+``resnet-small``   compile time, one gradient and one HVP of resnet_mini and
+                   ResNet-50 at 64 x 64 x 3, 5 classes, b = 16 (the test-suite workload).
+
 Data: MNIST from ``--data`` (default data/mnist.h5), or random images of the same
 shape with ``--synthetic`` (the timings do not depend on pixel values).
 """
@@ -31,6 +42,8 @@ from typing import Any
 import numpy as np
 
 THESIS_TABLE_14_2 = {1: 0.030, 10: 0.064, 100: 0.204, 1000: 1.173, 10000: 11.580}
+#: Thesis section 15.2: one ResNet-50 HVP at b = 16 took 20.577 s on 28 Haswell cores.
+THESIS_RESNET_HVP_S = 20.577
 
 
 def _images(n: int, data: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,22 +241,170 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _resnet_case(model: Any, b: int, size: int, classes: int, micro_batch: int, *,
+                 hvp: str, jit: bool) -> tuple[Any, np.ndarray, np.ndarray]:
+    """A ResNet objective on ``b`` random uint8 images ('caffe' preprocessing), w and v."""
+    from mpinewton.local import LocalObjective
+    from mpinewton.params import get_flat
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+    y = rng.integers(0, classes, b)
+    local = LocalObjective(model, x, y, num_classes=classes, micro_batch=micro_batch, jit=jit,
+                           hvp=hvp, preprocess="caffe")
+    w = get_flat(model)
+    return local, w, rng.standard_normal(w.size).astype(w.dtype)
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _first_and_best(fn: Any, repeats: int) -> tuple[float, float]:
+    """The first call (which compiles) and the best of ``repeats`` further calls."""
+    first = _timed(fn)
+    return first, min(_timed(fn) for _ in range(repeats))
+
+
+def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
+    """ResNet-50 at b = 16: gradient and HVP time, every HVP mode, with and without XLA."""
+    from mpinewton.local import HVP_MODES
+    from mpinewton.models import resnet50
+
+    b, size, classes = 16, 224, 1000
+    model = resnet50(dtype="float32", input_shape=(size, size, 3), num_classes=classes)
+    out: dict[str, Any] = {"batch": b, "image": [size, size, 3], "classes": classes,
+                           "thesis_hvp_s": THESIS_RESNET_HVP_S}
+    for jit in (True, False):
+        grad_s = None
+        for mode in HVP_MODES:
+            local, w, v = _resnet_case(model, b, size, classes, args.micro_batch, hvp=mode,
+                                       jit=jit)
+            if grad_s is None:
+                grad_first_s, grad_s = _first_and_best(
+                    lambda local=local, w=w: local.loss_grad_sum(w), args.repeats)
+                key = f"gradient{'' if jit else ' (no XLA)'}"
+                out[key] = {"grad_s": grad_s, "first_call_s": grad_first_s}
+                print(f"{key:<40} {grad_s:7.3f}s  (first call {grad_first_s:.1f}s)", flush=True)
+            first_s, hvp_s = _first_and_best(
+                lambda local=local, w=w, v=v: local.hvp_sum(w, v), args.repeats)
+            key = f"{mode}{'' if jit else ' (no XLA)'}"
+            out[key] = {"grad_s": grad_s, "hvp_s": hvp_s, "ratio": hvp_s / grad_s,
+                        "first_call_s": first_s, "thesis_over_hvp": THESIS_RESNET_HVP_S / hvp_s}
+            print(f"{key:<40} HVP {hvp_s:7.3f}s  HVP/gradient {hvp_s / grad_s:5.2f}  "
+                  f"(first call {first_s:.1f}s; thesis {THESIS_RESNET_HVP_S:.1f}s on 28 cores, "
+                  f"{THESIS_RESNET_HVP_S / hvp_s:.1f}x)", flush=True)
+    return out
+
+
+def resnet_memory_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of this process while it computes a full ResNet-50 HVP over ``samples``.
+
+    Sampled every 2 ms as :func:`memory_worker` does; the first micro-batch of
+    the first HVP compiles, so compilation memory is included.
+    """
+    import threading
+
+    from mpinewton.models import resnet50
+
+    model = resnet50(dtype="float32", input_shape=(224, 224, 3), num_classes=1000)
+    local, w, v = _resnet_case(model, args.samples, 224, 1000, args.micro_batch, hvp=args.hvp,
+                               jit=not args.no_jit)
+    before = _current_rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _current_rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    seconds = [_timed(lambda: local.hvp_sum(w, v)) for _ in range(args.hvps)]
+    done.set()
+    sampler.join()
+    return {"samples": args.samples, "micro_batch": args.micro_batch, "hvp": args.hvp,
+            "jit": not args.no_jit, "peak_rss_mib": peak[0], "rss_before_hvp_mib": before,
+            "hvp_seconds": seconds,
+            "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_resnet_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of a full ResNet-50 HVP at global batch 16 and 256 on one rank."""
+    out: dict[str, Any] = {}
+    for samples, hvps in ((16, 2), (256, 1)):
+        cmd = [sys.executable, "-m", "mpinewton.bench", "_resnet_memory_worker", "--samples",
+               str(samples), "--micro-batch", str(args.micro_batch), "--threads",
+               str(args.threads), "--hvp", args.hvp, "--hvps", str(hvps)]
+        if args.no_jit:
+            cmd.append("--no-jit")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        if proc.returncode != 0:
+            raise SystemExit(f"worker failed:\n{proc.stdout}\n{proc.stderr}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[str(samples)] = result
+        print(f"batch {samples:>4}: peak RSS during the HVP {result['peak_rss_mib'] / 1024:6.2f} "
+              f"GiB (before {result['rss_before_hvp_mib'] / 1024:.2f} GiB; micro-batch "
+              f"{args.micro_batch}, {args.hvp}{'' if not args.no_jit else ', no XLA'}; HVP "
+              f"{', '.join(f'{s:.1f}s' for s in result['hvp_seconds'])})", flush=True)
+    return out
+
+
+def bench_resnet_small(args: argparse.Namespace) -> dict[str, Any]:
+    """Test-suite workload: resnet_mini and ResNet-50 at 64 x 64 x 3, 5 classes, b = 16."""
+    from mpinewton.models import build_model
+
+    out: dict[str, Any] = {}
+    size, classes, b = 64, 5, 16
+    for name in ("resnet_mini", "resnet50"):
+        start = time.perf_counter()
+        model = build_model(name, dtype="float32", seed=0, input_shape=(size, size, 3),
+                            num_classes=classes, hidden=(8, 16, 32))
+        build_s = time.perf_counter() - start
+        local, w, v = _resnet_case(model, b, size, classes, b, hvp=args.hvp, jit=not args.no_jit)
+        grad_first, grad_s = _first_and_best(lambda local=local, w=w: local.loss_grad_sum(w),
+                                             args.repeats)
+        hvp_first, hvp_s = _first_and_best(lambda local=local, w=w, v=v: local.hvp_sum(w, v),
+                                           args.repeats)
+        out[name] = {"weights": int(w.size), "build_s": build_s,
+                     "grad_first_call_s": grad_first, "hvp_first_call_s": hvp_first,
+                     "grad_s": grad_s, "hvp_s": hvp_s}
+        print(f"{name:<12} {w.size:>10,d} weights: build {build_s:5.1f}s, first gradient "
+              f"{grad_first:5.1f}s, first HVP {hvp_first:5.1f}s (compile), then gradient "
+              f"{grad_s:6.3f}s, HVP {hvp_s:6.3f}s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmarks, print them, and write JSON to ``--out``."""
     parser = argparse.ArgumentParser(prog="python -m mpinewton.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="?", default="all",
-                        choices=["all", "products", "table", "ranks", "memory",
-                                 "_newton_worker", "_memory_worker"])
+                        choices=["all", "products", "table", "ranks", "memory", "resnet",
+                                 "resnet-memory", "resnet-small", "_newton_worker",
+                                 "_memory_worker", "_resnet_memory_worker"])
     parser.add_argument("--data", default="data/mnist.h5", help="HDF5 dataset (MNIST)")
     parser.add_argument("--synthetic", action="store_true", help="random images instead")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--micro-batch", type=int, default=2000)
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="samples per compiled call (default 2000; resnet: 16, "
+                        "resnet-memory: 8)")
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--cg", type=int, default=10, help="HVPs per Newton iteration (ranks)")
+    parser.add_argument("--hvp", default="reverse_over_reverse",
+                        help="HVP mode of resnet-memory and resnet-small")
+    parser.add_argument("--no-jit", action="store_true", help="resnet-memory/-small without XLA")
+    parser.add_argument("--hvps", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.micro_batch is None:
+        args.micro_batch = {"resnet": 16, "resnet-small": 16, "resnet-memory": 8,
+                            "_resnet_memory_worker": 8}.get(args.which, 2000)
     if args.synthetic or not Path(args.data).exists():
         args.data = None
     _set_threads(args.threads)
@@ -257,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "_memory_worker":
         print(json.dumps(memory_worker(args)))
         return 0
+    if args.which == "_resnet_memory_worker":
+        print(json.dumps(resnet_memory_worker(args)))
+        return 0
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -267,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results["machine"]["tensorflow"] = tf.__version__
     steps = {"products": bench_products, "table": bench_table, "ranks": bench_ranks,
-             "memory": bench_memory}
+             "memory": bench_memory, "resnet": bench_resnet, "resnet-memory": bench_resnet_memory,
+             "resnet-small": bench_resnet_small}
     for name, fn in steps.items():
-        if args.which in (name, "all"):
+        if args.which == name or (args.which == "all" and not name.startswith("resnet")):
             print(f"== {name}", flush=True)
             results[name] = fn(args)
     if args.out:

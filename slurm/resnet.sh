@@ -46,8 +46,8 @@ if [ ! -f "$MPINEWTON_ROOT/slurm/common.sh" ]; then
     exit 2
 fi
 if [ ! -f "$MPINEWTON_ROOT/$MPINEWTON_JOB" ] && [ ! -f "$MPINEWTON_JOB" ]; then
-    echo "error: the ResNet-50 job file $MPINEWTON_JOB is not in $MPINEWTON_ROOT: this" \
-         "checkout has no ResNet-50 job yet; add it, or set MPINEWTON_JOB to a job file" >&2
+    echo "error: the ResNet-50 job file $MPINEWTON_JOB is not in $MPINEWTON_ROOT: submit" \
+         "from the repository root, or set MPINEWTON_JOB to a job file" >&2
     exit 2
 fi
 # shellcheck source=slurm/common.sh
