@@ -17,6 +17,7 @@ per-rank memory is bounded by ``micro_batch`` whatever the shard size.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -26,6 +27,22 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
 from mpinewton.params import ParamLayout
+
+
+class _ExpectedRetracing(logging.Filter):
+    """Drop TensorFlow's "triggered tf.function retracing" warning, and only that.
+
+    Every objective (training set, each evaluation split) traces its compiled
+    functions once per micro-batch shape (the full ones and the last, shorter
+    one): a handful of traces by design, which TensorFlow's heuristic reports
+    as "excessive" at the end of every run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_ExpectedRetracing())
 
 LOSSES = ("categorical_crossentropy", "mean_squared_error")
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")

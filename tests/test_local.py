@@ -170,3 +170,17 @@ def test_padded_micro_batches_give_the_same_sums(mlp_problem):
     assert padded.correct_count(w) == exact.correct_count(w)
     padded.set_samples(xs[:0], ys[:0], pad_to=100)  # a rank whose part of the batch is empty
     assert padded.loss_sum(w) == 0.0 and not padded.loss_grad_sum(w)[1].any()
+
+
+def test_only_the_expected_retracing_warning_is_filtered():
+    import logging
+
+    import tensorflow as tf
+
+    def record(msg):
+        return logging.LogRecord("tensorflow", logging.WARNING, __file__, 1, msg, None, None)
+
+    logger = tf.get_logger()
+    retrace = record("5 out of the last 9 calls to <f> triggered tf.function retracing. Tracing")
+    assert not all(f.filter(retrace) for f in logger.filters)
+    assert all(f.filter(record("something else went wrong")) for f in logger.filters)
