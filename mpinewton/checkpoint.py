@@ -49,6 +49,7 @@ import h5py
 import numpy as np
 
 import mpinewton
+from mpinewton.durable import fsync_path
 
 __all__ = [
     "FORMAT",
@@ -391,24 +392,6 @@ def _read_state(group: h5py.Group, where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- durability
 
 
-def _fsync_path(path: PathLike, *, directory: bool = False) -> None:
-    """Fsync a file (or directory) by path, so a rename after it is durable."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some platforms cannot open directories; nothing more to do
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` to ``fd`` (a seam for tests that simulate a full disk)."""
     view = memoryview(data)
@@ -453,7 +436,7 @@ def _ensure_folder(folder: Path) -> None:
             path=folder,
         ) from e
     if created:
-        _fsync_path(folder.parent, directory=True)
+        fsync_path(folder.parent, directory=True)
 
 
 def _commit_bytes(folder: Path, name: str, data: bytes) -> None:
@@ -476,7 +459,7 @@ def _commit_bytes(folder: Path, name: str, data: bytes) -> None:
         with suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_path(folder, directory=True)
+    fsync_path(folder, directory=True)
 
 
 def _read_latest(folder: Path) -> str | None:
@@ -521,6 +504,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _nonfinite(arr: np.ndarray) -> str:
+    """'' for a finite (or non-float) array, else "N NaN/Inf value(s) (first at index I)"."""
+    if arr.dtype.kind not in "fc":
+        return ""
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return ""
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{int(bad.sum())} NaN/Inf value(s) (first at index {first})"
+
+
 def _prepare_weights(weights: Mapping[str, Any], target: Path) -> dict[str, np.ndarray]:
     """Contiguous copies-or-views of the weights; refuses NaN/Inf and unsupported dtypes."""
     out: dict[str, np.ndarray] = {}
@@ -537,15 +531,13 @@ def _prepare_weights(weights: Mapping[str, Any], target: Path) -> dict[str, np.n
                 f"cannot write {target}: variable {name!r} has unsupported dtype {arr.dtype}",
                 path=target,
             )
-        if arr.dtype.kind in "fc":
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise CheckpointError(
-                    f"refusing to write {target}: variable {name!r} holds {int(bad.sum())} "
-                    f"NaN/Inf value(s) (first at index {first}); NaN/Inf weights are never saved",
-                    path=target,
-                )
+        nonfinite = _nonfinite(arr)
+        if nonfinite:
+            raise CheckpointError(
+                f"refusing to write {target}: variable {name!r} holds {nonfinite}; NaN/Inf "
+                "weights are never saved",
+                path=target,
+            )
         out[name] = arr
     return out
 
@@ -766,14 +758,9 @@ def _load(f: h5py.File, path: Path, where: str, expected: ModelSpec | None) -> C
                 f"{where}: weight {name!r} is {arr.shape} {arr.dtype.name}, "
                 f"its variable list entry says {shape} {dtype}"
             )
-        if arr.dtype.kind in "fc":
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise CheckpointError(
-                    f"{where}: weight {name!r} holds {int(bad.sum())} NaN/Inf value(s) "
-                    f"(first at index {first})"
-                )
+        nonfinite = _nonfinite(arr)
+        if nonfinite:
+            raise CheckpointError(f"{where}: weight {name!r} holds {nonfinite}")
         weights[name] = arr
 
     state_group = f.get("state")
@@ -863,5 +850,5 @@ def cleanup_temporaries(folder: PathLike) -> list[Path]:
                 ) from e
             removed.append(p)
     if removed:
-        _fsync_path(folder, directory=True)
+        fsync_path(folder, directory=True)
     return removed

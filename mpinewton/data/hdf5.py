@@ -27,6 +27,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mpinewton.durable import fsync_path
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -83,24 +85,6 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _fsync_path(path: PathLike, *, directory: bool = False) -> None:
-    """Fsync a file (or directory) by path, so a rename after it is durable."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some platforms cannot open directories; nothing more to do
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
 
 
 def _check_split_name(name: str) -> None:
@@ -307,10 +291,10 @@ class DatasetWriter:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self._tmp, 0o666 & ~umask)
-        _fsync_path(self._tmp)
+        fsync_path(self._tmp)
         os.replace(self._tmp, self.path)
         self._tmp = None
-        _fsync_path(self.path.parent, directory=True)
+        fsync_path(self.path.parent, directory=True)
 
     def _abort(self) -> None:
         if self._file is not None:
@@ -562,10 +546,8 @@ def read_shard(
         raise ValueError(f"limit must be None or >= 0, got {limit}")
     label = "+".join(names)
     with _open(path) as f:
-        parts, sample_shape = _checked_parts(f, path, names, expected_sample_shape)
-        ncls = int(f.attrs["num_classes"]) if num_classes is None else int(num_classes)
-        n_all = sum(int(x_ds.shape[0]) for _, x_ds, _ in parts)
-        total = n_all if limit is None else min(int(limit), n_all)
+        parts, sample_shape, ncls, total = _checked_parts(
+            f, path, names, expected_sample_shape, num_classes, limit)
         lo, hi = shard_bounds(total, rank, size)
         x = np.empty((hi - lo, *sample_shape), dtype=np.uint8)
         y = np.empty((hi - lo,), dtype=np.int64)
@@ -574,31 +556,23 @@ def read_shard(
             n = int(x_ds.shape[0])
             a, b = max(lo, offset), min(hi, offset + n)
             if a < b:
-                try:
-                    x[a - lo : b - lo] = x_ds[a - offset : b - offset]
-                    y[a - lo : b - lo] = y_ds[a - offset : b - offset]
-                except OSError as e:
-                    raise DataError(
-                        f"{path}, split {name!r}: reading rows [{a - offset}, {b - offset}) failed "
-                        f"(corrupt file?): {e}; recreate the file"
-                    ) from e
-                bad = (y[a - lo : b - lo] < 0) | (y[a - lo : b - lo] >= ncls)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    value = int(y[a - lo + i])
-                    raise DataError(
-                        f"{path}, split {name!r}: label at row {a - offset + i} "
-                        f"(global index {a + i} of {label!r}) is {value}, outside [0, {ncls}); "
-                        "fix the labels or num_classes"
-                    )
+                x[a - lo : b - lo], y[a - lo : b - lo] = _read_checked(
+                    path, name, label, ncls, x_ds, y_ds, slice(a - offset, b - offset),
+                    f"rows [{a - offset}, {b - offset})",
+                    lambda i, a=a, o=offset: (a - o + i, a + i))
             offset += n
     return Shard(x=x, y=y, lo=lo, hi=hi, total=total, split=label, path=str(path))
 
 
 def _checked_parts(
-    f: h5py.File, path: PathLike, names: list[str], expected_sample_shape: tuple[int, ...] | None
-) -> tuple[list[tuple[str, h5py.Dataset, h5py.Dataset]], tuple[int, ...]]:
-    """The (name, x, y) datasets of the splits to concatenate, and their common sample shape."""
+    f: h5py.File, path: PathLike, names: list[str], expected_sample_shape: tuple[int, ...] | None,
+    num_classes: int | None, limit: int | None,
+) -> tuple[list[tuple[str, h5py.Dataset, h5py.Dataset]], tuple[int, ...], int, int]:
+    """The splits to concatenate: their (name, x, y) datasets, and more.
+
+    Also their common sample shape, the number of classes labels are checked
+    against, and the number of rows used (``limit``).
+    """
     parts = [(name, *_split(f, path, name)) for name in names]
     sample_shape = tuple(int(s) for s in parts[0][1].shape[1:])
     for name, x_ds, _ in parts[1:]:
@@ -614,7 +588,34 @@ def _checked_parts(
             f"expects {tuple(expected_sample_shape)}; use a dataset whose images match the model "
             "input"
         )
-    return parts, sample_shape
+    ncls = int(f.attrs["num_classes"]) if num_classes is None else int(num_classes)
+    n_all = sum(int(x_ds.shape[0]) for _, x_ds, _ in parts)
+    return parts, sample_shape, ncls, n_all if limit is None else min(int(limit), n_all)
+
+
+def _read_checked(
+    path: PathLike, name: str, label: str, ncls: int, x_ds: h5py.Dataset, y_ds: h5py.Dataset,
+    selection: Any, what: str, where: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``selection`` of one split and check its labels.
+
+    ``what`` describes the rows for an I/O error; ``where(i)`` gives the row in
+    the split and the global index of the i-th row read, for a bad label.
+    """
+    try:
+        x, y = x_ds[selection], y_ds[selection]
+    except OSError as e:
+        raise DataError(f"{path}, split {name!r}: reading {what} failed (corrupt file?): {e}; "
+                        "recreate the file") from e
+    bad = (y < 0) | (y >= ncls)
+    if bad.any():
+        i = int(np.argmax(bad))
+        row, index = where(i)
+        raise DataError(
+            f"{path}, split {name!r}: label at row {row} (global index {index} of {label!r}) "
+            f"is {int(y[i])}, outside [0, {ncls}); fix the labels or num_classes"
+        )
+    return x, y
 
 
 def read_rows(
@@ -638,10 +639,8 @@ def read_rows(
         raise ValueError("indices must be a sorted 1-d array of distinct row numbers")
     label = "+".join(names)
     with _open(path) as f:
-        parts, sample_shape = _checked_parts(f, path, names, expected_sample_shape)
-        ncls = int(f.attrs["num_classes"]) if num_classes is None else int(num_classes)
-        n_all = sum(int(x_ds.shape[0]) for _, x_ds, _ in parts)
-        total = n_all if limit is None else min(int(limit), n_all)
+        parts, sample_shape, ncls, total = _checked_parts(
+            f, path, names, expected_sample_shape, num_classes, limit)
         if idx.size and (idx[0] < 0 or idx[-1] >= total):
             raise DataError(f"{path}, split {label!r}: row {int(idx[-1])} requested, but there "
                             f"are {total} rows")
@@ -653,20 +652,9 @@ def read_rows(
             a, b = np.searchsorted(idx, [offset, offset + n])
             if a < b:
                 rows = idx[a:b] - offset
-                try:
-                    x[a:b] = x_ds[rows]
-                    y[a:b] = y_ds[rows]
-                except OSError as e:
-                    raise DataError(f"{path}, split {name!r}: reading {b - a} rows failed "
-                                    f"(corrupt file?): {e}; recreate the file") from e
-                bad = (y[a:b] < 0) | (y[a:b] >= ncls)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise DataError(
-                        f"{path}, split {name!r}: label at row {int(rows[i])} (global index "
-                        f"{int(idx[a + i])} of {label!r}) is {int(y[a + i])}, outside "
-                        f"[0, {ncls}); fix the labels or num_classes"
-                    )
+                x[a:b], y[a:b] = _read_checked(
+                    path, name, label, ncls, x_ds, y_ds, rows, f"{b - a} rows",
+                    lambda i, a=a, rows=rows: (int(rows[i]), int(idx[a + i])))
             offset += n
     return x, y
 
