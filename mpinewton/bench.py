@@ -188,16 +188,10 @@ def _current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Peak resident memory of this process while it computes full-shard HVPs.
-
-    A sampler thread reads the current RSS every 2 ms during two HVPs (the
-    first compiles); ``ru_maxrss`` would report the process' all-time peak,
-    which TensorFlow's start-up can dominate.
-    """
+def _peak_rss_during(work: Any) -> tuple[float, float, Any]:
+    """(RSS before, peak RSS during, result) of ``work()``, sampled every 2 ms by a thread."""
     import threading
 
-    local, w = _objective(args.samples, args.data, args.micro_batch)
     before = _current_rss_mib()
     peak = [before]
     done = threading.Event()
@@ -209,11 +203,25 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    local.hvp_sum(w, np.ones_like(w))
-    local.hvp_sum(w, np.ones_like(w))
-    done.set()
-    sampler.join()
-    return {"samples": args.samples, "peak_rss_mib": peak[0], "rss_before_hvp_mib": before,
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return before, peak[0], result
+
+
+def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak resident memory of this process while it computes full-shard HVPs.
+
+    A sampler thread reads the current RSS every 2 ms during two HVPs (the
+    first compiles); ``ru_maxrss`` would report the process' all-time peak,
+    which TensorFlow's start-up can dominate.
+    """
+    local, w = _objective(args.samples, args.data, args.micro_batch)
+    before, peak, _ = _peak_rss_during(lambda: [local.hvp_sum(w, np.ones_like(w))
+                                                for _ in range(2)])
+    return {"samples": args.samples, "peak_rss_mib": peak, "rss_before_hvp_mib": before,
             "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -305,29 +313,15 @@ def resnet_memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     Sampled every 2 ms as :func:`memory_worker` does; the first micro-batch of
     the first HVP compiles, so compilation memory is included.
     """
-    import threading
-
     from mpinewton.models import resnet50
 
     model = resnet50(dtype="float32", input_shape=(224, 224, 3), num_classes=1000)
     local, w, v = _resnet_case(model, args.samples, 224, 1000, args.micro_batch, hvp=args.hvp,
                                jit=not args.no_jit)
-    before = _current_rss_mib()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _current_rss_mib())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    seconds = [_timed(lambda: local.hvp_sum(w, v)) for _ in range(args.hvps)]
-    done.set()
-    sampler.join()
+    before, peak, seconds = _peak_rss_during(
+        lambda: [_timed(lambda: local.hvp_sum(w, v)) for _ in range(args.hvps)])
     return {"samples": args.samples, "micro_batch": args.micro_batch, "hvp": args.hvp,
-            "jit": not args.no_jit, "peak_rss_mib": peak[0], "rss_before_hvp_mib": before,
+            "jit": not args.no_jit, "peak_rss_mib": peak, "rss_before_hvp_mib": before,
             "hvp_seconds": seconds,
             "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

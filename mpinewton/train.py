@@ -331,12 +331,12 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     w = comm.bcast_array(comm.run_agreed(initial_weights, "loading the initial weights")
                          .astype(layout.dtype))
 
-    found = comm.run_agreed(
+    ckpt = comm.run_agreed(
         lambda: _resume_point(resume, out.checkpoints, spec, say) if comm.is_root else None,
-        "finding a checkpoint to resume from")
-    found = comm.bcast(None if found is None else
-                       {"path": str(found.path), "iteration": found.iteration,
-                        "state": found.state, "config_sha256": found.config_sha256})
+        "finding a checkpoint to resume from")  # loaded and validated on rank 0 only
+    found = comm.bcast(None if ckpt is None else
+                       {"path": str(ckpt.path), "iteration": ckpt.iteration,
+                        "state": ckpt.state, "config_sha256": ckpt.config_sha256})
     done = 0
     progress: dict[str, Any] = {"wall_time": 0.0, "cg_iters": 0, "newton_iters": 0, "hvps": 0,
                                 "gradients": 0, "loss_evaluations": 0}
@@ -345,7 +345,7 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
     sampler = comm.run_agreed(lambda: _make_sampler(job, shard.total, found),
                               "setting up mini-batches")
     if found is not None:
-        ckpt_w = np.concatenate([a.reshape(-1) for a in _checkpoint_weights(found, comm)]) \
+        ckpt_w = np.concatenate([a.reshape(-1) for a in ckpt.weights.values()]) \
             if comm.is_root else np.empty_like(w)
         w = comm.bcast_array(ckpt_w.astype(layout.dtype))
         done = int(found["iteration"])
@@ -543,13 +543,6 @@ def _make_sampler(job: JobConfig, total: int, found: dict[str, Any] | None) -> A
         raise ConfigError(f"--resume {found['path']}: the checkpoint holds no mini-batch "
                           "position, but this job draws mini-batches (optimizer.batch_size)")
     return MiniBatchSampler(total, b, seed=job.run.seed)
-
-
-def _checkpoint_weights(found: dict[str, Any], comm: Comm) -> list[np.ndarray]:
-    """Rank 0: the resumed checkpoint's weights, in the model's variable order."""
-    from mpinewton.checkpoint import load_checkpoint
-
-    return list(load_checkpoint(Path(found["path"])).weights.values())
 
 
 def check_slurm_world(comm: Comm) -> None:
