@@ -2,7 +2,9 @@
 
 Loss against iterations and against wall time, one curve per run directory,
 read from each run's ``metrics.jsonl`` (the loss after each iteration, so the
-curves start at the first iterate and end at the final weights).
+curves start at the first iterate and end at the final weights).  Runs given
+the same label share a colour and one legend entry (repeated runs of one
+method with different seeds, as in thesis figure 15.3).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ def curve(records: list[dict[str, Any]], *, skip_pretrain: bool,
           final_loss: float | None = None) -> tuple[list, list, list]:
     """(iterations, wall times, losses): loss before the first kept step, then after each.
 
-    The loss after the last step is the record's ``new_loss`` (Newton) or, for a
-    gradient-descent step, ``final_loss`` from the run's summary.
+    The loss after step k is the loss recorded at the start of step k + 1 (for
+    stochastic runs: on that iteration's fresh mini-batch).  The loss after the
+    last step is ``final_loss`` from the run's summary (the final weights on
+    the evaluation samples) when given, so that Newton and gradient-descent runs
+    end on the same measure; otherwise the last record's ``new_loss``.
     """
     kept = [r for r in records if not (skip_pretrain and r["phase"] == "pretrain")]
     if not kept:
@@ -36,7 +41,10 @@ def curve(records: list[dict[str, Any]], *, skip_pretrain: bool,
     t0 = first["wall_time"] - first["iter_seconds"]
     iters, times, losses = [0], [0.0], [first["loss"]]
     for i, (rec, nxt) in enumerate(zip(kept, kept[1:] + [None], strict=True), start=1):
-        after = nxt["loss"] if nxt is not None else (rec.get("new_loss") or final_loss)
+        if nxt is not None:
+            after = nxt["loss"]
+        else:
+            after = final_loss if final_loss is not None else rec.get("new_loss")
         if after is None:
             break
         iters.append(i)
@@ -54,6 +62,7 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
     import matplotlib.pyplot as plt
 
     fig, (ax_it, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours: dict[str, Any] = {}
     for i, run_dir in enumerate(run_dirs):
         summary = Path(run_dir) / "summary.json"
         final = json.loads(summary.read_text())["final_loss"] if summary.exists() else None
@@ -61,8 +70,14 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
                                      final_loss=final)
         label = labels[i] if labels else Path(run_dir).name
         marker = "." if len(iters) <= 60 else None
-        ax_it.plot(iters, losses, marker=marker, label=label)
-        ax_t.plot(times, losses, marker=marker, label=label)
+        style: dict[str, Any] = {"marker": marker}
+        if label in colours:  # a repeat of an earlier run: same colour, no second legend entry
+            style["color"] = colours[label]
+        else:
+            style["label"] = label
+        line, = ax_it.plot(iters, losses, **style)
+        colours.setdefault(label, line.get_color())
+        ax_t.plot(times, losses, **{**style, "color": colours[label]})
     for ax, xlabel in ((ax_it, "iteration (after pre-training)" if skip_pretrain else
                         "iteration"), (ax_t, "wall time [s]")):
         ax.set_xlabel(xlabel)

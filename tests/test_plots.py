@@ -31,6 +31,42 @@ def test_curve_uses_final_loss_after_a_gradient_step():
     assert losses == [3.0, 2.0, 1.5, 0.5]
 
 
+def test_curve_ends_at_the_summary_loss_when_given():
+    # Stochastic runs: new_loss is on the last step's own batch, final_loss on the
+    # evaluation samples; every method's curve must end on the same measure.
+    _, _, losses = curve(_records(), skip_pretrain=True, final_loss=1.25)
+    assert losses == [2.0, 1.5, 1.25]
+
+
+def test_repeated_labels_share_a_colour_and_a_legend_entry(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mpinewton.plots import plot
+
+    runs = []
+    for name in ("a", "b", "c"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in _records()))
+        runs.append(str(run))
+    captured = []
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    plot(runs, str(tmp_path / "p.png"), labels=["Newton", "Newton", "GD"])
+    ax = captured[0].axes[0]
+    colours = [line.get_color() for line in ax.get_lines()]
+    assert colours[0] == colours[1] != colours[2]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Newton", "GD"]
+
+
 def test_main_writes_png(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
