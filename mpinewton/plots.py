@@ -63,11 +63,13 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
 
     fig, (ax_it, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours: dict[str, Any] = {}
+    pretrained = False  # whether any run had pre-training iterations (left out or drawn)
     for i, run_dir in enumerate(run_dirs):
         summary = Path(run_dir) / "summary.json"
         final = json.loads(summary.read_text())["final_loss"] if summary.exists() else None
-        iters, times, losses = curve(read_metrics(run_dir), skip_pretrain=skip_pretrain,
-                                     final_loss=final)
+        records = read_metrics(run_dir)
+        pretrained = pretrained or any(r["phase"] == "pretrain" for r in records)
+        iters, times, losses = curve(records, skip_pretrain=skip_pretrain, final_loss=final)
         label = labels[i] if labels else Path(run_dir).name
         marker = "." if len(iters) <= 60 else None
         style: dict[str, Any] = {"marker": marker}
@@ -78,8 +80,8 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
         line, = ax_it.plot(iters, losses, **style)
         colours.setdefault(label, line.get_color())
         ax_t.plot(times, losses, **{**style, "color": colours[label]})
-    for ax, xlabel in ((ax_it, "iteration (after pre-training)" if skip_pretrain else
-                        "iteration"), (ax_t, "wall time [s]")):
+    it_label = "iteration (after pre-training)" if skip_pretrain and pretrained else "iteration"
+    for ax, xlabel in ((ax_it, it_label), (ax_t, "wall time [s]")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss")
         ax.set_yscale("log")

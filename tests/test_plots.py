@@ -38,7 +38,8 @@ def test_curve_ends_at_the_summary_loss_when_given():
     assert losses == [2.0, 1.5, 1.25]
 
 
-def test_repeated_labels_share_a_colour_and_a_legend_entry(tmp_path, monkeypatch):
+def _plotted(tmp_path, monkeypatch, records, labels):
+    """Plot one run per label from `records`; the figure's iteration axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,10 +48,10 @@ def test_repeated_labels_share_a_colour_and_a_legend_entry(tmp_path, monkeypatch
     from mpinewton.plots import plot
 
     runs = []
-    for name in ("a", "b", "c"):
+    for name in "abcdefgh"[:len(labels)]:
         run = tmp_path / name
         run.mkdir()
-        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in _records()))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
         runs.append(str(run))
     captured = []
     original = plt.Figure.savefig
@@ -60,11 +61,23 @@ def test_repeated_labels_share_a_colour_and_a_legend_entry(tmp_path, monkeypatch
         return original(fig, *args, **kwargs)
 
     monkeypatch.setattr(plt.Figure, "savefig", keep)
-    plot(runs, str(tmp_path / "p.png"), labels=["Newton", "Newton", "GD"])
-    ax = captured[0].axes[0]
+    plot(runs, str(tmp_path / "p.png"), labels=labels)
+    return captured[0].axes[0]
+
+
+def test_repeated_labels_share_a_colour_and_a_legend_entry(tmp_path, monkeypatch):
+    ax = _plotted(tmp_path, monkeypatch, _records(), ["Newton", "Newton", "GD"])
     colours = [line.get_color() for line in ax.get_lines()]
     assert colours[0] == colours[1] != colours[2]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Newton", "GD"]
+
+
+@pytest.mark.parametrize(("pretrain", "xlabel"), [
+    (True, "iteration (after pre-training)"), (False, "iteration")])
+def test_iteration_axis_mentions_pretraining_only_when_there_was_some(
+        tmp_path, monkeypatch, pretrain, xlabel):
+    records = _records() if pretrain else _records()[1:]
+    assert _plotted(tmp_path, monkeypatch, records, ["Newton"]).get_xlabel() == xlabel
 
 
 def test_main_writes_png(tmp_path):
