@@ -5,14 +5,16 @@
 # mini-batches of b = 16 (jobs/resnet_mnist_perturbed.toml).
 #   1. the given weights: jobs/resnet_mnist.toml, gradient descent lr 0.1, 190 iterations
 #      of b = 256 after its 10 pre-training iterations (skipped when already there);
-#   2. a damping / learning-rate sweep on seed 0 (SWEEP_ITERS iterations each; SWEEP=0
-#      skips it and reuses the last one);
-#   3. six seeds (perturbation and mini-batches): the perturbed weights evaluated, then
-#      Newton-CG (damping DAMPING) and gradient descent (learning rate LR), the best of
-#      each sweep, ITERS iterations each, as the thesis' six runs.
-# Writes runs/resnet_perturbed/*, runs/resnet_perturbed/table.md and
-# docs/resnet_perturbed.png, and prints the tables.
-# Usage: scripts/resnet_perturbed.sh [RANKS] (default 2); about 45 minutes on 2 cores.
+#   2. sweep: damping and learning rates on seed 0, SWEEP_ITERS iterations each;
+#   3. seeds: for each of SEEDS (perturbation and mini-batches) the perturbed weights
+#      evaluated, then Newton-CG (damping DAMPING) and gradient descent (learning rate
+#      LR), the best of each sweep, ITERS iterations each, as the thesis' six runs;
+#   4. fixed: the same on one fixed batch, the first 16 training images (data.limit =
+#      16), for FIXED_SEEDS - the thesis' "a mini-batch of size b = 16 was used".
+# STAGES (default "sweep seeds fixed") picks stages 2-4; the given weights are trained
+# only when missing. Writes runs/resnet_perturbed/*, runs/resnet_perturbed/table.md,
+# docs/resnet_perturbed.png and docs/resnet_perturbed_fixed.png, and prints the tables.
+# Usage: scripts/resnet_perturbed.sh [RANKS] (default 2); about 2 hours on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -25,6 +27,8 @@ rates=${RATES:-"0.1 0.03 0.01"}
 damping=${DAMPING:-100}
 lr=${LR:-0.01}
 seeds=${SEEDS:-"0 1 2 3 4 5"}
+fixed_seeds=${FIXED_SEEDS:-"0 1"}
+stages=" ${STAGES:-sweep seeds fixed} "
 out=runs/resnet_perturbed
 mkdir -p "$out"
 [ -f data/mnist_rgb32.h5 ] || python -m mpinewton.data resize data/mnist.h5 --out data/mnist_rgb32.h5 --size 32 32
@@ -42,7 +46,7 @@ if [ ! -f "$given/weights.h5" ]; then
         --set optimizer.learning_rate=0.1 --set optimizer.iters=190
 fi
 job=(jobs/resnet_mnist_perturbed.toml --set "model.weights=\"$given/weights.h5\"")
-if [ "${SWEEP:-1}" = 1 ]; then
+if [[ $stages == *" sweep "* ]]; then
     for a in $dampings; do
         train "$out/sweep/newton_damping$a" "${job[@]}" --set "optimizer.damping=$a" \
             --set "optimizer.iters=$sweep_iters"
@@ -52,11 +56,23 @@ if [ "${SWEEP:-1}" = 1 ]; then
             --set "optimizer.learning_rate=$r" --set "optimizer.iters=$sweep_iters"
     done
 fi
-for s in $seeds; do
-    train "$out/start_seed$s" "${job[@]}" --set "run.seed=$s" --set optimizer.iters=0
-    train "$out/newton_seed$s" "${job[@]}" --set "run.seed=$s" --set "optimizer.damping=$damping" \
-        --set "optimizer.iters=$iters"
-    train "$out/gd_seed$s" "${job[@]}" --set "run.seed=$s" --set optimizer.method='"gd"' \
+compare() {  # compare DIR SEED [--set ...]: Newton-CG and gradient descent from one start
+    local dir=$1 s=$2
+    shift 2
+    train "$dir/newton_seed$s" "${job[@]}" --set "run.seed=$s" "$@" \
+        --set "optimizer.damping=$damping" --set "optimizer.iters=$iters"
+    train "$dir/gd_seed$s" "${job[@]}" --set "run.seed=$s" "$@" --set optimizer.method='"gd"' \
         --set "optimizer.learning_rate=$lr" --set "optimizer.iters=$iters"
-done
+}
+if [[ $stages == *" seeds "* ]]; then
+    for s in $seeds; do
+        train "$out/start_seed$s" "${job[@]}" --set "run.seed=$s" --set optimizer.iters=0
+        compare "$out" "$s"
+    done
+fi
+if [[ $stages == *" fixed "* ]]; then
+    for s in $fixed_seeds; do
+        compare "$out/fixed" "$s" --set data.limit=16
+    done
+fi
 python scripts/resnet_perturbed_report.py "$out" "$damping" "$lr" $seeds

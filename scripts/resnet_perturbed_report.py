@@ -2,8 +2,9 @@
 
 Usage: python scripts/resnet_perturbed_report.py OUT DAMPING LR SEED [SEED ...]
 Reads OUT/given, OUT/sweep/*, OUT/start_seed*/ (the perturbed weights evaluated
-without an iteration), OUT/newton_seed*/ and OUT/gd_seed*/; writes
-OUT/table.md and docs/resnet_perturbed.png and prints the tables.
+without an iteration), OUT/newton_seed*/ and OUT/gd_seed*/, and OUT/fixed/*_seed*/
+(one fixed batch of 16 images) when there; writes OUT/table.md,
+docs/resnet_perturbed.png and docs/resnet_perturbed_fixed.png and prints the tables.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def main(out: Path, damping: str, lr: str, seeds: list[str]) -> None:
                      f"{spread([r['per_iter'] for r in rs], '.2f')} | {cg} |")
     lines += ["", f"Newton-CG ends with the lower training loss in {wins} of {len(seeds)} seeds "
               "(same perturbation and mini-batches per seed)."]
+    fixed = out / "fixed"
+    fixed_seeds = sorted(int(r.name.removeprefix("newton_seed")) for r in fixed.glob("newton_seed*")
+                         if (r / "summary.json").exists()) if fixed.is_dir() else []
+    if fixed_seeds:
+        lines += fixed_table(fixed, damping, lr, [str(s) for s in fixed_seeds])
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -97,6 +103,35 @@ def main(out: Path, damping: str, lr: str, seeds: list[str]) -> None:
          title="ResNet-50 on MNIST 32x32 RGB from perturbed trained weights, b = 16, "
                f"{len(seeds)} seeds (loss on each iteration's fresh batch)")
     print(f"wrote {out / 'table.md'} and docs/resnet_perturbed.png")
+    if fixed_seeds:
+        runs = [str(fixed / f"{m}_seed{s}") for m in ("newton", "gd") for s in fixed_seeds]
+        labels = ([f"Newton-CG, damping {damping}"] * len(fixed_seeds)
+                  + [f"gradient descent, lr {lr}"] * len(fixed_seeds))
+        plot(runs, "docs/resnet_perturbed_fixed.png", labels=labels,
+             title="ResNet-50 on MNIST 32x32 RGB from perturbed trained weights, one fixed "
+                   f"batch of 16 images, {len(fixed_seeds)} seeds")
+        print("wrote docs/resnet_perturbed_fixed.png")
+
+
+def fixed_table(fixed: Path, damping: str, lr: str, seeds: list[str]) -> list[str]:
+    """The fixed-batch runs: loss on the 16 images before and after, validation figures."""
+    lines = ["", f"One fixed batch (the first 16 training images, data.limit = 16), seeds "
+             f"{', '.join(seeds)}, mean (min-max) over the seeds:", "",
+             "| method | iterations | loss on the 16 images at the start | loss on the 16 "
+             "images at the end | validation loss | validation accuracy | seconds per "
+             "iteration after the first | mean CG iterations |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, label in (("newton", f"Newton-CG, damping {damping}"),
+                          ("gd", f"gradient descent, lr {lr}")):
+        rs = [row(fixed / f"{method}_seed{s}") for s in seeds]
+        starts = [read_metrics(fixed / f"{method}_seed{s}")[0]["loss"] for s in seeds]
+        cg = spread([r["cg"] for r in rs], ".1f") if rs[0]["cg"] is not None else "-"
+        lines.append(f"| {label} | {rs[0]['iters']} | {spread(starts, '.4g')} | "
+                     f"{spread([r['loss'] for r in rs], '.4g')} | "
+                     f"{spread([r['val_loss'] for r in rs], '.4f')} | "
+                     f"{spread([r['val_acc'] for r in rs], '.4f')} | "
+                     f"{spread([r['per_iter'] for r in rs], '.2f')} | {cg} |")
+    return lines
 
 
 if __name__ == "__main__":
