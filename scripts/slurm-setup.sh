@@ -39,4 +39,5 @@ if ! have_slurm || ! have_pmix; then
     echo "[slurm-setup] installed, but slurmctld/slurmd/sbatch or libpmix.so still missing" >&2
     exit 1
 fi
-echo "[slurm-setup] ready: $(sbatch --version)"
+# not `sbatch --version`: without a slurm.conf it looks for one in DNS and fails loudly
+echo "[slurm-setup] ready: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null || echo '?')"
