@@ -43,8 +43,30 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+def methods(damping: str, lr: str) -> tuple[tuple[str, str], ...]:
+    """(run-name prefix, label) of the two methods compared."""
+    return (("newton", f"Newton-CG, damping {damping}"), ("gd", f"gradient descent, lr {lr}"))
+
+
+def method_cells(rs: list[dict], loss_fmt: str) -> str:
+    """Training loss, validation loss and accuracy, seconds per iteration, CG iterations."""
+    cg = spread([r["cg"] for r in rs], ".1f") if rs[0]["cg"] is not None else "-"
+    return (f"{spread([r['loss'] for r in rs], loss_fmt)} | "
+            f"{spread([r['val_loss'] for r in rs], '.4f')} | "
+            f"{spread([r['val_acc'] for r in rs], '.4f')} | "
+            f"{spread([r['per_iter'] for r in rs], '.2f')} | {cg} |")
+
+
+def figure(runs: Path, seeds: list[str], damping: str, lr: str, png: str, title: str) -> None:
+    """Both methods' runs of all seeds in one figure, one colour per method."""
+    pairs = [(str(runs / f"{m}_seed{s}"), label) for m, label in methods(damping, lr)
+             for s in seeds]
+    plot([run for run, _ in pairs], png, labels=[label for _, label in pairs], title=title)
+    print(f"wrote {png}")
+
+
 def main(out: Path, damping: str, lr: str, seeds: list[str]) -> None:
-    """Write OUT/table.md and docs/resnet_perturbed.png."""
+    """Write OUT/table.md and the figures (the fixed-batch one when its runs are there)."""
     g = summary(out / "given")
     lines = [f"Given weights (unperturbed): training loss {g['final_loss']:.4f}, validation loss "
              f"{g['validation_loss']:.4f}, training / validation accuracy "
@@ -78,40 +100,26 @@ def main(out: Path, damping: str, lr: str, seeds: list[str]) -> None:
                  f"{spread([s['final_loss'] for s in starts], '.4f')} | "
                  f"{spread([s['validation_loss'] for s in starts], '.4f')} | "
                  f"{spread([s['validation_accuracy'] for s in starts], '.4f')} | - | - |")
-    for method, label in (("newton", f"Newton-CG, damping {damping}"),
-                          ("gd", f"gradient descent, lr {lr}")):
-        rs = rows[method]
-        cg = spread([r["cg"] for r in rs], ".1f") if rs[0]["cg"] is not None else "-"
-        lines.append(f"| {label} | {spread([r['loss'] for r in rs], '.4f')} | "
-                     f"{spread([r['val_loss'] for r in rs], '.4f')} | "
-                     f"{spread([r['val_acc'] for r in rs], '.4f')} | "
-                     f"{spread([r['per_iter'] for r in rs], '.2f')} | {cg} |")
+    for method, label in methods(damping, lr):
+        lines.append(f"| {label} | {method_cells(rows[method], '.4f')}")
     lines += ["", f"Newton-CG ends with the lower training loss in {wins} of {len(seeds)} seeds "
               "(same perturbation and mini-batches per seed)."]
     fixed = out / "fixed"
-    fixed_seeds = sorted(int(r.name.removeprefix("newton_seed")) for r in fixed.glob("newton_seed*")
-                         if (r / "summary.json").exists()) if fixed.is_dir() else []
+    fixed_seeds = sorted((r.name.removeprefix("newton_seed") for r in fixed.glob("newton_seed*")
+                          if (r / "summary.json").exists()), key=int)
     if fixed_seeds:
-        lines += fixed_table(fixed, damping, lr, [str(s) for s in fixed_seeds])
+        lines += fixed_table(fixed, damping, lr, fixed_seeds)
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     print(table)
-    runs = [str(out / f"{m}_seed{s}") for m in ("newton", "gd") for s in seeds]
-    labels = ([f"Newton-CG, damping {damping}"] * len(seeds)
-              + [f"gradient descent, lr {lr}"] * len(seeds))
-    plot(runs, "docs/resnet_perturbed.png", labels=labels,
-         title="ResNet-50 on MNIST 32x32 RGB from perturbed trained weights, b = 16, "
-               f"{len(seeds)} seeds (loss on each iteration's fresh batch)")
-    print(f"wrote {out / 'table.md'} and docs/resnet_perturbed.png")
+    print(f"wrote {out / 'table.md'}")
+    figure(out, seeds, damping, lr, "docs/resnet_perturbed.png",
+           "ResNet-50 on MNIST 32x32 RGB from perturbed trained weights, b = 16, "
+           f"{len(seeds)} seeds (loss on each iteration's fresh batch)")
     if fixed_seeds:
-        runs = [str(fixed / f"{m}_seed{s}") for m in ("newton", "gd") for s in fixed_seeds]
-        labels = ([f"Newton-CG, damping {damping}"] * len(fixed_seeds)
-                  + [f"gradient descent, lr {lr}"] * len(fixed_seeds))
-        plot(runs, "docs/resnet_perturbed_fixed.png", labels=labels,
-             title="ResNet-50 on MNIST 32x32 RGB from perturbed trained weights, one fixed "
-                   f"batch of 16 images, {len(fixed_seeds)} seeds")
-        print("wrote docs/resnet_perturbed_fixed.png")
-
+        figure(fixed, fixed_seeds, damping, lr, "docs/resnet_perturbed_fixed.png",
+               "ResNet-50 on MNIST 32x32 RGB from perturbed trained weights, one fixed "
+               f"batch of 16 images, {len(fixed_seeds)} seeds")
 
 def fixed_table(fixed: Path, damping: str, lr: str, seeds: list[str]) -> list[str]:
     """The fixed-batch runs: loss on the 16 images before and after, validation figures."""
@@ -121,16 +129,11 @@ def fixed_table(fixed: Path, damping: str, lr: str, seeds: list[str]) -> list[st
              "images at the end | validation loss | validation accuracy | seconds per "
              "iteration after the first | mean CG iterations |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, label in (("newton", f"Newton-CG, damping {damping}"),
-                          ("gd", f"gradient descent, lr {lr}")):
+    for method, label in methods(damping, lr):
         rs = [row(fixed / f"{method}_seed{s}") for s in seeds]
         starts = [read_metrics(fixed / f"{method}_seed{s}")[0]["loss"] for s in seeds]
-        cg = spread([r["cg"] for r in rs], ".1f") if rs[0]["cg"] is not None else "-"
         lines.append(f"| {label} | {rs[0]['iters']} | {spread(starts, '.4g')} | "
-                     f"{spread([r['loss'] for r in rs], '.4g')} | "
-                     f"{spread([r['val_loss'] for r in rs], '.4f')} | "
-                     f"{spread([r['val_acc'] for r in rs], '.4f')} | "
-                     f"{spread([r['per_iter'] for r in rs], '.2f')} | {cg} |")
+                     f"{method_cells(rs, '.4g')}")
     return lines
 
 
