@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from contextlib import suppress
@@ -49,7 +48,8 @@ import h5py
 import numpy as np
 
 import mpinewton
-from mpinewton.durable import fsync_path
+from mpinewton.durable import atomic_open, fsync_path, is_temp_name
+from mpinewton.params import ParamLayout
 
 __all__ = [
     "FORMAT",
@@ -92,96 +92,9 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- model spec
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The ordered trainable variables of a model: names, shapes, dtype names.
-
-    Dtypes are normalised to numpy names (``"float32"``), shapes to tuples of
-    ints, so specs from Keras and from a checkpoint compare equal.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        names = tuple(self.names)
-        shapes = tuple(tuple(int(d) for d in s) for s in self.shapes)
-        try:
-            dtypes = tuple(np.dtype(d).name for d in self.dtypes)
-        except TypeError as e:
-            raise ValueError(f"ModelSpec: bad dtype in {self.dtypes!r}: {e}") from None
-        if not (len(names) == len(shapes) == len(dtypes)):
-            raise ValueError(
-                f"ModelSpec: {len(names)} names, {len(shapes)} shapes and {len(dtypes)} dtypes; "
-                "give one of each per variable"
-            )
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"ModelSpec: names must be non-empty strings, got {name!r}")
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"ModelSpec: variable name {dup!r} appears twice")
-        if any(d < 0 for s in shapes for d in s):
-            raise ValueError(f"ModelSpec: negative dimension in shapes {shapes}")
-        object.__setattr__(self, "names", names)
-        object.__setattr__(self, "shapes", shapes)
-        object.__setattr__(self, "dtypes", dtypes)
-
-    @classmethod
-    def of(cls, weights: Mapping[str, Any]) -> ModelSpec:
-        """The spec of an ordered ``name -> array`` mapping."""
-        arrays = {k: np.asarray(v) for k, v in weights.items()}
-        return cls(
-            names=tuple(arrays),
-            shapes=tuple(a.shape for a in arrays.values()),
-            dtypes=tuple(a.dtype.name for a in arrays.values()),
-        )
-
-    def entries(self) -> list[list[Any]]:
-        """``[[name, [dims...], dtype], ...]``: the stored variable list."""
-        rows = zip(self.names, self.shapes, self.dtypes, strict=True)
-        return [[n, list(s), d] for n, s, d in rows]
-
-    def fingerprint(self) -> str:
-        """SHA-256 hex of ``json.dumps(self.entries(), separators=(",", ":"))`` (UTF-8)."""
-        blob = json.dumps(self.entries(), separators=(",", ":")).encode("utf-8")
-        return hashlib.sha256(blob).hexdigest()
-
-    def mismatch(self, found: ModelSpec) -> str | None:
-        """None if ``found`` fits this (expected) spec, else the first difference in words."""
-
-        def describe(i: int, spec: ModelSpec) -> str:
-            return f"{spec.names[i]!r} {spec.shapes[i]} {spec.dtypes[i]}"
-
-        for i in range(min(len(self.names), len(found.names))):
-            if (self.names[i], self.shapes[i], self.dtypes[i]) != (
-                found.names[i],
-                found.shapes[i],
-                found.dtypes[i],
-            ):
-                if self.names[i] == found.names[i]:
-                    return (
-                        f"variable {i} {self.names[i]!r} is {found.shapes[i]} {found.dtypes[i]} "
-                        f"in the checkpoint but {self.shapes[i]} {self.dtypes[i]} in the model"
-                    )
-                return (
-                    f"variable {i} is {describe(i, found)} in the checkpoint "
-                    f"but {describe(i, self)} in the model"
-                )
-        if len(found.names) < len(self.names):
-            i = len(found.names)
-            return (
-                f"the checkpoint has {len(found.names)} variables, the model {len(self.names)}; "
-                f"first missing: variable {i} {describe(i, self)}"
-            )
-        if len(found.names) > len(self.names):
-            i = len(self.names)
-            return (
-                f"the checkpoint has {len(found.names)} variables, the model {len(self.names)}; "
-                f"first extra: variable {i} {describe(i, found)}"
-            )
-        return None
+#: The variables a checkpoint holds and a model must match: the one layout class
+#: (:class:`mpinewton.params.ParamLayout`), under the name checkpoints use.
+ModelSpec = ParamLayout
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -440,26 +353,14 @@ def _ensure_folder(folder: Path) -> None:
 
 
 def _commit_bytes(folder: Path, name: str, data: bytes) -> None:
-    """Atomically make ``folder/name`` hold ``data``.
+    """Atomically make ``folder/name`` hold ``data`` (:func:`mpinewton.durable.atomic_open`).
 
     Temp file ``.<name>.<random>.tmp`` in the same folder, write, fsync,
     ``os.replace``, fsync of the folder.  On any error the temp file is
     removed and ``folder/name`` is untouched.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_path(folder, directory=True)
+    with atomic_open(folder / name, "wb", buffering=0) as f:
+        _write_all(f.fileno(), data)
 
 
 def _read_latest(folder: Path) -> str | None:
@@ -579,7 +480,7 @@ def write_checkpoint(
         )
     target = checkpoint_path(folder, int(iteration))
     arrays = _prepare_weights(weights, target)
-    spec = ModelSpec.of(arrays)
+    spec = ModelSpec.of_arrays(arrays)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"cannot write {target}: state must be a dict, got {type(state)}")
     _check_state(state, "state")
@@ -839,7 +740,7 @@ def cleanup_temporaries(folder: PathLike) -> list[Path]:
         )
     removed = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+        if is_temp_name(p.name) and p.is_file():
             try:
                 p.unlink()
             except FileNotFoundError:

@@ -2,8 +2,9 @@
 
 This module knows no TensorFlow. Data travel as contiguous numpy buffers through
 the uppercase mpi4py methods (``Allreduce``, ``Bcast``); small Python objects
-through the lowercase ones. Started without ``mpirun`` the same code runs as one
-process (MPI singleton, or no MPI at all with ``MPINEWTON_NO_MPI=1``).
+through the lowercase ones (``bcast``, ``scatter``, ``allgather``). Started
+without ``mpirun`` the same code runs as one process (MPI singleton, or no MPI
+at all with ``MPINEWTON_NO_MPI=1``, or :func:`launched_world`).
 
 Lockstep (design invariant 2): every rank must call the same collectives in the
 same order; every branch is decided from reduced values or a broadcast.
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -110,6 +111,43 @@ class Comm:
             return obj
         return self._comm.bcast(obj, root=root)
 
+    def scatter(self, items: Sequence[T] | None, root: int = 0) -> T:
+        """Hand item ``r`` of root's list to rank ``r`` (small picklable objects).
+
+        Only ``root``'s ``items`` count (other ranks pass None); they must be
+        one per rank.  A wrong list on root raises ValueError on *every* rank
+        (the check travels with the one scatter, so no rank is left waiting).
+        """
+        if not 0 <= root < self.size:
+            raise ValueError(f"scatter: root {root} is not a rank of this {self.size}-rank job")
+        problem = None
+        if self.rank == root:
+            if items is None or not hasattr(items, "__len__"):
+                problem = (
+                    f"scatter: the root (rank {root}) must give a list of {self.size} item(s), "
+                    f"one per rank, got {type(items).__name__}"
+                )
+            elif len(items) != self.size:
+                problem = (
+                    f"scatter: the root (rank {root}) gave {len(items)} item(s) for "
+                    f"{self.size} rank(s); it must give exactly one per rank"
+                )
+        if self._comm is None or self.size == 1:
+            if problem is not None:
+                raise ValueError(problem)
+            return items[0]  # type: ignore[index]
+        payload: list[tuple[str | None, Any]] | None = None
+        if self.rank == root:
+            payload = (
+                [(problem, None)] * self.size
+                if problem is not None
+                else [(None, item) for item in items]  # type: ignore[union-attr]
+            )
+        problem, item = self._comm.scatter(payload, root=root)
+        if problem is not None:
+            raise ValueError(problem)
+        return item
+
     def allgather(self, obj: T) -> list[T]:
         """Gather one small object from every rank onto every rank."""
         if self._comm is None or self.size == 1:
@@ -159,6 +197,25 @@ def local_size() -> int:
     return 1
 
 
+#: Environment variables set by MPI launchers (Open MPI; MPICH/Hydra and Slurm PMI; PMIx).
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
+def _launched() -> bool:
+    """True when an MPI launcher (mpirun, srun) started this process."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def launched_world() -> Comm:
+    """The world communicator when started by an MPI launcher, else a one-process Comm.
+
+    The one-process Comm does not load MPI (no ``mpi4py`` import), so tools
+    such as ``python -m mpinewton.data`` start fast and work where no MPI
+    library is installed; under ``mpirun``/``srun`` it is :func:`world`.
+    """
+    return world() if _launched() else Comm(None)
+
+
 def world() -> Comm:
     """The world communicator: MPI if available, else a one-process stand-in.
 
@@ -166,7 +223,7 @@ def world() -> Comm:
     installed); under ``mpirun`` that would be an error, which is reported.
     """
     if os.environ.get("MPINEWTON_NO_MPI") == "1":
-        if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        if _launched():
             raise RuntimeError("MPINEWTON_NO_MPI=1 is set, but the process was started by an "
                                "MPI launcher; unset it to run with MPI")
         return Comm(None)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mpinewton.durable import atomic_path
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl``."""
@@ -91,7 +93,8 @@ def plot(run_dirs: list[str], out: str, *, labels: list[str] | None = None,
         fig.suptitle(title)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:  # the format comes from the target's suffix, not tmp's
+        fig.savefig(tmp, dpi=110, format=Path(out).suffix.lstrip(".") or "png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def write(folder: Path, iteration: int, *, seed: int | None = None, keep: int = 
 
 
 def spec() -> C.ModelSpec:
-    return C.ModelSpec.of(weights())
+    return C.ModelSpec.of_arrays(weights())
 
 
 def latest(folder: Path) -> str:
@@ -169,12 +169,12 @@ def test_round_trip_is_exact(tmp_path):
     path = write(tmp_path, 12, weights=w, state=s, world_size=28)
 
     assert path == tmp_path / "ckpt-00000012.h5"
-    ck = C.load_checkpoint(path, expected=C.ModelSpec.of(w))
+    ck = C.load_checkpoint(path, expected=C.ModelSpec.of_arrays(w))
     assert ck.path == path
     assert ck.iteration == 12 and ck.world_size == 28
     assert ck.config_toml == TOML and ck.config_sha256 == SHA
     assert ck.version == mpinewton.__version__ and ck.format_version == C.FORMAT_VERSION == 1
-    assert ck.spec == C.ModelSpec.of(w)
+    assert ck.spec == C.ModelSpec.of_arrays(w)
     assert list(ck.weights) == list(w)  # the model's order, which the driver relies on
     for name, arr in w.items():
         assert_identical(np.asarray(arr, order="C"), ck.weights[name], name)
@@ -653,10 +653,14 @@ def test_no_write_permission_simulated(tmp_path, monkeypatch):
     """A denied create (what a read-only folder gives a normal user), on any machine."""
     write(tmp_path, 1)
 
-    def denied(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+    real_open = os.open
 
-    monkeypatch.setattr(C.tempfile, "mkstemp", denied)
+    def denied(path, flags, *args, **kwargs):  # the create of the new checkpoint's temp file
+        if flags & os.O_CREAT and Path(path).name.startswith(".ckpt-00000002.h5."):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(C.CheckpointError, match="no write permission") as info:
         write(tmp_path, 2)
     assert str(tmp_path / "ckpt-00000002.h5") in str(info.value)

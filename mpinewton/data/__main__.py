@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpinewton.comm import install_abort_handler
+from mpinewton.comm import install_abort_handler, launched_world
 from mpinewton.data.hdf5 import DataError, inspect_dataset, read_shard
-from mpinewton.data.imagenet import COMPRESSIONS, RESIZE_MODES, convert_imagenet, job_comm
+from mpinewton.data.imagenet import COMPRESSIONS, RESIZE_MODES, convert_imagenet
 from mpinewton.data.mnist import MNIST_SOURCES, VALIDATION_SIZE, convert_mnist, default_cache_dir
 
 
@@ -53,7 +53,7 @@ def _cmd_mnist(args: argparse.Namespace) -> int:
 
 
 def _cmd_imagenet(args: argparse.Namespace) -> int:
-    comm = job_comm()
+    comm = launched_world()
     install_abort_handler(comm)  # an unexpected error on one rank ends the whole job
     try:
         report = convert_imagenet(

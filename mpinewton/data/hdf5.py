@@ -9,15 +9,15 @@ Layout (format_version 1)::
 
 Every MPI rank reads only its own contiguous rows ``[lo, hi)`` of a split
 (:func:`shard_bounds`, :func:`read_shard`), so memory per rank shrinks with the
-number of ranks.  Files are written atomically (temp file in the same
-directory, fsync, ``os.replace``), so a file under the target name is always
-complete.  This module knows neither MPI nor TensorFlow: rank and size are ints.
+number of ranks.  Files are written atomically (:mod:`mpinewton.durable`:
+temp file in the same directory, fsync, ``os.replace``), so a file under the
+target name is always complete.  This module knows neither MPI nor TensorFlow:
+rank and size are ints.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpinewton.durable import fsync_path
+from mpinewton.durable import commit, temp_path
 
 __all__ = [
     "FORMAT",
@@ -123,7 +123,7 @@ def _create_untimed_file(path: Path) -> h5py.File:
     fcpl.set_link_creation_order(_ORDER)
     fcpl.set_attr_creation_order(_ORDER)
     fcpl.set_obj_track_times(False)
-    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl))
+    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_EXCL, fcpl=fcpl))
 
 
 def _create_untimed_group(parent: h5py.Group, name: str) -> h5py.Group:
@@ -180,11 +180,7 @@ class DatasetWriter:
 
     def __enter__(self) -> DatasetWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_path(self.path)
         try:
             self._file = _create_untimed_file(self._tmp)
             attrs = self._file.attrs
@@ -286,15 +282,10 @@ class DatasetWriter:
         self._file.flush()
         self._file.close()
         self._file = None
-        # mkstemp made the file 0600; a dataset is for every user of the cluster
-        # account's group, like any file the user creates (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)
-        fsync_path(self._tmp)
-        os.replace(self._tmp, self.path)
+        # HDF5 created the file with mode 0666 & ~umask, like any file the user
+        # creates: a dataset is for every user of the cluster account's group.
+        commit(self._tmp, self.path)
         self._tmp = None
-        fsync_path(self.path.parent, directory=True)
 
     def _abort(self) -> None:
         if self._file is not None:

@@ -37,13 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import cv2
 import h5py
 import numpy as np
 
-from mpinewton.comm import Comm, DistributedError, world
-from mpinewton.data import hdf5
-from mpinewton.data.hdf5 import DataError, DatasetWriter, shard_bounds
+from mpinewton.comm import Comm, DistributedError
+from mpinewton.data.hdf5 import _CHUNK_BYTES, DataError, DatasetWriter, shard_bounds
+from mpinewton.durable import atomic_open
 
 __all__ = [
     "COMPRESSIONS",
@@ -53,7 +52,6 @@ __all__ = [
     "ImageTree",
     "convert_imagenet",
     "decode_image",
-    "job_comm",
     "manifest_path",
     "read_manifest",
     "scan_image_tree",
@@ -95,8 +93,6 @@ _TAIL_BYTES = 64 << 10
 _BLOCK_BYTES = 64 << 20
 #: Seconds between progress lines on rank 0.
 _PROGRESS_SECONDS = 10.0
-#: Environment variables set by MPI launchers (as in :func:`mpinewton.comm.world`).
-_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
 PathLike = str | os.PathLike[str]
 
@@ -110,6 +106,13 @@ class ImageReadError(ValueError):
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+def _cv2() -> Any:
+    """OpenCV, imported on first use (``import mpinewton.data`` must not load it)."""
+    import cv2
+
+    return cv2
 
 
 def _sniff(head: bytes) -> str | None:
@@ -150,6 +153,7 @@ def _check_file(path: Path, accept_truncated: bool) -> str | None:
 
 def _fit(image: np.ndarray, size: int, resize: str) -> np.ndarray:
     """Resize a BGR image to ``size`` x ``size`` (see :data:`RESIZE_MODES`) and make it RGB."""
+    cv2 = _cv2()
     h, w = image.shape[:2]
     if resize == "shorter":  # exact integer rounding: the shorter side becomes exactly `size`
         nh, nw = (size, (w * size + h // 2) // h) if h <= w else ((h * size + w // 2) // w, size)
@@ -178,6 +182,7 @@ def decode_image(
     """
     path = Path(path)
     note = _check_file(path, accept_truncated)
+    cv2 = _cv2()
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ImageReadError("OpenCV cannot decode it (not an image, corrupt or unsupported)")
@@ -189,7 +194,7 @@ def decode_image(
 @contextmanager
 def _quiet_opencv() -> Iterator[None]:
     """Silence OpenCV's (and libjpeg's) warnings on stderr; the manifest records problems."""
-    logging_ = cv2.utils.logging
+    logging_ = _cv2().utils.logging
     old = logging_.getLogLevel()
     logging_.setLogLevel(logging_.LOG_LEVEL_ERROR)
     try:
@@ -504,27 +509,12 @@ def read_manifest(out: PathLike) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 # --------------------------------------------------------------------------- MPI helpers
-
-
-def job_comm() -> Comm:
-    """The world communicator under an MPI launcher, else a one-process Comm without MPI."""
-    if any(v in os.environ for v in _LAUNCHER_VARS):
-        return world()
-    return Comm(None)
 
 
 def _agreed(comm: Comm, step: Callable[[], T], what: str) -> T:
@@ -610,7 +600,7 @@ class _Blocks:
 
 def _block_rows(n: int, sample_bytes: int) -> int:
     """Rows per write: a whole number of the writer's HDF5 chunks, about _BLOCK_BYTES."""
-    chunk = max(1, min(n, hdf5._CHUNK_BYTES // sample_bytes))
+    chunk = max(1, min(n, _CHUNK_BYTES // sample_bytes))
     return chunk * max(1, _BLOCK_BYTES // (chunk * sample_bytes))
 
 
@@ -810,10 +800,7 @@ def convert_imagenet(
         log.info("imagenet: %d classes, %s files; decoding on %d rank(s)",
                  len(tree.class_names), counts, comm.size)
         blocks = [[rel for _, rel, _ in items[a:b]] for a, b in bounds]
-    if comm.size == 1:
-        paths = blocks[0] if blocks is not None else []
-    else:
-        paths = comm.mpi.scatter(blocks, root=0)
+    paths = comm.scatter(blocks)
     del blocks
     t_scan = time.perf_counter() - start
     part = _part_path(out, token, comm.rank)

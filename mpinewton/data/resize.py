@@ -19,25 +19,34 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 
 from mpinewton.data.hdf5 import DataError, DatasetWriter, inspect_dataset, read_shard
 
-#: OpenCV interpolation flags by name; "linear" is ``cv2.resize``'s default.
+#: OpenCV interpolation flags by name; "linear" is ``cv2.resize``'s default.  The values
+#: of OpenCV's stable ``cv::InterpolationFlags`` (``cv2.INTER_NEAREST`` ... ``INTER_LANCZOS4``),
+#: written out so that importing this module does not load OpenCV (tests check them).
 INTERPOLATIONS = {
-    "nearest": cv2.INTER_NEAREST,
-    "linear": cv2.INTER_LINEAR,
-    "cubic": cv2.INTER_CUBIC,
-    "area": cv2.INTER_AREA,
-    "lanczos4": cv2.INTER_LANCZOS4,
+    "nearest": 0,
+    "linear": 1,
+    "cubic": 2,
+    "area": 3,
+    "lanczos4": 4,
 }
 
 #: Bytes of resized pixels held in memory at once (plus the source rows they come from).
 _BLOCK_BYTES = 64 << 20
 
 PathLike = str | os.PathLike[str]
+
+
+def _cv2() -> Any:
+    """OpenCV, imported on first use (``import mpinewton.data`` must not load it)."""
+    import cv2
+
+    return cv2
 
 
 def resize_images(x: np.ndarray, size: tuple[int, int], *, channels: int | None = 3,
@@ -48,6 +57,7 @@ def resize_images(x: np.ndarray, size: tuple[int, int], *, channels: int | None 
     images grey with ``cv2.COLOR_RGB2GRAY`` (``channels = 1``); ``None`` keeps
     the channels.
     """
+    cv2 = _cv2()
     h, w = (int(s) for s in size)
     flag = INTERPOLATIONS[interpolation]
     c_in = x.shape[-1]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import h5py
@@ -230,6 +233,36 @@ def test_overwrite_replaces_atomically(tmp_path: Path) -> None:
     info = inspect_dataset(target)
     assert info.splits == {"test": 3} and info.source == "new"
     assert listing(target.parent) == ["d.h5"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_dataset_mode_is_0666_less_umask(tmp_path: Path, mask: int) -> None:
+    """Like any file the user creates, whatever the temp file machinery does."""
+    old = os.umask(mask)
+    try:
+        write_dataset(tmp_path / "d.h5", {"train": make_split(3)}, num_classes=NUM_CLASSES,
+                      source="t")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d.h5").stat().st_mode) == 0o666 & ~mask
+
+
+def test_failed_rename_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new file is complete and fsynced, then the commit's os.replace fails."""
+    target = tmp_path / "d.h5"
+    write_dataset(target, {"train": make_split(6)}, num_classes=NUM_CLASSES, source="old")
+
+    def failing(src: str, dst: str) -> None:
+        assert inspect_dataset(src).source == "new"  # the temp file is complete
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_dataset(target, {"train": make_split(9)}, num_classes=NUM_CLASSES, source="new")
+    monkeypatch.undo()
+    assert listing(tmp_path) == ["d.h5"] and inspect_dataset(target).source == "old"
 
 
 @pytest.mark.parametrize(
