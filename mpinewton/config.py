@@ -17,6 +17,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mpinewton.solvers import METHODS, ParameterError
+from mpinewton.solvers.base import require
+
+#: Option lists, defined once: the model builders, the local objective and the
+#: job loader all take them from here.
+MODEL_NAMES = ("thesis_cnn", "mlp", "resnet50", "resnet_mini")
+DTYPES = ("float32", "float64")
+LOSSES = ("categorical_crossentropy", "mean_squared_error")
+HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
+PREPROCESSES = ("scale", "caffe")
+
 #: The job that runs when ``python -m mpinewton.train`` gets no JOB argument.
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "mnist_cnn.toml"
 
@@ -46,6 +57,12 @@ class DataConfig:
     preprocess: str = "scale"  # scale: x / pixel_scale | caffe: Keras' ResNet50 preprocessing
     eval_limit: int = 0  # final accuracies on at most this many samples per split (0 = all)
 
+    def __post_init__(self) -> None:
+        require(self, "limit", "int >= 0")
+        require(self, "pixel_scale", "> 0")
+        require(self, "preprocess", "choice", choices=PREPROCESSES)
+        require(self, "eval_limit", "int >= 0")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -59,6 +76,12 @@ class ModelConfig:
     weights: str = ""  # start from these weights (Keras .weights.h5 or mpinewton weights.h5)
     perturb_std: float = 0.0  # thesis 15.3: start from w * p, p ~ N(1, perturb_std) elementwise
 
+    def __post_init__(self) -> None:
+        require(self, "name", "choice", choices=MODEL_NAMES)
+        require(self, "dtype", "choice", choices=DTYPES)
+        require(self, "num_classes", "int >= 1")
+        require(self, "perturb_std", ">= 0")
+
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
@@ -69,27 +92,47 @@ class ObjectiveConfig:
     jit: bool = True  # compile with XLA (measured faster on CPU, docs/benchmarks.md)
     hvp: str = "reverse_over_reverse"  # reverse_over_reverse | forward_over_reverse
 
+    def __post_init__(self) -> None:
+        require(self, "loss", "choice", choices=LOSSES)
+        require(self, "micro_batch", "int >= 1")
+        require(self, "hvp", "choice", choices=HVP_MODES)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """Thesis Algorithm 4 (section 9.2) and its gradient-descent baseline."""
+    """Thesis Algorithm 4's schedule, and the hyper-parameters of the chosen method.
 
-    method: str = "newton"  # newton | gd
+    A job's ``[optimizer]`` table holds the schedule keys below and, beside
+    them, the fields of the method's own configuration dataclass
+    (``solvers.NewtonConfig`` for ``newton``, ``solvers.GDConfig`` for
+    ``gd``): the solvers' dataclasses validate them, there is no copy here.
+    Pre-training is gradient descent with a fixed ``pretrain_lr``.
+    """
+
+    method: str = "newton"  # one of solvers.METHODS: newton | gd
     batch_size: int = 0  # samples per iteration, drawn afresh each time (thesis 8.2); 0 = all
-    iters: int = 20  # Newton (or gd) iterations after pre-training
+    iters: int = 20  # iterations of the method after pre-training
     pretrain_iters: int = 60  # gradient-descent pre-training iterations
     pretrain_lr: float = 1.0  # learning rate of pre-training
-    learning_rate: float = 1.0  # fixed step size (gd, or newton with step_rule = fixed)
-    damping: float = 0.0  # Tikhonov damping alpha in (H + alpha I) s = -g (thesis 7.2)
-    cg_rtol: float = 1e-2  # CG stops when |r| <= cg_rtol |g| (times sqrt(n) if scaled)
-    cg_max_iter: int = 50  # CG iteration cap
-    cg_scale_tol_sqrt_n: bool = False  # thesis 9.2: multiply the CG tolerance by sqrt(n)
-    warm_start: str = "previous"  # zero | previous | weights (thesis 14.3: w/|w|)
-    descent_threshold: float = 0.0  # T: fall back to -g when g.s > T
-    step_rule: str = "armijo"  # armijo | fixed
-    armijo_beta: float = 0.5  # backtracking factor beta
-    armijo_gamma: float = 1e-4  # sufficient-decrease constant gamma
-    armijo_max_trials: int = 20  # line-search trial cap
+    params: Any = None  # the method's configuration (its config_class); None = its defaults
+
+    def __post_init__(self) -> None:
+        require(self, "method", "choice", choices=tuple(METHODS))
+        require(self, "batch_size", "int >= 0")
+        require(self, "iters", "int >= 0")
+        require(self, "pretrain_iters", "int >= 0")
+        require(self, "pretrain_lr", "> 0")
+        config_class = METHODS[self.method].config_class
+        if self.params is None:
+            object.__setattr__(self, "params", config_class())
+        elif not isinstance(self.params, config_class):
+            raise ValueError(f"OptimizerConfig.params must be a {config_class.__name__} for "
+                             f"method {self.method!r}, got {type(self.params).__name__}")
+
+    def table(self) -> dict[str, Any]:
+        """The flat ``[optimizer]`` table: schedule keys, then the method's keys."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        return {**own, **dataclasses.asdict(self.params)}
 
 
 @dataclass(frozen=True)
@@ -99,6 +142,10 @@ class ThreadsConfig:
     intra_op: int = 0  # 0 = cores on this node / ranks on this node
     inter_op: int = 1  # inter-op pool size
 
+    def __post_init__(self) -> None:
+        require(self, "intra_op", "int >= 0")
+        require(self, "inter_op", "int >= 1")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -106,6 +153,10 @@ class CheckpointConfig:
 
     every: int = 0  # also checkpoint every `every` iterations (0 = only at the end and on signal)
     keep: int = 3  # keep the last `keep` checkpoints
+
+    def __post_init__(self) -> None:
+        require(self, "every", "int >= 0")
+        require(self, "keep", "int >= 1")
 
 
 @dataclass(frozen=True)
@@ -119,14 +170,16 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    #: What loading left out (keys of another method), for rank 0 to print; not part of the job.
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The job as plain TOML-compatible tables."""
-        return {
-            f.name: {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
-            for f in fields(self)
-        }
+        tables = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in fields(self)
+                  if f.name != "notes"}
+        tables["optimizer"] = self.optimizer.table()
+        return {section: {k: (list(v) if isinstance(v, tuple) else v) for k, v in table.items()}
+                for section, table in tables.items()}
 
     def to_toml(self) -> str:
         """The job as a TOML document that :func:`load_job` reads back unchanged."""
@@ -141,31 +194,6 @@ class JobConfig:
         """SHA-256 of the canonical JSON form: identifies the resolved job."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
-
-
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "name"): ("thesis_cnn", "mlp", "resnet50", "resnet_mini"),
-    ("data", "preprocess"): ("scale", "caffe"),
-    ("model", "dtype"): ("float32", "float64"),
-    ("objective", "loss"): ("categorical_crossentropy", "mean_squared_error"),
-    ("objective", "hvp"): ("reverse_over_reverse", "forward_over_reverse"),
-    ("optimizer", "method"): ("newton", "gd"),
-    ("optimizer", "warm_start"): ("zero", "previous", "weights"),
-    ("optimizer", "step_rule"): ("armijo", "fixed"),
-}
-
-_POSITIVE = {
-    ("objective", "micro_batch"), ("optimizer", "cg_max_iter"), ("optimizer", "cg_rtol"),
-    ("optimizer", "armijo_max_trials"), ("data", "pixel_scale"), ("model", "num_classes"),
-    ("optimizer", "learning_rate"), ("optimizer", "pretrain_lr"), ("threads", "inter_op"),
-    ("checkpoint", "keep"),
-}
-_NON_NEGATIVE = {
-    ("optimizer", "iters"), ("optimizer", "pretrain_iters"), ("optimizer", "damping"),
-    ("data", "limit"), ("threads", "intra_op"), ("checkpoint", "every"),
-    ("optimizer", "batch_size"), ("model", "perturb_std"), ("data", "eval_limit"),
-}
-_OPEN_UNIT = {("optimizer", "armijo_beta"), ("optimizer", "armijo_gamma")}
 
 
 def _toml_value(value: Any) -> str:
@@ -190,8 +218,16 @@ def _section_classes() -> dict[str, type]:
     return {f.name: f.default_factory for f in fields(JobConfig)}  # type: ignore[misc]
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    instance = cls()
+    return {f.name: getattr(instance, f.name) for f in fields(cls)}
+
+
 def _coerce(section: str, key: str, value: Any, default: Any, where: str) -> Any:
-    """Check one value's type against the field default and convert lists to tuples."""
+    """Check one value's type against the field default and convert lists to tuples.
+
+    Types only: the ranges and option lists are checked by the dataclasses.
+    """
     expected = type(default)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -212,26 +248,64 @@ def _coerce(section: str, key: str, value: Any, default: Any, where: str) -> Any
         raise ConfigError(
             f"{where}: {section}.{key} = {value!r} has the wrong type; "
             f"expected {expected.__name__} like {default!r}")
-    choices = _CHOICES.get((section, key))
-    if choices is not None and value not in choices:
-        raise ConfigError(
-            f"{where}: {section}.{key} = {value!r} is not one of {', '.join(choices)}; "
-            f"did you mean {_nearest(str(value), list(choices))!r}?")
-    if (section, key) in _POSITIVE and not value > 0:
-        raise ConfigError(f"{where}: {section}.{key} = {value!r} must be > 0")
-    if (section, key) in _NON_NEGATIVE and not value >= 0:
-        raise ConfigError(f"{where}: {section}.{key} = {value!r} must be >= 0")
-    if (section, key) == ("optimizer", "descent_threshold") and not value <= 0:
-        raise ConfigError(f"{where}: {section}.{key} = {value!r} must be <= 0 (thesis 9.2: T < 0)")
-    if (section, key) in _OPEN_UNIT and not 0 < value < 1:
-        raise ConfigError(f"{where}: {section}.{key} = {value!r} must lie in (0, 1)")
     return value
+
+
+def _construct(cls: type, values: dict[str, Any], section: str, where: str) -> Any:
+    """``cls(**values)``, its :class:`ParameterError` turned into a ConfigError naming the key."""
+    try:
+        return cls(**values)
+    except ParameterError as exc:
+        hint = (f"; did you mean {_nearest(str(exc.value), list(exc.choices))!r}?"
+                if exc.choices else "")
+        raise ConfigError(f"{where}: {section}.{exc.name} = {exc.value!r} must be "
+                          f"{exc.need}{hint}") from None
+
+
+def _unknown_key(section: str, key: str, valid: list[str], where: str) -> ConfigError:
+    return ConfigError(f"{where}: unknown key {section}.{key}; did you mean "
+                       f"{section}.{_nearest(key, valid)}?")
+
+
+def _build_optimizer(table: dict[str, Any], where: str,
+                     notes: list[str]) -> OptimizerConfig:
+    """The ``[optimizer]`` table: schedule keys, and the method's keys for its dataclass.
+
+    A key of another method (``damping`` in a job switched to ``gd`` by
+    ``--set optimizer.method=gd``) is checked against that method's
+    dataclass and left out, with a note; any other key is an error.
+    """
+    schedule = {k: v for k, v in _defaults(OptimizerConfig).items() if k != "params"}
+    method = _coerce("optimizer", "method", table.get("method", schedule["method"]),
+                     schedule["method"], where)
+    if method not in METHODS:
+        _construct(OptimizerConfig, {"method": method}, "optimizer", where)  # raises
+    params = _defaults(METHODS[method].config_class)
+    others = {name: _defaults(cls.config_class) for name, cls in METHODS.items()
+              if name != method}
+    own: dict[str, Any] = {}
+    hyper: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in schedule:
+            own[key] = _coerce("optimizer", key, value, schedule[key], where)
+        elif key in params:
+            hyper[key] = _coerce("optimizer", key, value, params[key], where)
+        elif owners := [name for name, keys in others.items() if key in keys]:
+            _coerce("optimizer", key, value, others[owners[0]][key], where)
+            notes.append(f"optimizer.{key} is a parameter of method "
+                         f"{' and '.join(map(repr, owners))}; ignored for {method!r}")
+        else:
+            known = {*schedule, *params, *(k for keys in others.values() for k in keys)}
+            raise _unknown_key("optimizer", key, sorted(known), where)
+    own["params"] = _construct(METHODS[method].config_class, hyper, "optimizer", where)
+    return _construct(OptimizerConfig, own, "optimizer", where)
 
 
 def build_job(tables: dict[str, Any], where: str = "job") -> JobConfig:
     """Build a :class:`JobConfig` from parsed TOML tables, checking every key."""
     classes = _section_classes()
     sections: dict[str, Any] = {}
+    notes: list[str] = []
     for section, table in tables.items():
         if section not in classes:
             raise ConfigError(
@@ -239,17 +313,17 @@ def build_job(tables: dict[str, Any], where: str = "job") -> JobConfig:
                 f"[{_nearest(section, list(classes))}]? Valid sections: {', '.join(classes)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table, got {table!r}")
-        cls = classes[section]
-        defaults = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        if section == "optimizer":
+            sections[section] = _build_optimizer(table, where, notes)
+            continue
+        defaults = _defaults(classes[section])
         values = {}
         for key, value in table.items():
             if key not in defaults:
-                raise ConfigError(
-                    f"{where}: unknown key {section}.{key}; did you mean "
-                    f"{section}.{_nearest(key, list(defaults))}?")
+                raise _unknown_key(section, key, list(defaults), where)
             values[key] = _coerce(section, key, value, defaults[key], where)
-        sections[section] = cls(**values)
-    return JobConfig(**sections)
+        sections[section] = _construct(classes[section], values, section, where)
+    return JobConfig(**sections, notes=tuple(notes))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

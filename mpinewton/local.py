@@ -26,7 +26,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
+from mpinewton.config import HVP_MODES, LOSSES, PREPROCESSES
 from mpinewton.params import ParamLayout
+
+__all__ = ["HVP_MODES", "LOSSES", "PREPROCESSES", "LocalObjective"]
 
 
 class _ExpectedRetracing(logging.Filter):
@@ -44,9 +47,6 @@ class _ExpectedRetracing(logging.Filter):
 
 tf.get_logger().addFilter(_ExpectedRetracing())
 
-LOSSES = ("categorical_crossentropy", "mean_squared_error")
-HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
-PREPROCESS = ("scale", "caffe")
 #: ImageNet channel means in BGR order, as keras.applications.resnet50.preprocess_input.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
@@ -106,8 +106,8 @@ class LocalObjective:
         self.dtype = tf.as_dtype(self.layout.dtype)
         self.micro_batch = micro_batch
         self._pixel_scale = pixel_scale
-        if preprocess not in PREPROCESS:
-            raise ValueError(f"unknown preprocess {preprocess!r}; known: {', '.join(PREPROCESS)}")
+        if preprocess not in PREPROCESSES:
+            raise ValueError(f"unknown preprocess {preprocess!r}; known: {', '.join(PREPROCESSES)}")
         self.preprocess = preprocess
         self._loss = _per_sample_loss(loss, num_classes)
         self._non_trainable = [v.value for v in model.non_trainable_variables]

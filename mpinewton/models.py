@@ -21,9 +21,11 @@ import h5py
 import keras
 import numpy as np
 
+from mpinewton.config import MODEL_NAMES
 from mpinewton.params import ParamLayout, set_flat
 
-MODELS = ("thesis_cnn", "mlp", "resnet50", "resnet_mini")
+#: The models a job's ``model.name`` can name (the list lives in mpinewton.config).
+MODELS = MODEL_NAMES
 
 
 def xavier_normal(fan_in: int, fan_out: int, seed: int) -> keras.initializers.Initializer:

@@ -10,7 +10,8 @@ def test_default_job_is_the_thesis_experiment():
     assert DEFAULT_JOB.name == "mnist_cnn.toml"
     assert job.model.name == "thesis_cnn" and job.model.dtype == "float64"
     assert job.optimizer.pretrain_iters == 60 and job.optimizer.iters == 20
-    assert job.optimizer.warm_start == "weights" and job.optimizer.step_rule == "armijo"
+    assert job.optimizer.params.warm_start == "weights"
+    assert job.optimizer.params.step_rule == "armijo"
     assert job.data.train_splits == ("train",) and job.data.limit == 0
 
 
@@ -24,8 +25,8 @@ def test_toml_round_trip(tmp_path):
 
 
 def test_override_types_are_checked():
-    assert load_job(None, ["optimizer.damping=1e-3"]).optimizer.damping == 1e-3
-    assert load_job(None, ["optimizer.damping=1"]).optimizer.damping == 1.0
+    assert load_job(None, ["optimizer.damping=1e-3"]).optimizer.params.damping == 1e-3
+    assert load_job(None, ["optimizer.damping=1"]).optimizer.params.damping == 1.0
     with pytest.raises(ConfigError, match="optimizer.iters = 'many' has the wrong type"):
         load_job(None, ["optimizer.iters=many"])
 
@@ -44,10 +45,12 @@ def test_unknown_key_names_nearest(override, nearest):
 
 @pytest.mark.parametrize("override, message", [
     ("optimizer.warm_start='prev'", "did you mean 'previous'"),
-    ("optimizer.armijo_beta=1.5", "must lie in"),
-    ("objective.micro_batch=0", "must be > 0"),
-    ("optimizer.iters=-1", "must be >= 0"),
-    ("model.dtype='float16'", "not one of float32, float64"),
+    ("optimizer.armijo_beta=1.5", r"optimizer.armijo_beta = 1.5 must be a number in \(0, 1\)"),
+    ("objective.micro_batch=0", "objective.micro_batch = 0 must be an integer >= 1"),
+    ("optimizer.iters=-1", "optimizer.iters = -1 must be an integer >= 0"),
+    ("model.dtype='float16'", "model.dtype = 'float16' must be one of float32, float64"),
+    ("optimizer.descent_threshold=0.5", "optimizer.descent_threshold = 0.5 must be a number <= 0"),
+    ("optimizer.method='adam'", "must be one of newton, gd; did you mean"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,3 +73,35 @@ def test_malformed_override():
 
 def test_empty_tables_give_defaults():
     assert build_job({}) == JobConfig()
+
+
+def test_every_solver_parameter_can_be_set_from_a_job():
+    from dataclasses import fields
+
+    from mpinewton.solvers import METHODS
+
+    for name, method in METHODS.items():
+        job = load_job(None, [f"optimizer.method={name!r}"])
+        table = job.to_dict()["optimizer"]
+        for f in fields(method.config_class):
+            assert f.name in table, (name, f.name)
+    assert load_job(None, ["optimizer.cg_atol=1e-7"]).optimizer.params.cg_atol == 1e-7
+
+
+def test_optimizer_section_is_the_solvers_dataclass():
+    from mpinewton.solvers import GDConfig, NewtonConfig
+
+    job = load_job(None, ["optimizer.method='gd'", "optimizer.learning_rate=2.0"])
+    assert job.optimizer.params == GDConfig(learning_rate=2.0)
+    assert load_job(None).optimizer.params == NewtonConfig(
+        damping=1e-3, warm_start="weights", cg_scale_tol_sqrt_n=True)
+
+
+def test_a_parameter_of_another_method_is_left_out_with_a_note():
+    job = load_job(None, ["optimizer.method='gd'"])  # the default job sets damping
+    assert "optimizer.damping is a parameter of method 'newton'; ignored for 'gd'" in job.notes
+    assert "damping" not in job.to_dict()["optimizer"]
+    with pytest.raises(ConfigError, match="wrong type"):  # still checked
+        load_job(None, ["optimizer.method='gd'", "optimizer.damping='big'"])
+    with pytest.raises(ConfigError, match=r"must be a finite number >= 0"):
+        load_job(None, ["optimizer.damping=-1"])

@@ -1,43 +1,87 @@
 """Solver mathematics of mpinewton, in pure numpy (no MPI, no TensorFlow).
 
-Conjugate gradients (thesis Algorithm 3), Armijo / fixed step sizes (thesis
-9.2), gradient descent (thesis Algorithm 1) and the globalised Newton method
-(thesis Algorithm 4).  Everything receives callables and numpy vectors.
+- :mod:`.base`: the :class:`Problem` (``c(w)`` as callables), the :class:`Method`
+  interface ``init(w) -> state``, ``step(problem, w, state) -> (w, state, info)``,
+  parameter checks.
+- :mod:`.operators`: curvature as linear operators (Hessian, damping, scipy adapter).
+- :mod:`.cg`: conjugate gradients on an operator (thesis Algorithm 3).
+- :mod:`.linesearch`: Armijo and fixed step sizes (thesis 9.2).
+- :mod:`.gd`: gradient descent (thesis Algorithm 1); :mod:`.newton`: globalised
+  Newton-CG (thesis Algorithm 4).
+- :mod:`.loop`: the one loop that runs phases of methods, used by
+  :func:`minimize` and by the training driver.
+
+:data:`METHODS` maps a job's ``optimizer.method`` to its class; adding a method
+is one module with a config dataclass, a state and a step, and one entry here.
 """
 
+from .base import Method, ParameterError, Problem, SolverState, StepRecord
 from .cg import CGReason, CGResult, cg
-from .gd import gd_armijo_step, gd_step
+from .gd import GDConfig, GDInfo, GDState, GradientDescent, gd_armijo_step, gd_step
 from .linesearch import LineSearchResult, armijo, fixed_step
+from .loop import LoopHooks, LoopReason, LoopResult, MinimizeResult, Phase, minimize, run
 from .newton import (
     STEP_RULES,
     WARM_STARTS,
-    MinimizeResult,
+    NewtonCG,
     NewtonConfig,
     NewtonState,
-    Problem,
     StepInfo,
-    minimize,
     newton_step,
     pure_newton,
 )
+from .operators import (
+    HessianOperator,
+    LinearOperator,
+    MatrixOperator,
+    as_scipy,
+    aslinearoperator,
+    damped,
+    identity,
+)
+
+#: The methods a job's ``optimizer.method`` can name.
+METHODS: dict[str, type] = {cls.name: cls for cls in (NewtonCG, GradientDescent)}
 
 __all__ = [
+    "METHODS",
     "STEP_RULES",
     "WARM_STARTS",
     "CGReason",
     "CGResult",
+    "GDConfig",
+    "GDInfo",
+    "GDState",
+    "GradientDescent",
+    "HessianOperator",
     "LineSearchResult",
+    "LinearOperator",
+    "LoopHooks",
+    "LoopReason",
+    "LoopResult",
+    "MatrixOperator",
+    "Method",
     "MinimizeResult",
+    "NewtonCG",
     "NewtonConfig",
     "NewtonState",
+    "ParameterError",
+    "Phase",
     "Problem",
+    "SolverState",
     "StepInfo",
+    "StepRecord",
     "armijo",
+    "as_scipy",
+    "aslinearoperator",
     "cg",
+    "damped",
     "fixed_step",
     "gd_armijo_step",
     "gd_step",
+    "identity",
     "minimize",
     "newton_step",
     "pure_newton",
+    "run",
 ]

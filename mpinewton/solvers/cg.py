@@ -1,8 +1,10 @@
 """Conjugate gradients for the (damped) Newton equation.
 
 Thesis Algorithm 3 (section 5), in the notation of Nocedal & Wright: solve
-``(A + damping * I) x = b`` where ``A`` is only available as a product
-``v -> A v`` (the Hessian-vector product of thesis chapter 4).  Pure numpy:
+``A x = b`` where ``A`` is a :class:`~mpinewton.solvers.operators.LinearOperator`
+known only by its product ``v -> A v`` -- for Newton, the damped Hessian
+``H + alpha I`` (thesis chapter 4 and 7.2, :func:`~mpinewton.solvers.operators.damped`).
+Pure numpy:
 nothing here knows about MPI or TensorFlow, so every rank that calls
 :func:`cg` with the same inputs gets bitwise the same outputs.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .operators import LinearOperator, aslinearoperator
+
 __all__ = ["CGReason", "CGResult", "cg"]
 
 
@@ -24,7 +28,7 @@ class CGReason(enum.StrEnum):
 
     CONVERGED = "converged"  # ||r|| <= tolerance
     MAX_ITER = "max_iter"  # iteration cap reached first
-    NEGATIVE_CURVATURE = "negative_curvature"  # p.(A + damping I)p <= 0
+    NEGATIVE_CURVATURE = "negative_curvature"  # p.A p <= 0
     NAN_OR_INF = "nan_or_inf"  # a product or scalar was not finite
 
 
@@ -68,21 +72,21 @@ def _check_nonnegative(name: str, value: float) -> float:
 
 
 def cg(
-    matvec: Callable[[np.ndarray], np.ndarray],
+    a: LinearOperator | Callable[[np.ndarray], np.ndarray],
     b: np.ndarray,
     *,
     x0: np.ndarray | None = None,
-    damping: float = 0.0,
     rtol: float = 1e-5,
     atol: float = 0.0,
     max_iter: int | None = None,
     scale_tol_sqrt_n: bool = False,
 ) -> CGResult:
-    """Solve ``(A + damping*I) x = b`` by conjugate gradients (thesis Algorithm 3).
+    """Solve ``A x = b`` by conjugate gradients (thesis Algorithm 3).
 
-    ``matvec(v)`` must return ``A v`` as a vector of the shape of ``b``; it is
-    called exactly once per iteration, plus once for the warm-start residual
-    ``b - (A + damping I) x0`` when ``x0`` is given and not all zeros.
+    ``a`` is a :class:`LinearOperator` (or a bare ``matvec`` callable, wrapped
+    as one); its product is called exactly once per iteration, plus once for
+    the warm-start residual ``b - A x0`` when ``x0`` is given and not all zeros.
+    Damping is part of the operator: pass ``damped(H, alpha)``.
 
     Stopping rules, checked in this order:
 
@@ -92,7 +96,7 @@ def cg(
       without any matvec, whatever ``x0`` is.
     * a product or scalar is NaN/Inf -> ``NAN_OR_INF``; ``x`` is the last
       finite iterate (``x0``, or zeros, if it happens before the first update).
-    * ``p.(A + damping I)p <= 0`` -> ``NEGATIVE_CURVATURE``; ``x`` is the
+    * ``p.A p <= 0`` -> ``NEGATIVE_CURVATURE``; ``x`` is the
       current iterate, *not* extended along ``p``.  At iteration 0 that is
       ``x0`` (zeros without warm start): deciding what to do with such a
       direction (the descent test and steepest-descent fallback of thesis
@@ -109,9 +113,9 @@ def cg(
     dtype = _float_dtype(b.dtype)
     b = b.astype(dtype, copy=False)
     n = b.size
-    damping = float(damping)
-    if not math.isfinite(damping):
-        raise ValueError(f"cg: damping must be finite, got {damping!r}")
+    op = aslinearoperator(a, n, dtype)
+    if op.shape != (n, n):
+        raise ValueError(f"cg: operator has shape {op.shape}, b has shape {b.shape}")
     rtol = _check_nonnegative("rtol", rtol)
     atol = _check_nonnegative("atol", atol)
     if max_iter is None:
@@ -128,13 +132,7 @@ def cg(
             raise ValueError("cg: x0 contains NaN or Inf")
 
     def apply(v: np.ndarray) -> np.ndarray:
-        av = np.asarray(matvec(v))
-        if av.shape != b.shape:
-            raise ValueError(f"cg: matvec returned shape {av.shape}, expected {b.shape}")
-        av = av.astype(dtype, copy=False)
-        if damping != 0.0:
-            av = av + damping * v
-        return av
+        return op.matvec(v).astype(dtype, copy=False)
 
     bnorm = float(np.linalg.norm(b))
     tol = max(rtol * bnorm, atol)

@@ -13,57 +13,33 @@ the numbers those callables return.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from .base import Problem, SolverState, check_value_and_grad, is_int, require
 from .cg import CGReason, CGResult, cg
-from .gd import _value_and_grad, gd_step
 from .linesearch import LineSearchResult, armijo, fixed_step
+from .operators import HessianOperator, damped
 
 __all__ = [
-    "MinimizeResult",
+    "NewtonCG",
     "NewtonConfig",
     "NewtonState",
-    "Problem",
     "StepInfo",
     "WARM_STARTS",
     "STEP_RULES",
-    "minimize",
     "newton_step",
     "pure_newton",
 ]
 
-WARM_STARTS = ("zero", "previous", "weights")
+#: Step-size rules of thesis section 9.2.
 STEP_RULES = ("armijo", "fixed")
-
-
-class Problem(Protocol):
-    """The objective ``c(w)`` as the solvers see it: three callables on flat vectors."""
-
-    def value(self, w: np.ndarray) -> float:
-        """``c(w)``."""
-        ...
-
-    def value_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
-        """``(c(w), grad c(w))``."""
-        ...
-
-    def hvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Exact Hessian-vector product ``H_c(w) v`` (thesis chapter 4)."""
-        ...
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+#: CG starting points: zeros, the previous step's CG solution, or w/|w| (thesis 14.3).
+WARM_STARTS = ("zero", "previous", "weights")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,37 +70,21 @@ class NewtonConfig:
     learning_rate: float = 1.0  # step size for step_rule="fixed" (Newton and fallback steps)
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, need: str) -> ValueError:
-            return ValueError(f"NewtonConfig.{name} must be {need}, got {value!r}")
-
         for name in ("damping", "cg_rtol", "cg_atol"):
-            value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value) and value >= 0):
-                raise bad(name, value, "a finite number >= 0")
-        if not (_is_int(self.cg_max_iter) and self.cg_max_iter >= 1):
-            raise bad("cg_max_iter", self.cg_max_iter, "an integer >= 1")
-        if not isinstance(self.cg_scale_tol_sqrt_n, (bool, np.bool_)):
-            raise bad("cg_scale_tol_sqrt_n", self.cg_scale_tol_sqrt_n, "a bool")
-        if self.warm_start not in WARM_STARTS:
-            raise bad("warm_start", self.warm_start, f"one of {WARM_STARTS}")
-        t = self.descent_threshold
-        if not (_is_real(t) and not math.isnan(t) and t <= 0):
-            raise bad("descent_threshold", t, "a number <= 0 (thesis: T < 0; -inf allowed)")
-        if self.step_rule not in STEP_RULES:
-            raise bad("step_rule", self.step_rule, f"one of {STEP_RULES}")
-        for name in ("armijo_beta", "armijo_gamma"):
-            value = getattr(self, name)
-            if not (_is_real(value) and 0 < value < 1):
-                raise bad(name, value, "a number in (0, 1)")
-        if not (_is_int(self.armijo_max_trials) and self.armijo_max_trials >= 1):
-            raise bad("armijo_max_trials", self.armijo_max_trials, "an integer >= 1")
-        lr = self.learning_rate
-        if not (_is_real(lr) and math.isfinite(lr) and lr > 0):
-            raise bad("learning_rate", lr, "a finite number > 0")
+            require(self, name, ">= 0")
+        require(self, "cg_max_iter", "int >= 1")
+        require(self, "cg_scale_tol_sqrt_n", "bool")
+        require(self, "warm_start", "choice", choices=WARM_STARTS)
+        require(self, "descent_threshold", "<= 0")
+        require(self, "step_rule", "choice", choices=STEP_RULES)
+        require(self, "armijo_beta", "(0, 1)")
+        require(self, "armijo_gamma", "(0, 1)")
+        require(self, "armijo_max_trials", "int >= 1")
+        require(self, "learning_rate", "> 0")
 
 
 @dataclass(frozen=True, eq=False)
-class NewtonState:
+class NewtonState(SolverState):
     """What one Newton step hands to the next (and what a checkpoint stores).
 
     ``cg_warm`` is kept as a read-only copy.  Equality compares ``cg_warm``
@@ -139,60 +99,25 @@ class NewtonState:
     failed_linesearches: int = 0  # steps whose line search failed (weights kept)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.name == "cg_warm":
-                continue
-            value = getattr(self, f.name)
-            if not (_is_int(value) and value >= 0):
-                raise ValueError(f"NewtonState.{f.name} must be an integer >= 0, got {value!r}")
-            object.__setattr__(self, f.name, int(value))
+        for name in ("iteration", "total_cg_iters", "total_matvecs", "fallbacks",
+                     "failed_linesearches"):
+            value = getattr(self, name)
+            if not (is_int(value) and value >= 0):
+                raise ValueError(f"NewtonState.{name} must be an integer >= 0, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.cg_warm is not None:
-            warm = np.array(self.cg_warm, copy=True)
+            warm = np.asarray(self.cg_warm)
             if warm.ndim != 1 or not np.issubdtype(warm.dtype, np.floating):
                 raise ValueError(
                     f"NewtonState.cg_warm must be a 1-D float vector or None, "
                     f"got dtype {warm.dtype} shape {warm.shape}"
                 )
-            warm.flags.writeable = False
             object.__setattr__(self, "cg_warm", warm)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, NewtonState):
-            return NotImplemented
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name == "cg_warm":
-                if (a is None) != (b is None):
-                    return False
-                if a is not None and not (
-                    a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
-                ):
-                    return False
-            elif a != b:
-                return False
-        return True
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict: ints, and ``cg_warm`` as a numpy array copy or None."""
-        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.cg_warm is not None:
-            out["cg_warm"] = np.array(self.cg_warm, copy=True)
-        return out
+        super().__post_init__()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NewtonState:
-        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are errors.
-
-        ``cg_warm`` may be an array or a list (e.g. after JSON).
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"NewtonState.from_dict: unknown keys {unknown}; valid keys: {sorted(known)}"
-            )
+        """Inverse of :meth:`to_dict`; ``cg_warm`` may be an array or a list (JSON)."""
         kwargs = dict(data)
         warm = kwargs.get("cg_warm")
         if warm is not None:
@@ -200,7 +125,7 @@ class NewtonState:
             if not np.issubdtype(warm.dtype, np.floating):
                 warm = warm.astype(np.float64)
             kwargs["cg_warm"] = warm
-        return cls(**kwargs)
+        return super().from_dict(kwargs)
 
 
 @dataclass(frozen=True)
@@ -211,6 +136,8 @@ class StepInfo:
     (``-|g|^2`` after a fallback); ``cg_direction_dot_grad`` is ``g.s`` of
     the CG solution, the number the descent test looked at (NaN without CG).
     ``cg`` is None only at a zero gradient, where no step is taken.
+    ``stalled``: the line search failed and the next step from the same
+    weights would repeat this one exactly (no warm start to drop).
     """
 
     loss: float
@@ -221,6 +148,16 @@ class StepInfo:
     fallback: bool
     step: LineSearchResult
     cg_direction_dot_grad: float = math.nan
+    damping: float = 0.0
+    stalled: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """Metrics of this step (``metrics.jsonl``)."""
+        return {"loss": self.loss, "new_loss": self.new_loss, "grad_norm": self.grad_norm,
+                "cg_iters": self.cg.iterations if self.cg is not None else 0,
+                "cg_reason": self.cg.reason.value if self.cg is not None else None,
+                "step_size": self.step.step, "fallback": self.fallback,
+                "linesearch_trials": self.step.trials, "damping": self.damping}
 
 
 def _warm_start(w: np.ndarray, state: NewtonState, config: NewtonConfig) -> np.ndarray | None:
@@ -268,22 +205,19 @@ def newton_step(
     w = np.asarray(w)
     if w.ndim != 1:
         raise ValueError(f"newton_step: w must be a 1-D vector, got shape {w.shape}")
-    loss, g = _value_and_grad(problem, w, value_and_grad, "newton_step")
+    loss, g = check_value_and_grad(problem, w, value_and_grad, "newton_step")
     gg = float(g @ g)
     grad_norm = math.sqrt(gg)
     if gg == 0.0:
         no_step = LineSearchResult(step=0.0, value=loss, trials=0, success=True)
-        info = StepInfo(loss, loss, grad_norm, None, 0.0, False, no_step)
-        return w.copy(), _replace_state(state, iteration=state.iteration + 1), info
+        info = StepInfo(loss, loss, grad_norm, None, 0.0, False, no_step, damping=config.damping)
+        return w.copy(), state.replace(iteration=state.iteration + 1), info
 
-    def matvec(v: np.ndarray) -> np.ndarray:
-        return problem.hvp(w, v)
-
+    x0 = _warm_start(w, state, config)
     res = cg(
-        matvec,
+        damped(HessianOperator(problem, w), config.damping),
         -g,
-        x0=_warm_start(w, state, config),
-        damping=config.damping,
+        x0=x0,
         rtol=config.cg_rtol,
         atol=config.cg_atol,
         max_iter=config.cg_max_iter,
@@ -328,8 +262,7 @@ def newton_step(
     else:
         new_w = w.copy()
         warm = None
-    new_state = _replace_state(
-        state,
+    new_state = state.replace(
         iteration=state.iteration + 1,
         cg_warm=warm,
         total_cg_iters=state.total_cg_iters + res.iterations,
@@ -346,107 +279,32 @@ def newton_step(
         fallback=fallback,
         step=ls,
         cg_direction_dot_grad=cg_dot,
+        damping=config.damping,
+        # A failed step from a cold (or weights-derived) start repeats itself.
+        stalled=not ls.success and (x0 is None or config.warm_start != "previous"),
     )
     return new_w, new_state, info
 
 
-def _replace_state(state: NewtonState, **changes: Any) -> NewtonState:
-    """Copy of ``state`` with ``changes`` applied (validated like a new state)."""
-    kwargs = {f.name: getattr(state, f.name) for f in fields(state)}
-    kwargs.update(changes)
-    return NewtonState(**kwargs)
+class NewtonCG:
+    """Globalised Newton-CG (thesis Algorithm 4) on the shared method interface."""
 
+    name: ClassVar[str] = "newton"
+    config_class: ClassVar[type] = NewtonConfig
+    state_class: ClassVar[type[SolverState]] = NewtonState
 
-@dataclass(frozen=True)
-class MinimizeResult:
-    """Outcome of :func:`minimize`."""
+    def __init__(self, config: NewtonConfig | None = None) -> None:
+        self.config = NewtonConfig() if config is None else config
 
-    x: np.ndarray  # final weights
-    fun: float  # c(x)
-    grad_norm: float  # |grad c(x)|
-    iterations: int  # Newton steps taken (pre-training not counted)
-    converged: bool  # grad_norm <= gtol
-    history: list[StepInfo] = field(default_factory=list)  # one entry per Newton step
-    state: NewtonState = field(default_factory=NewtonState)  # final solver state
-    message: str = ""  # why the loop ended
-    # (loss, |g|) at the start of each pre-training gradient-descent step
-    pretrain_history: list[tuple[float, float]] = field(default_factory=list)
+    def init(self, w: np.ndarray) -> NewtonState:
+        """No warm start and zero counters."""
+        return NewtonState()
 
-
-def minimize(
-    problem: Problem,
-    w0: np.ndarray,
-    *,
-    config: NewtonConfig | None = None,
-    pretrain_iters: int = 0,
-    pretrain_lr: float = 1e-2,
-    max_iter: int = 100,
-    gtol: float = 1e-8,
-    callback: Callable[[np.ndarray, NewtonState, StepInfo], bool | None] | None = None,
-    state: NewtonState | None = None,
-) -> MinimizeResult:
-    """Run thesis Algorithm 4: pre-training by gradient descent, then Newton steps.
-
-    After ``pretrain_iters`` steps of :func:`gd_step` with ``pretrain_lr``,
-    :func:`newton_step` runs until ``|g| <= gtol`` or ``max_iter`` Newton steps.
-
-    The loop also stops (``converged=False``) after a failed line search,
-    since a deterministic repeat would fail again, or when ``callback(w,
-    state, info)`` returns True.
-    """
-    config = NewtonConfig() if config is None else config
-    state = NewtonState() if state is None else state
-    if not (_is_int(pretrain_iters) and pretrain_iters >= 0):
-        raise ValueError(
-            f"minimize: pretrain_iters must be an integer >= 0, got {pretrain_iters!r}"
-        )
-    if not (_is_int(max_iter) and max_iter >= 0):
-        raise ValueError(f"minimize: max_iter must be an integer >= 0, got {max_iter!r}")
-    if not (_is_real(gtol) and gtol >= 0):
-        raise ValueError(f"minimize: gtol must be a number >= 0, got {gtol!r}")
-    w = np.array(w0, copy=True)
-    if not np.issubdtype(w.dtype, np.floating):
-        w = w.astype(np.float64)
-
-    pretrain_history: list[tuple[float, float]] = []
-    for _ in range(pretrain_iters):
-        w, loss, gnorm = gd_step(problem, w, pretrain_lr)
-        pretrain_history.append((loss, gnorm))
-
-    history: list[StepInfo] = []
-    message = f"reached max_iter={max_iter}"
-    while True:
-        loss, g = _value_and_grad(problem, w, None, "minimize")
-        gnorm = float(np.linalg.norm(g))
-        if gnorm <= gtol:
-            message = f"|g| = {gnorm:.3e} <= gtol = {gtol:.3e}"
-            break
-        if len(history) >= max_iter:
-            break
-        w, state, info = newton_step(problem, w, state, config, value_and_grad=(loss, g))
-        history.append(info)
-        if callback is not None and callback(w, state, info):
-            loss, g = _value_and_grad(problem, w, None, "minimize")
-            gnorm = float(np.linalg.norm(g))
-            message = "stopped by callback"
-            break
-        if not info.step.success:
-            message = (
-                f"line search failed at Newton step {len(history)} "
-                f"(fallback={info.fallback}); weights kept"
-            )
-            break
-    return MinimizeResult(
-        x=w,
-        fun=loss,
-        grad_norm=gnorm,
-        iterations=len(history),
-        converged=gnorm <= gtol,
-        history=history,
-        state=state,
-        message=message,
-        pretrain_history=pretrain_history,
-    )
+    def step(self, problem: Problem, w: np.ndarray, state: NewtonState, *,
+             value_and_grad: tuple[float, np.ndarray] | None = None,
+             ) -> tuple[np.ndarray, NewtonState, StepInfo]:
+        """One Newton step: :func:`newton_step` with this method's configuration."""
+        return newton_step(problem, w, state, self.config, value_and_grad=value_and_grad)
 
 
 def pure_newton(
@@ -462,7 +320,7 @@ def pure_newton(
     ``c(w) = sqrt(w^2 + 1)`` from ``|w_0| > 1`` it diverges as
     ``w_{k+1} = -w_k^3``.
     """
-    if not (_is_int(iters) and iters >= 0):
+    if not (is_int(iters) and iters >= 0):
         raise ValueError(f"pure_newton: iters must be an integer >= 0, got {iters!r}")
     w = np.array(w0, copy=True)
     if not np.issubdtype(w.dtype, np.floating):
@@ -473,7 +331,7 @@ def pure_newton(
         g = np.asarray(g)
         if not (math.isfinite(float(loss)) and np.all(np.isfinite(g))) or not np.any(g):
             break
-        res = cg(functools.partial(problem.hvp, w), -g, rtol=cg_rtol)
+        res = cg(HessianOperator(problem, w), -g, rtol=cg_rtol)
         if res.reason is CGReason.NAN_OR_INF:
             break
         w = w + res.x

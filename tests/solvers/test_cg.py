@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as spla
 
-from mpinewton.solvers import CGReason, CGResult, cg
+from mpinewton.solvers import CGReason, CGResult, MatrixOperator, aslinearoperator, cg, damped
 
 from .problems import spd_matrix
 
@@ -35,7 +35,7 @@ def test_matches_numpy_solve(n, cond, seed, damping):
     a = spd_matrix(n, cond, seed)
     b = np.random.default_rng(100 + seed).standard_normal(n)
     rtol = 1e-12
-    res = cg(lambda v: a @ v, b, damping=damping, rtol=rtol, max_iter=10 * n)
+    res = cg(damped(MatrixOperator(a), damping), b, rtol=rtol, max_iter=10 * n)
     m = a + damping * np.eye(n)
     exact = np.linalg.solve(m, b)
     assert res.reason is CGReason.CONVERGED
@@ -91,7 +91,7 @@ def test_warm_start_from_exact_solution_takes_zero_iterations():
     b = np.random.default_rng(3).standard_normal(n)
     exact = np.linalg.solve(a + 0.1 * np.eye(n), b)
     mv = Counting(a)
-    res = cg(mv, b, x0=exact, damping=0.1, rtol=1e-8)
+    res = cg(damped(aslinearoperator(mv, n), 0.1), b, x0=exact, rtol=1e-8)
     assert res.reason is CGReason.CONVERGED
     assert res.iterations == 0
     assert res.matvecs == 1 == mv.calls
@@ -104,7 +104,7 @@ def test_warm_start_with_damping_solves_damped_system():
     rng = np.random.default_rng(4)
     b, x0 = rng.standard_normal(n), rng.standard_normal(n)
     mv = Counting(a)
-    res = cg(mv, b, x0=x0, damping=2.0, rtol=1e-12, max_iter=10 * n)
+    res = cg(damped(aslinearoperator(mv, n), 2.0), b, x0=x0, rtol=1e-12, max_iter=10 * n)
     assert res.reason is CGReason.CONVERGED
     np.testing.assert_allclose(res.x, np.linalg.solve(a + 2.0 * np.eye(n), b), rtol=1e-9)
     assert mv.calls == res.matvecs == res.iterations + 1
@@ -155,7 +155,7 @@ def test_negative_curvature_at_first_iteration_returns_start():
     assert res.iterations == 1
     np.testing.assert_array_equal(res.x, np.zeros(5))
     # damping that makes the system positive definite removes the negative curvature
-    res2 = cg(lambda v: a @ v, b, damping=1.5, rtol=1e-12)
+    res2 = cg(damped(MatrixOperator(a), 1.5), b, rtol=1e-12)
     assert res2.reason is CGReason.CONVERGED
     np.testing.assert_allclose(res2.x, b / 0.5, rtol=1e-10)
 
@@ -222,8 +222,8 @@ def test_deterministic_bitwise():
     a = spd_matrix(50, 1e4, 9)
     b = np.random.default_rng(9).standard_normal(50)
     x0 = np.random.default_rng(10).standard_normal(50)
-    r1 = cg(lambda v: a @ v, b, x0=x0, damping=1e-3, rtol=1e-9)
-    r2 = cg(lambda v: a @ v, b.copy(), x0=x0.copy(), damping=1e-3, rtol=1e-9)
+    r1 = cg(damped(MatrixOperator(a), 1e-3), b, x0=x0, rtol=1e-9)
+    r2 = cg(damped(MatrixOperator(a), 1e-3), b.copy(), x0=x0.copy(), rtol=1e-9)
     assert r1.x.tobytes() == r2.x.tobytes()
     assert (r1.reason, r1.iterations, r1.matvecs) == (r2.reason, r2.iterations, r2.matvecs)
     assert r1.residual_norm == r2.residual_norm
@@ -253,7 +253,6 @@ def test_result_and_reason_types():
         ({"rtol": -1.0}, "-1.0"),
         ({"atol": float("nan")}, "nan"),
         ({"max_iter": -2}, "-2"),
-        ({"damping": float("inf")}, "inf"),
         ({"x0": np.ones(4)}, "(4,)"),
     ],
 )
@@ -261,6 +260,11 @@ def test_invalid_arguments(kwargs, needle):
     with pytest.raises(ValueError) as err:
         cg(lambda v: v, np.ones(3), **kwargs)
     assert needle in str(err.value)
+
+
+def test_damping_must_be_finite():
+    with pytest.raises(ValueError, match="inf"):
+        damped(MatrixOperator(np.eye(3)), float("inf"))
 
 
 def test_matvec_of_wrong_shape():

@@ -1,0 +1,215 @@
+"""Curvature as linear operators: one small type that every consumer takes.
+
+CG (thesis Algorithm 3) only ever needs ``v -> A v``; so do power iteration,
+Lanczos, preconditioners and trust-region subproblems.  A :class:`LinearOperator`
+carries that product with its ``shape`` and ``dtype`` (like scipy's
+``LinearOperator`` or curvlinops' curvature operators), and ``matmat`` for
+backends that can batch several products in one call.
+
+- :class:`HessianOperator`: ``H_c(w)`` of a :class:`~mpinewton.solvers.base.Problem`
+  at fixed weights, one ``problem.hvp`` per column.
+- ``op + alpha * identity(n)``: Tikhonov damping ``H + alpha I`` (thesis 7.2, 7.5),
+  see :func:`damped`.
+- :class:`MatrixOperator`: an explicit matrix (tests, small models).
+- :func:`as_scipy`: hand any of them to ``scipy.sparse.linalg`` (``eigsh``, ``cg``).
+
+Pure numpy; a product that reduces over MPI is just another ``matvec``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .base import Problem
+
+__all__ = [
+    "HessianOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "ScaledIdentity",
+    "SumOperator",
+    "aslinearoperator",
+    "as_scipy",
+    "damped",
+    "identity",
+]
+
+
+class LinearOperator:
+    """A square linear map known by its product ``v -> A v`` (``shape == (n, n)``).
+
+    Subclasses implement :meth:`_matvec`; :meth:`matmat` applies it column by
+    column unless a subclass batches.  ``matvec`` checks shapes, so a wrong
+    product fails here, named, rather than deep inside a solver.
+    """
+
+    def __init__(self, n: int, dtype: Any = np.float64) -> None:
+        if int(n) != n or n < 0:
+            raise ValueError(f"LinearOperator: size must be an integer >= 0, got {n!r}")
+        self.shape = (int(n), int(n))
+        self.dtype = np.dtype(dtype)
+        #: Products computed so far (``matmat`` counts one per column).
+        self.products = 0
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        """``A v`` for a vector of length ``n``."""
+        v = np.asarray(v)
+        if v.shape != (self.shape[1],):
+            raise ValueError(f"{type(self).__name__}.matvec: vector has shape {v.shape}, "
+                             f"expected ({self.shape[1]},)")
+        out = np.asarray(self._matvec(v))
+        if out.shape != (self.shape[0],):
+            raise ValueError(f"{type(self).__name__}.matvec: product has shape {out.shape}, "
+                             f"expected ({self.shape[0]},)")
+        self.products += 1
+        return out
+
+    def matmat(self, m: np.ndarray) -> np.ndarray:
+        """``A M`` for an ``(n, k)`` matrix: one product per column unless batched."""
+        m = np.asarray(m)
+        if m.ndim != 2 or m.shape[0] != self.shape[1]:
+            raise ValueError(f"{type(self).__name__}.matmat: matrix has shape {m.shape}, "
+                             f"expected ({self.shape[1]}, k)")
+        if m.shape[1] == 0:
+            return np.zeros((self.shape[0], 0), dtype=self.dtype)
+        return np.stack([self.matvec(m[:, j]) for j in range(m.shape[1])], axis=1)
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        return self.matvec(x) if x.ndim == 1 else self.matmat(x)
+
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return SumOperator(self, other)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype}>"
+
+
+class MatrixOperator(LinearOperator):
+    """An explicit square matrix as an operator."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"MatrixOperator: need a square matrix, got shape {matrix.shape}")
+        super().__init__(matrix.shape[0], matrix.dtype)
+        self.matrix = matrix
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        return self.matrix @ v
+
+    def matmat(self, m: np.ndarray) -> np.ndarray:
+        """``A M`` in one matrix product."""
+        m = np.asarray(m)
+        if m.ndim != 2 or m.shape[0] != self.shape[1]:
+            raise ValueError(f"MatrixOperator.matmat: matrix has shape {m.shape}, "
+                             f"expected ({self.shape[1]}, k)")
+        self.products += m.shape[1]
+        return self.matrix @ m
+
+
+class _CallableOperator(LinearOperator):
+    def __init__(self, matvec: Callable[[np.ndarray], np.ndarray], n: int, dtype: Any) -> None:
+        super().__init__(n, dtype)
+        self._fn = matvec
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        return self._fn(v)
+
+
+class HessianOperator(LinearOperator):
+    """The exact Hessian ``H_c(w)`` of a problem at fixed weights ``w`` (thesis chapter 4).
+
+    Each product is one ``problem.hvp(w, v)``; for the distributed objective
+    that is one batch-additive product reduced by one Allreduce.  ``w`` is
+    copied, so the operator stays the Hessian at the point it was made at.
+    """
+
+    def __init__(self, problem: Problem, w: np.ndarray) -> None:
+        w = np.asarray(w)
+        if w.ndim != 1:
+            raise ValueError(f"HessianOperator: w must be a 1-D vector, got shape {w.shape}")
+        super().__init__(w.size, w.dtype if np.issubdtype(w.dtype, np.floating) else np.float64)
+        self.problem = problem
+        self.w = np.array(w, copy=True)
+        self.w.flags.writeable = False
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        return self.problem.hvp(self.w, v)
+
+
+class ScaledIdentity(LinearOperator):
+    """``alpha I``: the Tikhonov term of thesis 7.2."""
+
+    def __init__(self, n: int, alpha: float = 1.0, dtype: Any = np.float64) -> None:
+        super().__init__(n, dtype)
+        self.alpha = float(alpha)
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        return self.alpha * v
+
+    def __mul__(self, alpha: float) -> ScaledIdentity:
+        return ScaledIdentity(self.shape[0], self.alpha * float(alpha), self.dtype)
+
+    __rmul__ = __mul__
+
+
+def identity(n: int, dtype: Any = np.float64) -> ScaledIdentity:
+    """Return the identity of size ``n`` (``alpha * identity`` scales it)."""
+    return ScaledIdentity(n, 1.0, dtype)
+
+
+class SumOperator(LinearOperator):
+    """``A + B``; the product is ``A v + B v`` in that order (bitwise reproducible)."""
+
+    def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
+        if a.shape != b.shape:
+            raise ValueError(f"cannot add operators of shapes {a.shape} and {b.shape}")
+        super().__init__(a.shape[0], np.result_type(a.dtype, b.dtype))
+        self.a, self.b = a, b
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        return self.a.matvec(v) + self.b.matvec(v)
+
+
+def damped(op: LinearOperator, damping: float) -> LinearOperator:
+    """``op + damping * I`` (thesis 7.2); ``op`` itself when ``damping`` is 0."""
+    damping = float(damping)
+    if not np.isfinite(damping):
+        raise ValueError(f"damping must be finite, got {damping!r}")
+    if damping == 0.0:
+        return op
+    return op + damping * identity(op.shape[0], op.dtype)
+
+
+def aslinearoperator(a: Any, n: int | None = None, dtype: Any = np.float64) -> LinearOperator:
+    """An operator from an operator, a square matrix, or a ``matvec`` callable of size ``n``."""
+    if isinstance(a, LinearOperator):
+        return a
+    if isinstance(a, np.ndarray):
+        return MatrixOperator(a)
+    if callable(a):
+        if n is None:
+            raise ValueError("aslinearoperator: a matvec callable needs its size n")
+        return _CallableOperator(a, n, dtype)
+    raise TypeError(f"aslinearoperator: cannot make an operator of {type(a).__name__}")
+
+
+def as_scipy(op: LinearOperator) -> Any:
+    """``op`` as a ``scipy.sparse.linalg.LinearOperator`` (symmetric: ``rmatvec = matvec``)."""
+    from scipy.sparse.linalg import LinearOperator as ScipyOperator
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        return op.matvec(np.ravel(v))
+
+    return ScipyOperator(op.shape, matvec=matvec, rmatvec=matvec, matmat=op.matmat,
+                         dtype=op.dtype)
