@@ -1,0 +1,82 @@
+"""One job per run directory, with whole jobs under mpirun (mpinewton.train.lock).
+
+A second job on a directory in use is refused at once, naming the holder; a
+job killed with SIGKILL leaves a lock that ``--resume`` takes over.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, run_job, small_job
+
+pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+
+
+def _start(run_dir, dataset, **env):
+    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",
+           *small_job(dataset), "--run-dir", str(run_dir)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_records(run_dir, count, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} records in {run_dir}")
+
+
+def _holder_pid(run_dir):
+    import json
+
+    return json.loads((run_dir / ".lock").read_text())["pid"]
+
+
+def test_second_job_on_a_directory_in_use_is_refused(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    first = _start(run_dir, dataset, MPINEWTON_TEST_ITER_SLEEP="0.5")
+    try:
+        _wait_for_records(run_dir, 1, first)
+        holder = _holder_pid(run_dir)
+        started = time.monotonic()
+        second = run_job(2, *small_job(dataset), "--run-dir", str(run_dir), "--resume",
+                         timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert (f"is in use by another job: host {socket.gethostname()}, pid {holder}"
+                in second.stderr), second.stderr
+        assert time.monotonic() - started < 60
+        stdout, stderr = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, stdout + stderr
+    iters = [r["iter"] for r in read_metrics(run_dir)]
+    assert iters == list(range(1, len(iters) + 1))  # one writer, no interleaved records
+    assert not (run_dir / ".lock").exists()  # released at the end
+
+
+def test_lock_of_a_killed_job_does_not_block_resume(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    first = _start(run_dir, dataset, MPINEWTON_TEST_ITER_SLEEP="0.5")
+    _wait_for_records(run_dir, 2, first)
+    holder = _holder_pid(run_dir)
+    pids = subprocess.run(["pgrep", "-f", f"mpinewton.train.*{run_dir}"], capture_output=True,
+                          text=True).stdout.split()
+    for pid in map(int, pids):
+        if pid != os.getpid():
+            os.kill(pid, signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert (run_dir / ".lock").exists()  # left behind by the killed job
+    proc = run_job(2, *small_job(dataset), "--run-dir", str(run_dir), "--resume", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"pid {holder}" in proc.stdout and "is stale" in proc.stdout, proc.stdout
+    assert [r["iter"] for r in read_metrics(run_dir)] == list(range(1, 8))
