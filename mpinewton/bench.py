@@ -23,6 +23,10 @@ classes, random uint8 images and labels, 'caffe' preprocessing):
 
 Data: MNIST from ``--data`` (default data/mnist.h5), or random images of the same
 shape with ``--synthetic`` (the timings do not depend on pixel values).
+
+``--sizes 10,20`` replaces the batch sizes of ``products`` and ``table`` (for a
+quick check of the benchmark itself, as tests/test_bench.py does); ``table``
+then gives the thesis figure only for the sizes that table 14.2 has.
 """
 
 from __future__ import annotations
@@ -41,7 +45,11 @@ from typing import Any
 
 import numpy as np
 
+from mpinewton.durable import atomic_write_text
+
 THESIS_TABLE_14_2 = {1: 0.030, 10: 0.064, 100: 0.204, 1000: 1.173, 10000: 11.580}
+#: Batch sizes of ``products`` (the first also without XLA) unless ``--sizes`` is given.
+PRODUCTS_SIZES = (10_000, 50_000)
 #: Thesis section 15.2: one ResNet-50 HVP at b = 16 took 20.577 s on 28 Haswell cores.
 THESIS_RESNET_HVP_S = 20.577
 
@@ -89,11 +97,12 @@ def _set_threads(threads: int) -> None:
 
 
 def bench_products(args: argparse.Namespace) -> dict[str, Any]:
-    """HVP / gradient time ratio at b = 10,000 and 50,000 (both HVP modes)."""
+    """HVP / gradient time ratio at b = 10,000 and 50,000 or ``--sizes`` (both HVP modes)."""
     out: dict[str, Any] = {}
-    cases = [(b, mode, True) for b in (10_000, 50_000)
+    sizes = args.sizes or PRODUCTS_SIZES
+    cases = [(b, mode, True) for b in sizes
              for mode in ("reverse_over_reverse", "forward_over_reverse")]
-    cases.append((10_000, "reverse_over_reverse", False))
+    cases.append((sizes[0], "reverse_over_reverse", False))
     for b, mode, jit in cases:
         local, w = _objective(b, args.data, args.micro_batch, hvp=mode, jit=jit)
         v = np.random.default_rng(1).standard_normal(w.size)
@@ -107,12 +116,17 @@ def bench_products(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_table(args: argparse.Namespace) -> dict[str, Any]:
-    """One HVP at b = 1 ... 10,000 beside thesis table 14.2."""
+    """One HVP at b = 1 ... 10,000 (or ``--sizes``) beside thesis table 14.2."""
     out: dict[str, Any] = {}
-    for b, thesis in THESIS_TABLE_14_2.items():
+    for b in args.sizes or THESIS_TABLE_14_2:
         local, w = _objective(b, args.data, args.micro_batch)
         v = np.random.default_rng(1).standard_normal(w.size)
         hvp_s = _best_of(lambda local=local, w=w, v=v: local.hvp_sum(w, v), args.repeats)
+        thesis = THESIS_TABLE_14_2.get(b)
+        if thesis is None:  # a size of --sizes that the thesis' table does not have
+            out[str(b)] = {"hvp_s": hvp_s, "thesis_s": None, "speedup": None}
+            print(f"b={b:<6} HVP {hvp_s * 1e3:9.2f} ms   (not in the thesis' table)", flush=True)
+            continue
         out[str(b)] = {"hvp_s": hvp_s, "thesis_s": thesis, "speedup": thesis / hvp_s}
         print(f"b={b:<6} HVP {hvp_s * 1e3:9.2f} ms   thesis {thesis * 1e3:9.1f} ms   "
               f"{thesis / hvp_s:7.1f}x faster", flush=True)
@@ -373,6 +387,17 @@ def bench_resnet_small(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``--sizes``: comma-separated positive batch sizes, e.g. ``10,20``."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 10,20, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmarks, print them, and write JSON to ``--out``."""
     parser = argparse.ArgumentParser(prog="python -m mpinewton.bench", description=__doc__,
@@ -390,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples per compiled call (default 2000; resnet: 16, "
                         "resnet-memory: 8)")
     parser.add_argument("--samples", type=int, default=50_000)
+    parser.add_argument("--sizes", type=_sizes, default=None,
+                        help="batch sizes of products and table, e.g. 10,20 (default: "
+                        "10000,50000 and the thesis' 1,10,100,1000,10000)")
     parser.add_argument("--cg", type=int, default=10, help="HVPs per Newton iteration (ranks)")
     parser.add_argument("--hvp", default="reverse_over_reverse",
                         help="HVP mode of resnet-memory and resnet-small")
@@ -433,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = fn(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,93 @@
+"""Smoke test of ``python -m mpinewton.bench`` on a tiny problem.
+
+The benchmark's figures are not checked (speed targets never are by tests);
+what is checked is that each benchmark runs to the end as a command, prints its
+figures and writes JSON of the documented shape with positive, finite timings.
+Tiny means: random images (``--synthetic``), batches of 10 and 20 (``--sizes``),
+one timed call after the warm-up (``--repeats 1``), shards of 20 and 40 for
+``memory`` (``--samples``), one thread.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--synthetic", "--sizes", "10,20", "--repeats", "1", "--samples", "40", "--threads", "1"]
+
+
+def _bench(tmp_path, which):
+    """Run one benchmark as a command; its stdout and the JSON it wrote."""
+    out = tmp_path / f"{which}.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "mpinewton.bench", which, *TINY, "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"== {which}" in proc.stdout and f"wrote {out}" in proc.stdout, proc.stdout
+    results = json.loads(out.read_text())
+    assert set(results) == {"machine", "data", "threads", "micro_batch", which}, list(results)
+    assert results["data"] == "synthetic" and results["threads"] == 1
+    assert results["micro_batch"] == 2000 and results["machine"]["tensorflow"]
+    return proc.stdout, results[which]
+
+
+def _positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_products(tmp_path):
+    stdout, products = _bench(tmp_path, "products")
+    modes = ("reverse_over_reverse", "forward_over_reverse")
+    assert set(products) == {f"b={b} {mode}" for b in (10, 20) for mode in modes} | {
+        "b=10 reverse_over_reverse (no XLA)"}
+    for key, figures in products.items():
+        assert set(figures) == {"grad_s", "hvp_s", "ratio"}, key
+        assert all(_positive(x) for x in figures.values()), (key, figures)
+        assert figures["ratio"] == pytest.approx(figures["hvp_s"] / figures["grad_s"])
+        assert key in stdout
+    assert stdout.count("HVP/gradient") == len(products)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_table(tmp_path):
+    stdout, table = _bench(tmp_path, "table")
+    assert set(table) == {"10", "20"}
+    assert all(_positive(table[b]["hvp_s"]) for b in table)
+    # b = 10 is in the thesis' table 14.2 (64 ms); b = 20 is not.
+    assert table["10"]["thesis_s"] == 0.064
+    assert table["10"]["speedup"] == pytest.approx(0.064 / table["10"]["hvp_s"])
+    assert table["20"]["thesis_s"] is None and table["20"]["speedup"] is None
+    assert "b=10" in stdout and "thesis" in stdout and "b=20" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_memory(tmp_path):
+    stdout, memory = _bench(tmp_path, "memory")  # shards of 20 and 40, a fresh process each
+    assert set(memory) == {"20", "40", "growth"}
+    for samples in ("20", "40"):
+        figures = memory[samples]
+        assert figures["samples"] == int(samples)
+        assert all(_positive(figures[key]) for key in ("peak_rss_mib", "rss_before_hvp_mib",
+                                                        "process_max_rss_mib")), figures
+        assert figures["peak_rss_mib"] >= figures["rss_before_hvp_mib"]
+    assert math.isfinite(memory["growth"])
+    assert "peak RSS during HVPs" in stdout and "growth when the shard doubles" in stdout
+
+
+@pytest.mark.parametrize("sizes", ["0", "10,x", ""])
+def test_sizes_must_be_positive_integers(sizes, capsys):
+    from mpinewton.bench import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["table", "--sizes", sizes])
+    assert exc.value.code == 2 and "--sizes" in capsys.readouterr().err
