@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,30 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+
+
+def start_job(ranks, args, env):
+    """Start a training job in its own session (so a test can signal or kill it)."""
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpinewton.train",
+           *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_records(run_dir, count, proc, timeout=120):
+    """Wait until the running job ``proc`` has logged ``count`` iterations."""
+    deadline = time.monotonic() + timeout
+    path = Path(run_dir) / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {count} records")
+
+
+def rank_pids(run_dir):
+    """Pids of the processes of the job writing to ``run_dir`` (mpirun and its ranks)."""
+    out = subprocess.run(["pgrep", "-f", f"mpinewton.train.*{run_dir}"], capture_output=True,
+                         text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]

@@ -3,15 +3,21 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, run_job, small_job
+from mpijobs import (
+    MPIRUN,
+    mpi_env,
+    rank_pids,
+    read_metrics,
+    run_job,
+    small_job,
+    start_job,
+    wait_for_records,
+)
 
 from mpinewton.checkpoint import load_checkpoint
 
@@ -25,43 +31,19 @@ def _weights(run_dir):
         return f["w"][...]
 
 
-def _start(ranks, args, env):
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpinewton.train",
-           *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for_records(run_dir, count, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    path = Path(run_dir) / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    raise AssertionError(f"{path} did not reach {count} records")
-
-
-def _rank_pids(run_dir):
-    out = subprocess.run(["pgrep", "-f", f"mpinewton.train.*{run_dir}"], capture_output=True,
-                         text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
-
-
 def _interrupted_run(ranks, args, run_dir, how):
     """Start a slowed-down job, signal it after 3 iterations.
 
     Returns the exit code, stdout, stderr and the number of iterations recorded
     when the signal had been sent.
     """
-    proc = _start(ranks, [*args, "--run-dir", str(run_dir)],
+    proc = start_job(ranks, [*args, "--run-dir", str(run_dir)],
                   mpi_env(MPINEWTON_TEST_ITER_SLEEP="0.3"))
-    _wait_for_records(run_dir, 3, proc)
+    wait_for_records(run_dir, 3, proc)
     if how == "SIGUSR1 to mpirun":
         proc.send_signal(signal.SIGUSR1)
     else:  # SIGTERM straight to the ranks, as SLURM does at the time limit
-        for pid in _rank_pids(run_dir):
+        for pid in rank_pids(run_dir):
             if pid != proc.pid:
                 os.kill(pid, signal.SIGTERM)
     at_signal = len(read_metrics(run_dir))

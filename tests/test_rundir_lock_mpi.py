@@ -7,32 +7,25 @@ job killed with SIGKILL leaves a lock that ``--resume`` takes over.
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, run_job, small_job
+from mpijobs import (
+    MPIRUN,
+    mpi_env,
+    rank_pids,
+    read_metrics,
+    run_job,
+    small_job,
+    start_job,
+    wait_for_records,
+)
 
 pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
 
 
 def _start(run_dir, dataset, **env):
-    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",
-           *small_job(dataset), "--run-dir", str(run_dir)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for_records(run_dir, count, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    raise AssertionError(f"no {count} records in {run_dir}")
+    return start_job(2, [*small_job(dataset), "--run-dir", str(run_dir)], mpi_env(**env))
 
 
 def _holder_pid(run_dir):
@@ -45,7 +38,7 @@ def test_second_job_on_a_directory_in_use_is_refused(dataset, tmp_path):
     run_dir = tmp_path / "run"
     first = _start(run_dir, dataset, MPINEWTON_TEST_ITER_SLEEP="0.5")
     try:
-        _wait_for_records(run_dir, 1, first)
+        wait_for_records(run_dir, 1, first)
         holder = _holder_pid(run_dir)
         started = time.monotonic()
         second = run_job(2, *small_job(dataset), "--run-dir", str(run_dir), "--resume",
@@ -67,13 +60,10 @@ def test_second_job_on_a_directory_in_use_is_refused(dataset, tmp_path):
 def test_lock_of_a_killed_job_does_not_block_resume(dataset, tmp_path):
     run_dir = tmp_path / "run"
     first = _start(run_dir, dataset, MPINEWTON_TEST_ITER_SLEEP="0.5")
-    _wait_for_records(run_dir, 2, first)
+    wait_for_records(run_dir, 2, first)
     holder = _holder_pid(run_dir)
-    pids = subprocess.run(["pgrep", "-f", f"mpinewton.train.*{run_dir}"], capture_output=True,
-                          text=True).stdout.split()
-    for pid in map(int, pids):
-        if pid != os.getpid():
-            os.kill(pid, signal.SIGKILL)
+    for pid in rank_pids(run_dir):
+        os.kill(pid, signal.SIGKILL)
     first.communicate(timeout=60)
     assert (run_dir / ".lock").exists()  # left behind by the killed job
     proc = run_job(2, *small_job(dataset), "--run-dir", str(run_dir), "--resume", timeout=180)
