@@ -114,6 +114,7 @@ class OptimizerConfig:
     iters: int = 20  # iterations of the method after pre-training
     pretrain_iters: int = 60  # gradient-descent pre-training iterations
     pretrain_lr: float = 1.0  # learning rate of pre-training
+    gtol: float = 0.0  # stop once |g| <= gtol (on the batch, with mini-batches); 0 = never
     params: Any = None  # the method's configuration (its config_class); None = its defaults
 
     def __post_init__(self) -> None:
@@ -122,6 +123,7 @@ class OptimizerConfig:
         require(self, "iters", "int >= 0")
         require(self, "pretrain_iters", "int >= 0")
         require(self, "pretrain_lr", "> 0")
+        require(self, "gtol", ">= 0")
         config_class = METHODS[self.method].config_class
         if self.params is None:
             object.__setattr__(self, "params", config_class())
@@ -285,6 +287,7 @@ def _build_optimizer(table: dict[str, Any], where: str,
               if name != method}
     own: dict[str, Any] = {}
     hyper: dict[str, Any] = {}
+    ignored: list[str] = []
     for key, value in table.items():
         if key in schedule:
             own[key] = _coerce("optimizer", key, value, schedule[key], where)
@@ -292,11 +295,13 @@ def _build_optimizer(table: dict[str, Any], where: str,
             hyper[key] = _coerce("optimizer", key, value, params[key], where)
         elif owners := [name for name, keys in others.items() if key in keys]:
             _coerce("optimizer", key, value, others[owners[0]][key], where)
-            notes.append(f"optimizer.{key} is a parameter of method "
-                         f"{' and '.join(map(repr, owners))}; ignored for {method!r}")
+            ignored.append(key)
         else:
             known = {*schedule, *params, *(k for keys in others.values() for k in keys)}
             raise _unknown_key("optimizer", key, sorted(known), where)
+    if ignored:
+        notes.append(f"optimizer.{', '.join(ignored)} belong to another method than "
+                     f"{method!r} (optimizer.method) and are ignored")
     own["params"] = _construct(METHODS[method].config_class, hyper, "optimizer", where)
     return _construct(OptimizerConfig, own, "optimizer", where)
 

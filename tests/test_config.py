@@ -86,6 +86,7 @@ def test_every_solver_parameter_can_be_set_from_a_job():
         for f in fields(method.config_class):
             assert f.name in table, (name, f.name)
     assert load_job(None, ["optimizer.cg_atol=1e-7"]).optimizer.params.cg_atol == 1e-7
+    assert load_job(None, ["optimizer.gtol=1e-6"]).optimizer.gtol == 1e-6
 
 
 def test_optimizer_section_is_the_solvers_dataclass():
@@ -99,9 +100,19 @@ def test_optimizer_section_is_the_solvers_dataclass():
 
 def test_a_parameter_of_another_method_is_left_out_with_a_note():
     job = load_job(None, ["optimizer.method='gd'"])  # the default job sets damping
-    assert "optimizer.damping is a parameter of method 'newton'; ignored for 'gd'" in job.notes
+    assert job.notes == ("optimizer.damping, warm_start, cg_rtol, cg_scale_tol_sqrt_n, "
+                         "cg_max_iter, step_rule, armijo_beta, armijo_gamma belong to another "
+                         "method than 'gd' (optimizer.method) and are ignored",)
     assert "damping" not in job.to_dict()["optimizer"]
     with pytest.raises(ConfigError, match="wrong type"):  # still checked
         load_job(None, ["optimizer.method='gd'", "optimizer.damping='big'"])
     with pytest.raises(ConfigError, match=r"must be a finite number >= 0"):
         load_job(None, ["optimizer.damping=-1"])
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_JOB.parent).glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_job_file_loads_and_switches_to_gradient_descent(path):
+    job = load_job(path)
+    assert job.notes == ()
+    assert load_job(path, ["optimizer.method='gd'"]).optimizer.params.learning_rate > 0

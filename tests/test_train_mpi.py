@@ -149,3 +149,14 @@ def test_more_ranks_than_samples_is_an_error_on_every_rank(tmp_path):
             "sample(s) for 3 ranks: every rank needs at least one (run on at most 2 ranks"
             in proc.stderr)
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_gtol_ends_a_run_whose_gradient_is_small_enough(dataset, tmp_path):
+    run_dir = tmp_path / "r"
+    proc = run_job(2, *small_job(dataset, "--set", "optimizer.gtol=1e9"), "--run-dir",
+                   str(run_dir), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopping early after iteration 0: |g| = " in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] == "converged" and summary["iterations"] == 0
+    assert read_metrics(run_dir) == []

@@ -328,12 +328,13 @@ def _run(session: Session, out: RunDirectory, run_dir: Path, *, check_sync: bool
     hooks.states.update(states)
     hooks.w = session.w0
     result = run(hooks.objective, session.w0, phases, states=states, start=done,
-                 fresh_batches=session.sampler is not None, hooks=hooks)
+                 gtol=job.optimizer.gtol or None, fresh_batches=session.sampler is not None,
+                 hooks=hooks)
     if result.reason is LoopReason.STOPPED:
         return None
     hooks.states.update(result.states)
-    if result.reason is LoopReason.STALLED:
-        say(f"stopping early: {result.message}", flush=True)
+    if result.reason in (LoopReason.STALLED, LoopReason.CONVERGED):
+        say(f"stopping early after iteration {result.iteration}: {result.message}", flush=True)
     if result.iteration > done or hooks.total == 0:
         hooks.save(result.iteration)
     summary, weights = _summary(hooks, result)
