@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 
 import mpinewton
-from mpinewton.durable import atomic_open, fsync_path, is_temp_name
+from mpinewton.durable import atomic_open, fsync_path, is_temp_name, write_all
 from mpinewton.params import ParamLayout
 
 __all__ = [
@@ -305,11 +305,8 @@ def _read_state(group: h5py.Group, where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- durability
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (a seam for tests that simulate a full disk)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+#: Writes a checkpoint's bytes (a module-level seam for tests that simulate a full disk).
+_write_all = write_all
 
 
 def _os_problem(e: OSError) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "fsync_path",
     "is_temp_name",
     "temp_path",
+    "write_all",
 ]
 
 #: Suffix of every temporary file name made by :func:`temp_path`.
@@ -48,6 +49,13 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_RE = re.compile(r"\..+" + re.escape(TEMP_SUFFIX), re.DOTALL)
 #: Attempts to find a free temporary name (a clash of 48 random bits is already unlikely).
 _ATTEMPTS = 100
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_path(path: str | PathLike[str], *, directory: bool = False) -> None:

@@ -71,6 +71,7 @@ from types import TracebackType
 from typing import Any
 
 from mpinewton.config import ConfigError
+from mpinewton.durable import write_all
 
 #: Name of the lock file inside the run directory.
 LOCK_NAME = ".lock"
@@ -339,7 +340,7 @@ class RunDirLock:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -364,7 +365,7 @@ class RunDirLock:
         except FileExistsError:
             return False
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -533,10 +534,3 @@ class RunDirLock:
         )
         if self._say is not None:
             self._say(self._lost)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until all of ``data`` is written."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
