@@ -10,6 +10,14 @@ Speed and memory targets are checked here, never by timed unit tests.
 ``memory``    peak RSS of one rank computing a full-shard HVP, shard 25,000 and 50,000
               (one fresh process each).
 
+``hessian``   the explicit Hessian of the thesis CNN (n = 3,192) at b = 1, 10, 100, 1000
+              beside the thesis' table 14.1: assembled from batched products
+              (``HessianOperator.matmat`` on blocks of ``--block`` identity columns), from
+              a loop of single products at the largest b (``--loop-b``), and by the
+              thesis' method, ``tape.jacobian`` of the gradient (``hessian_sum``), in a
+              fresh process per b under a memory guard, up to ``--jacobian-max-b``
+              (2-2.5 minutes on 2 cores; the jacobian at b = 100 needs 9-11 GiB).
+
 Not part of ``all`` (thesis section 15: ResNet-50, float32, 224 x 224 x 3, 1000
 classes, random uint8 images and labels, 'caffe' preprocessing):
 
@@ -24,9 +32,9 @@ classes, random uint8 images and labels, 'caffe' preprocessing):
 Data: MNIST from ``--data`` (default data/mnist.h5), or random images of the same
 shape with ``--synthetic`` (the timings do not depend on pixel values).
 
-``--sizes 10,20`` replaces the batch sizes of ``products`` and ``table`` (for a
-quick check of the benchmark itself, as tests/test_bench.py does); ``table``
-then gives the thesis figure only for the sizes that table 14.2 has.
+``--sizes 10,20`` replaces the batch sizes of ``products``, ``table`` and ``hessian``
+(for a quick check of the benchmark itself, as tests/test_bench.py does); ``table``
+and ``hessian`` then give the thesis figure only for the sizes that its table has.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +61,17 @@ THESIS_TABLE_14_2 = {1: 0.030, 10: 0.064, 100: 0.204, 1000: 1.173, 10000: 11.580
 PRODUCTS_SIZES = (10_000, 50_000)
 #: Thesis section 15.2: one ResNet-50 HVP at b = 16 took 20.577 s on 28 Haswell cores.
 THESIS_RESNET_HVP_S = 20.577
+#: Thesis table 14.1: seconds for the explicit Hessian of the thesis CNN (TensorFlow 1,
+#: ``jacobian`` of the gradient, 2.7 GHz Core i7 laptop with 4 GB).
+THESIS_TABLE_14_1 = {1: 6.529, 10: 15.722, 100: 145.366, 1000: 1256.274}
+#: Columns per batched product in ``hessian``: 32 -> 64 gains 10-15% a column, more gains nothing.
+HESSIAN_BLOCK = 64
+#: Largest b for the thesis' method: tape.jacobian of the gradient holds the backward
+#: passes of all n = 3,192 rows at once (9-11 GiB at b = 100 here; it crashed at b = 500).
+JACOBIAN_MAX_B = 100
+#: Micro-batch of ``hessian``'s loop of single products: one compiled call a product up
+#: to b = 2000 (as fast as micro-batches of 250 or faster).
+LOOP_MICRO_BATCH = 2000
 
 
 def _images(n: int, data: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -387,6 +407,203 @@ def bench_resnet_small(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _available_mib() -> float:
+    """MemAvailable of this machine in MiB (from /proc/meminfo; 8 GiB where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 8192.0
+
+
+def _run_guarded(cmd: list[str], limit_mib: float,
+                 timeout_s: float) -> tuple[int | None, str, str, str | None]:
+    """Run ``cmd``, killing it when its RSS passes ``limit_mib`` or it runs past ``timeout_s``.
+
+    Returns (exit code, stdout, stderr, why it was killed or None).
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    start, killed = time.monotonic(), None
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            rss = _rss_mib(proc.pid)
+            if killed is None and rss > limit_mib:
+                killed = (f"killed at {rss / 1024:.1f} GiB resident, above the guard of "
+                          f"{limit_mib / 1024:.1f} GiB")
+            elif killed is None and time.monotonic() - start > timeout_s:
+                killed = f"killed after {timeout_s:.0f} s"
+            if killed is not None:
+                proc.kill()
+    return proc.returncode, stdout, stderr, killed
+
+
+def hessian_jacobian_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The thesis' explicit Hessian (``hessian_sum``: tape.jacobian of the gradient) at b.
+
+    Saves the matrix to ``--npy`` for the parent to compare; the time is one call
+    (eager ``tape.jacobian`` builds its vectorised graph on every call).
+    """
+    local, w = _objective(args.samples, args.data, args.micro_batch)
+    start = time.perf_counter()
+    before, peak, hessian = _peak_rss_during(lambda: local.hessian_sum(w))
+    seconds = time.perf_counter() - start
+    np.save(args.npy, hessian)
+    return {"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before}
+
+
+def _batched_hessian(op: Any, block: int) -> np.ndarray:
+    """H from ``op.matmat`` on blocks of ``block`` identity columns.
+
+    The last block is padded with zero columns, so that every call has the same
+    k and uses one compiled graph.
+    """
+    n = op.shape[0]
+    hessian = np.empty((n, n))
+    for lo in range(0, n, block):
+        cols = min(block, n - lo)
+        unit = np.zeros((n, block))
+        unit[lo + np.arange(cols), np.arange(cols)] = 1.0
+        hessian[:, lo:lo + cols] = op.matmat(unit)[:, :cols]
+    return hessian
+
+
+def _looped_hessian(op: Any) -> np.ndarray:
+    """H from one ``op.matvec`` (one HVP) per identity column."""
+    n = op.shape[0]
+    hessian = np.empty((n, n))
+    unit = np.zeros(n)
+    for j in range(n):
+        unit[j] = 1.0
+        hessian[:, j] = op.matvec(unit)
+        unit[j] = 0.0
+    return hessian
+
+
+def _rel_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max |a - b|, that divided by max |b|)."""
+    diff = float(np.abs(a - b).max())
+    return diff, diff / float(np.abs(b).max())
+
+
+def _cell(value: float | None, spec: str, width: int) -> str:
+    """``value`` formatted with ``spec`` and right-aligned in ``width``, "-" for None."""
+    return format(format(value, spec) if value is not None else "-", f">{width}")
+
+
+def bench_hessian(args: argparse.Namespace) -> dict[str, Any]:
+    """Explicit Hessian of the thesis CNN at b = 1 ... 1000 (or ``--sizes``), thesis table 14.1.
+
+    Per b: the batched assembly (one timed run after a first call that compiles),
+    at ``--loop-b`` a loop of single products, and the thesis' ``tape.jacobian``
+    in a fresh process under a memory guard (up to ``--jacobian-max-b``), compared
+    entry by entry with the batched matrix.
+    """
+    from mpinewton.comm import Comm
+    from mpinewton.objective import DistributedObjective
+    from mpinewton.solvers import HessianOperator
+
+    sizes = args.sizes or tuple(THESIS_TABLE_14_1)
+    loop_b = max(sizes) if args.loop_b is None else args.loop_b
+    guard_mib = (args.jacobian_max_gib * 1024 if args.jacobian_max_gib
+                 else 0.8 * _available_mib())
+    out: dict[str, Any] = {"block": args.block, "hvp": args.hvp, "loop_b": loop_b,
+                           "jacobian_max_b": args.jacobian_max_b,
+                           "jacobian_guard_mib": guard_mib, "sizes": {}}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mpinewton-hessian-") as tmp:
+        for b in sizes:
+            local, w = _objective(b, args.data, args.micro_batch, hvp=args.hvp)
+            op = HessianOperator(DistributedObjective(local, Comm(None), b), w)
+            compile_s = _timed(lambda op=op: op.matmat(np.eye(op.shape[0], args.block)))
+            start = time.perf_counter()
+            _, peak, hessian = _peak_rss_during(lambda op=op: _batched_hessian(op, args.block))
+            batched_s = time.perf_counter() - start
+            thesis = THESIS_TABLE_14_1.get(b)
+            entry: dict[str, Any] = {
+                "batched_s": batched_s, "batched_first_block_s": compile_s,
+                "batched_peak_rss_mib": peak,
+                "symmetry_rel": _rel_diff(hessian, hessian.T)[1],
+                "thesis_s": thesis, "speedup_vs_thesis": thesis / batched_s if thesis else None}
+            print(f"b={b:<5} batched products ({args.block} a call): {batched_s:8.2f}s  "
+                  f"(first call {compile_s:.1f}s, peak RSS {peak / 1024:.2f} GiB)"
+                  + (f"  thesis {thesis:8.1f}s: {thesis / batched_s:6.1f}x faster" if thesis
+                     else ""), flush=True)
+            if b == loop_b:  # single products are fastest as one call for the whole batch
+                single, _ = _objective(b, args.data, LOOP_MICRO_BATCH, hvp=args.hvp)
+                single_op = HessianOperator(DistributedObjective(single, Comm(None), b), w)
+                single_op.matvec(np.ones(w.size))  # compile
+                start = time.perf_counter()
+                looped = _looped_hessian(single_op)
+                loop_s = time.perf_counter() - start
+                entry.update(loop_s=loop_s, loop_micro_batch=LOOP_MICRO_BATCH,
+                             batching_gain=loop_s / batched_s,
+                             loop_max_abs_diff=_rel_diff(hessian, looped)[0])
+                print(f"b={b:<5} loop of {w.size} single products:  {loop_s:8.2f}s  "
+                      f"(batching {loop_s / batched_s:.2f}x faster)", flush=True)
+            if b > args.jacobian_max_b:
+                entry["jacobian"] = {"skipped": (
+                    f"b > --jacobian-max-b = {args.jacobian_max_b}: tape.jacobian of the "
+                    "gradient holds all n backward passes at once (9-11 GiB at b = 100, "
+                    "growing with b; it crashed at b = 500)")}
+                print(f"b={b:<5} tape.jacobian: skipped (b > --jacobian-max-b = "
+                      f"{args.jacobian_max_b})", flush=True)
+            else:
+                entry["jacobian"] = _jacobian_case(args, b, hessian, guard_mib, tmp)
+            out["sizes"][str(b)] = entry
+            rows.append((b, entry))
+            del op, local, hessian
+    print(f"{'b':>6} {'batched [s]':>12} {'HVP loop [s]':>13} {'jacobian [s]':>13} "
+          f"{'thesis [s]':>11} {'vs thesis':>10} {'max|Hb-Hj|/max|Hj|':>19}")
+    for b, entry in rows:
+        jac = entry["jacobian"]
+        print(f"{b:>6} {_cell(entry['batched_s'], '.2f', 12)} "
+              f"{_cell(entry.get('loop_s'), '.2f', 13)} {_cell(jac.get('seconds'), '.2f', 13)} "
+              f"{_cell(entry['thesis_s'], '.1f', 11)} "
+              f"{_cell(entry['speedup_vs_thesis'], '.1f', 9)}{'x' if entry['thesis_s'] else ' '} "
+              f"{_cell(jac.get('max_rel_diff'), '.1e', 19)}", flush=True)
+    return out
+
+
+def _jacobian_case(args: argparse.Namespace, b: int, hessian: np.ndarray, guard_mib: float,
+                   tmp: str) -> dict[str, Any]:
+    """The thesis' method at b in a fresh process under the memory guard, compared to H."""
+    npy = os.path.join(tmp, f"jacobian-{b}.npy")
+    cmd = [sys.executable, "-m", "mpinewton.bench", "_hessian_jacobian_worker", "--samples",
+           str(b), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads),
+           "--npy", npy]
+    cmd += ["--data", args.data] if args.data else ["--synthetic"]
+    code, stdout, stderr, killed = _run_guarded(cmd, guard_mib, args.jacobian_timeout)
+    if killed or code != 0:
+        why = killed or f"failed with exit code {code}: {stderr.strip()[-300:]}"
+        print(f"b={b:<5} tape.jacobian: {why}", flush=True)
+        return {"failed": why}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    jacobian = np.load(npy) / b  # hessian_sum is the Hessian of the sum, H of the mean
+    os.unlink(npy)
+    result["max_abs_diff"], result["max_rel_diff"] = _rel_diff(hessian, jacobian)
+    seconds = result["seconds"]
+    print(f"b={b:<5} tape.jacobian (thesis' method): {seconds:8.2f}s  (peak RSS "
+          f"{result['peak_rss_mib'] / 1024:.2f} GiB; max |H_batched - H_jacobian| = "
+          f"{result['max_abs_diff']:.2e}, {result['max_rel_diff']:.2e} of max |H|)", flush=True)
+    return result
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     """``--sizes``: comma-separated positive batch sizes, e.g. ``10,20``."""
     try:
@@ -403,30 +620,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpinewton.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="?", default="all",
-                        choices=["all", "products", "table", "ranks", "memory", "resnet",
-                                 "resnet-memory", "resnet-small", "_newton_worker",
-                                 "_memory_worker", "_resnet_memory_worker"])
+                        choices=["all", "products", "table", "ranks", "memory", "hessian",
+                                 "resnet", "resnet-memory", "resnet-small", "_newton_worker",
+                                 "_memory_worker", "_resnet_memory_worker",
+                                 "_hessian_jacobian_worker"])
     parser.add_argument("--data", default="data/mnist.h5", help="HDF5 dataset (MNIST)")
     parser.add_argument("--synthetic", action="store_true", help="random images instead")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="samples per compiled call (default 2000; resnet: 16, "
-                        "resnet-memory: 8)")
+                        help="samples per compiled call (default 2000; hessian: 250; "
+                        "resnet: 16, resnet-memory: 8)")
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--sizes", type=_sizes, default=None,
-                        help="batch sizes of products and table, e.g. 10,20 (default: "
-                        "10000,50000 and the thesis' 1,10,100,1000,10000)")
+                        help="batch sizes of products, table and hessian, e.g. 10,20 "
+                        "(default: 10000,50000; the thesis' 1,10,100,1000,10000; 1,10,100,1000)")
     parser.add_argument("--cg", type=int, default=10, help="HVPs per Newton iteration (ranks)")
     parser.add_argument("--hvp", default="reverse_over_reverse",
-                        help="HVP mode of resnet-memory and resnet-small")
+                        help="HVP mode of hessian, resnet-memory and resnet-small")
+    parser.add_argument("--block", type=int, default=HESSIAN_BLOCK,
+                        help=f"hessian: columns per batched product (default {HESSIAN_BLOCK})")
+    parser.add_argument("--loop-b", type=int, default=None,
+                        help="hessian: the b at which to time a loop of single products "
+                        "(default: the largest size; 0: none)")
+    parser.add_argument("--jacobian-max-b", type=int, default=JACOBIAN_MAX_B,
+                        help="hessian: largest b for the thesis' tape.jacobian (default "
+                        f"{JACOBIAN_MAX_B})")
+    parser.add_argument("--jacobian-max-gib", type=float, default=None,
+                        help="hessian: kill tape.jacobian above this resident memory "
+                        "(default: 80%% of the memory available at the start)")
+    parser.add_argument("--jacobian-timeout", type=float, default=1800,
+                        help="hessian: kill tape.jacobian after this many seconds")
+    parser.add_argument("--npy", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-jit", action="store_true", help="resnet-memory/-small without XLA")
     parser.add_argument("--hvps", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.micro_batch is None:
         args.micro_batch = {"resnet": 16, "resnet-small": 16, "resnet-memory": 8,
-                            "_resnet_memory_worker": 8}.get(args.which, 2000)
+                            "_resnet_memory_worker": 8, "hessian": 250}.get(args.which, 2000)
     if args.synthetic or not Path(args.data).exists():
         args.data = None
     _set_threads(args.threads)
@@ -443,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "_resnet_memory_worker":
         print(json.dumps(resnet_memory_worker(args)))
         return 0
+    if args.which == "_hessian_jacobian_worker":
+        print(json.dumps(hessian_jacobian_worker(args)))
+        return 0
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -453,8 +688,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results["machine"]["tensorflow"] = tf.__version__
     steps = {"products": bench_products, "table": bench_table, "ranks": bench_ranks,
-             "memory": bench_memory, "resnet": bench_resnet, "resnet-memory": bench_resnet_memory,
-             "resnet-small": bench_resnet_small}
+             "memory": bench_memory, "hessian": bench_hessian, "resnet": bench_resnet,
+             "resnet-memory": bench_resnet_memory, "resnet-small": bench_resnet_small}
     for name, fn in steps.items():
         if args.which == name or (args.which == "all" and not name.startswith("resnet")):
             print(f"== {name}", flush=True)

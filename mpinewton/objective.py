@@ -1,7 +1,8 @@
 """The global objective c(w): local sums + Allreduce, divided by the global count.
 
 ``DistributedObjective`` is the ``Problem`` the solvers see: ``value``,
-``value_and_grad`` and ``hvp`` return the same numbers whatever the number of
+``value_and_grad``, ``hvp`` and ``hvp_many`` (k products at once, for
+``HessianOperator.matmat``) return the same numbers whatever the number of
 ranks (thesis Corollary 9.2), because every rank contributes sums over its own
 samples and the result is divided by the global sample count. Each call issues
 exactly one ``Allreduce`` of one contiguous float64 buffer, on every rank in
@@ -25,6 +26,7 @@ class LocalSums(Protocol):
     def loss_sum(self, w: np.ndarray) -> float: ...
     def loss_grad_sum(self, w: np.ndarray) -> tuple[float, np.ndarray]: ...
     def hvp_sum(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
+    def hvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
     def correct_count(self, w: np.ndarray) -> int: ...
 
 
@@ -79,6 +81,26 @@ class DistributedObjective:
         self.stats.compute_seconds += time.perf_counter() - start
         self.stats.hvps += 1
         return self._reduce(local)
+
+    def hvp_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Exact global products H(w) v_j for the k columns of ``v`` (n, k) -> (n, k).
+
+        The k local products are computed in one batch and reduced as one
+        contiguous buffer of n * k values (one Allreduce, whatever k); column j
+        equals ``hvp(w, v[:, j])`` to rounding. Counts k products.
+        """
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[0] != np.shape(w)[0]:
+            raise ValueError(f"hvp_many: direction matrix has shape {v.shape}, expected "
+                             f"({np.shape(w)[0]}, k)")
+        start = time.perf_counter()
+        local = np.ascontiguousarray(self.local.hvp_sum_many(w, v), dtype=np.float64)
+        if local.shape != v.shape:
+            raise ValueError(f"hvp_many: local products have shape {local.shape}, "
+                             f"expected {v.shape}")
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.hvps += v.shape[1]
+        return self._reduce(local.reshape(-1)).reshape(v.shape)
 
     def accuracy(self, w: np.ndarray) -> float:
         """Fraction of all samples classified correctly (arg-max of the output)."""

@@ -33,7 +33,8 @@ def _bench(tmp_path, which):
     results = json.loads(out.read_text())
     assert set(results) == {"machine", "data", "threads", "micro_batch", which}, list(results)
     assert results["data"] == "synthetic" and results["threads"] == 1
-    assert results["micro_batch"] == 2000 and results["machine"]["tensorflow"]
+    assert results["micro_batch"] == {"hessian": 250}.get(which, 2000)
+    assert results["machine"]["tensorflow"]
     return proc.stdout, results[which]
 
 
@@ -82,6 +83,31 @@ def test_memory(tmp_path):
         assert figures["peak_rss_mib"] >= figures["rss_before_hvp_mib"]
     assert math.isfinite(memory["growth"])
     assert "peak RSS during HVPs" in stdout and "growth when the shard doubles" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_hessian(tmp_path):
+    stdout, hessian = _bench(tmp_path, "hessian")  # b = 10 and 20: every method runs
+    assert set(hessian) == {"block", "hvp", "loop_b", "jacobian_max_b", "jacobian_guard_mib",
+                            "sizes"}
+    assert set(hessian["sizes"]) == {"10", "20"} and hessian["loop_b"] == 20
+    for figures in hessian["sizes"].values():
+        assert all(_positive(figures[key]) for key in ("batched_s", "batched_first_block_s",
+                                                        "batched_peak_rss_mib")), figures
+        assert figures["symmetry_rel"] < 1e-12
+        jacobian = figures["jacobian"]
+        assert _positive(jacobian["seconds"]) and _positive(jacobian["peak_rss_mib"]), jacobian
+        assert jacobian["max_rel_diff"] < 1e-12  # batched products = the thesis' jacobian
+    ten, twenty = hessian["sizes"]["10"], hessian["sizes"]["20"]
+    # b = 10 is in the thesis' table 14.1 (15.722 s); b = 20 is not.
+    assert ten["thesis_s"] == 15.722
+    assert ten["speedup_vs_thesis"] == pytest.approx(15.722 / ten["batched_s"])
+    assert twenty["thesis_s"] is None and twenty["speedup_vs_thesis"] is None
+    assert _positive(twenty["loop_s"]) and "loop_s" not in ten
+    assert twenty["batching_gain"] == pytest.approx(twenty["loop_s"] / twenty["batched_s"])
+    assert twenty["loop_max_abs_diff"] < 1e-12
+    assert "tape.jacobian" in stdout and "max|Hb-Hj|/max|Hj|" in stdout
 
 
 @pytest.mark.parametrize("sizes", ["0", "10,x", ""])

@@ -184,3 +184,103 @@ def test_only_the_expected_retracing_warning_is_filtered():
     retrace = record("5 out of the last 9 calls to <f> triggered tf.function retracing. Tracing")
     assert not all(f.filter(retrace) for f in logger.filters)
     assert all(f.filter(record("something else went wrong")) for f in logger.filters)
+
+
+# -- batched products: hvp_sum_many ---------------------------------------------------
+
+_HESSIANS = {}
+
+
+def _explicit_hessian(name, local, w):
+    """The explicit Hessian of a module fixture's problem, computed once (thesis 9.1)."""
+    if name not in _HESSIANS:
+        _HESSIANS[name] = local.hessian_sum(w)
+    return _HESSIANS[name]
+
+
+def _assert_columns_close(got, ref, rel):
+    assert got.shape == ref.shape
+    for j in range(ref.shape[1]):
+        assert np.linalg.norm(got[:, j] - ref[:, j]) <= rel * np.linalg.norm(ref[:, j]), j
+
+
+@pytest.mark.parametrize("name", ["cnn_problem", "mlp_problem"])
+@pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("padded", [False, True])
+def test_hvp_sum_many_equals_hvp_sum_columns_and_explicit_hessian(request, name, mode, k,
+                                                                  padded):
+    local, w = request.getfixturevalue(name)
+    xs, ys = _unchunk(local)
+    if padded:  # micro-batches of 7 rows, the last one padded with masked rows
+        other = LocalObjective(local.model, xs[:1], ys[:1], micro_batch=7, jit=False, hvp=mode)
+        other.set_samples(xs, ys, pad_to=100)
+        assert len(xs) % 7 and all(int(x.shape[0]) == 7 for x, _, _ in other._chunks)
+    else:  # micro-batches smaller than the shard, the last one shorter
+        other = LocalObjective(local.model, xs, ys, micro_batch=local.micro_batch, jit=False,
+                               hvp=mode)
+        assert len(other._chunks) > 1
+    v = np.random.default_rng(k).standard_normal((w.size, k))
+    hv = other.hvp_sum_many(w, v)
+    assert hv.shape == (w.size, k) and hv.dtype == np.float64
+    _assert_columns_close(hv, np.stack([other.hvp_sum(w, v[:, j]) for j in range(k)], axis=1),
+                          1e-12)
+    _assert_columns_close(hv, _explicit_hessian(name, local, w) @ v, 1e-10)
+
+
+def test_hvp_sum_many_with_xla_traces_once_per_shape_and_k(cnn_problem):
+    local, w = cnn_problem
+    xs, ys = _unchunk(local)
+    jitted = LocalObjective(local.model, xs[:20], ys[:20], micro_batch=10, jit=True)
+    v = np.random.default_rng(3).standard_normal((w.size, 4))
+    hv = jitted.hvp_sum_many(w, v)
+    _assert_columns_close(hv, np.stack([jitted.hvp_sum(w, v[:, j]) for j in range(4)], axis=1),
+                          1e-12)
+    traces = jitted._hvp_many_fn.experimental_get_tracing_count()
+    jitted.hvp_sum_many(w, 2 * v)
+    assert jitted._hvp_many_fn.experimental_get_tracing_count() == traces == 1
+
+
+def test_hvp_sum_many_on_strided_multichannel_convolutions():
+    """The batched convolution rules (im2col) on strides, 'valid' padding, several channels."""
+    import keras
+
+    model = keras.Sequential([
+        keras.Input((9, 9, 2), dtype="float64"),
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh", dtype="float64"),
+        keras.layers.Conv2D(2, 2, padding="valid", activation="tanh", dtype="float64"),
+        keras.layers.Flatten(dtype="float64"),
+        keras.layers.Dense(10, activation="softmax", dtype="float64"),
+    ])
+    x, y = _data(10, shape=(9, 9, 2), seed=4)  # two micro-batches of one shape: one trace
+    w = get_flat(model)
+    v = np.random.default_rng(8).standard_normal((w.size, 3))
+    reference = None
+    for mode in ("reverse_over_reverse", "forward_over_reverse"):
+        for jit in (False, True):
+            local = LocalObjective(model, x, y, micro_batch=5, jit=jit, hvp=mode)
+            if reference is None:  # hvp_sum is checked against the explicit Hessian above
+                reference = np.stack([local.hvp_sum(w, v[:, j]) for j in range(3)], axis=1)
+            _assert_columns_close(local.hvp_sum_many(w, v), reference, 1e-12)
+
+
+def test_hvp_sum_many_leaves_pfor_rules_as_they_were(mlp_problem, cnn_problem):
+    from tensorflow.python.ops.parallel_for import pfor
+
+    rules = dict(pfor._pfor_converter_registry)
+    local, w = cnn_problem
+    local.hvp_sum_many(w, np.ones((w.size, 2)))
+    assert dict(pfor._pfor_converter_registry) == rules
+
+
+def test_hvp_sum_many_edge_cases(mlp_problem):
+    local, w = mlp_problem
+    assert local.hvp_sum_many(w, np.zeros((w.size, 0))).shape == (w.size, 0)
+    with pytest.raises(ValueError, match=r"direction matrix has shape \(5, 2\)"):
+        local.hvp_sum_many(w, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="direction matrix"):
+        local.hvp_sum_many(w, np.zeros(w.size))
+    x, y = _data(0, shape=(6, 6, 1))
+    empty = LocalObjective(local.model, x, y, jit=False)
+    hv = empty.hvp_sum_many(w, np.ones((w.size, 3)))
+    assert hv.shape == (w.size, 3) and not hv.any()

@@ -7,7 +7,8 @@ carries that product with its ``shape`` and ``dtype`` (like scipy's
 backends that can batch several products in one call.
 
 - :class:`HessianOperator`: ``H_c(w)`` of a :class:`~mpinewton.solvers.base.Problem`
-  at fixed weights, one ``problem.hvp`` per column.
+  at fixed weights: one ``problem.hvp`` per vector, and one ``problem.hvp_many``
+  per block of vectors where the problem batches them (the distributed objective).
 - ``op + alpha * identity(n)``: Tikhonov damping ``H + alpha I`` (thesis 7.2, 7.5),
   see :func:`damped`.
 - :class:`MatrixOperator`: an explicit matrix (tests, small models).
@@ -145,6 +146,29 @@ class HessianOperator(LinearOperator):
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
         return self.problem.hvp(self.w, v)
+
+    def matmat(self, m: np.ndarray) -> np.ndarray:
+        """``H M`` for an ``(n, k)`` matrix: one ``problem.hvp_many`` where the problem has it.
+
+        A problem with ``hvp_many(w, M)`` computes the k products in one batch
+        (the distributed objective: one Allreduce for the block); any other
+        problem gets one ``hvp`` per column. Counts k products either way.
+        """
+        hvp_many = getattr(self.problem, "hvp_many", None)
+        if hvp_many is None:
+            return super().matmat(m)
+        m = np.asarray(m)
+        if m.ndim != 2 or m.shape[0] != self.shape[1]:
+            raise ValueError(f"{type(self).__name__}.matmat: matrix has shape {m.shape}, "
+                             f"expected ({self.shape[1]}, k)")
+        if m.shape[1] == 0:
+            return np.zeros((self.shape[0], 0), dtype=self.dtype)
+        out = np.asarray(hvp_many(self.w, m))
+        if out.shape != (self.shape[0], m.shape[1]):
+            raise ValueError(f"{type(self).__name__}.matmat: products have shape {out.shape}, "
+                             f"expected ({self.shape[0]}, {m.shape[1]})")
+        self.products += m.shape[1]
+        return out
 
 
 class ScaledIdentity(LinearOperator):

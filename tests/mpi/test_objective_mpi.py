@@ -55,3 +55,50 @@ def test_results_identical_on_every_rank(setup):
     hv = objective.hvp(w, grad)
     digests = comm.allgather(grad.tobytes() + hv.tobytes())
     assert all(d == digests[0] for d in digests)
+
+
+@pytest.fixture(scope="module")
+def explicit_hessian(setup):
+    """The one-process explicit Hessian of the mean loss (thesis 9.1), the reference."""
+    _, _, whole, w = setup
+    return whole.hessian_sum(w) / N
+
+
+def test_hvp_many_equals_serial_explicit_hessian_and_k_hvps(setup, explicit_hessian):
+    comm, objective, _, w = setup
+    v = np.random.default_rng(9).standard_normal((w.size, 4))
+    hvps, calls = objective.stats.hvps, comm.stats.allreduce_calls
+    hv = objective.hvp_many(w, v)
+    assert comm.stats.allreduce_calls - calls == 1
+    assert objective.stats.hvps - hvps == 4
+    assert hv.shape == (w.size, 4)
+    ref = explicit_hessian @ v
+    singles = np.stack([objective.hvp(w, v[:, j]) for j in range(4)], axis=1)
+    for j in range(4):
+        assert np.linalg.norm(hv[:, j] - ref[:, j]) <= 1e-10 * np.linalg.norm(ref[:, j])
+        assert np.linalg.norm(hv[:, j] - singles[:, j]) <= 1e-12 * np.linalg.norm(singles[:, j])
+    digests = comm.allgather(hv.tobytes())
+    assert all(d == digests[0] for d in digests)
+
+
+def test_hessian_operator_matmat_is_one_allreduce(setup, explicit_hessian):
+    from mpinewton.solvers import HessianOperator
+
+    comm, objective, _, w = setup
+    op = HessianOperator(objective, w)
+    v = np.random.default_rng(10).standard_normal((w.size, 3))
+    calls = comm.stats.allreduce_calls
+    hv = op.matmat(v)
+    assert comm.stats.allreduce_calls - calls == 1
+    assert op.products == 3
+    np.testing.assert_allclose(hv, explicit_hessian @ v, rtol=1e-10,
+                               atol=1e-10 * np.abs(explicit_hessian @ v).max())
+    assert op.matmat(np.zeros((w.size, 0))).shape == (w.size, 0)  # no product, no collective
+    assert comm.stats.allreduce_calls - calls == 1 and op.products == 3
+
+
+def test_hvp_many_without_columns_still_reduces_once(setup):
+    comm, objective, _, w = setup
+    calls = comm.stats.allreduce_calls
+    assert objective.hvp_many(w, np.zeros((w.size, 0))).shape == (w.size, 0)
+    assert comm.stats.allreduce_calls - calls == 1
