@@ -148,6 +148,12 @@ class Comm:
             raise ValueError(problem)
         return item
 
+    def gather(self, obj: T, root: int = 0) -> list[T] | None:
+        """Gather one picklable object from every rank onto ``root`` (None elsewhere)."""
+        if self._comm is None or self.size == 1:
+            return [obj]
+        return self._comm.gather(obj, root=root)
+
     def allgather(self, obj: T) -> list[T]:
         """Gather one small object from every rank onto every rank."""
         if self._comm is None or self.size == 1:

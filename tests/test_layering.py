@@ -29,6 +29,7 @@ def _loaded_after(imports, watched):
 @pytest.mark.parametrize(("imports", "forbidden"), [
     (["mpinewton.solvers", "mpinewton.comm", "mpinewton.objective"], ["tensorflow", "keras"]),
     (["mpinewton.solvers"], ["tensorflow", "keras", "mpi4py", "h5py", "scipy"]),
+    (["mpinewton.analysis"], ["tensorflow", "keras", "mpi4py", "h5py"]),
     (["mpinewton.solvers", "mpinewton.local", "mpinewton.models"], ["mpi4py"]),
     (["mpinewton.config", "mpinewton.train"], ["tensorflow", "keras", "mpi4py"]),
     (["mpinewton.data", "mpinewton.checkpoint", "mpinewton.durable"],
