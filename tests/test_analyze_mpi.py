@@ -150,3 +150,17 @@ def test_hessian_of_a_model_too_large_is_refused(small, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert ("the explicit Hessian of 17,088,522 weights needs 2,175,700.5 GiB, more than the"
             in proc.stderr), proc.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(small, tmp_path):
+    from mpinewton.checkpoint import write_checkpoint
+
+    args, _ = small
+    path = write_checkpoint(tmp_path / "ckpts", iteration=1, weights={"dense/kernel": np.ones(3)},
+                            state={}, config_toml="", config_sha256="0" * 64, world_size=1)
+    proc = analyze(2, "eigen", *args, "--checkpoint", str(path), "--out", str(tmp_path),
+                   timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"loading the weights failed on rank 0: ConfigError: --checkpoint {path}" \
+        in proc.stderr, proc.stderr
+    assert "variable 0" in proc.stderr and "in the checkpoint" in proc.stderr, proc.stderr
