@@ -72,12 +72,17 @@ class LinearOperator:
         self.products += 1
         return out
 
-    def matmat(self, m: np.ndarray) -> np.ndarray:
-        """``A M`` for an ``(n, k)`` matrix: one product per column unless batched."""
+    def _block(self, m: np.ndarray) -> np.ndarray:
+        """``m`` as an ``(n, k)`` array, or a ValueError naming both shapes."""
         m = np.asarray(m)
         if m.ndim != 2 or m.shape[0] != self.shape[1]:
             raise ValueError(f"{type(self).__name__}.matmat: matrix has shape {m.shape}, "
                              f"expected ({self.shape[1]}, k)")
+        return m
+
+    def matmat(self, m: np.ndarray) -> np.ndarray:
+        """``A M`` for an ``(n, k)`` matrix: one product per column unless batched."""
+        m = self._block(m)
         if m.shape[1] == 0:
             return np.zeros((self.shape[0], 0), dtype=self.dtype)
         return np.stack([self.matvec(m[:, j]) for j in range(m.shape[1])], axis=1)
@@ -110,10 +115,7 @@ class MatrixOperator(LinearOperator):
 
     def matmat(self, m: np.ndarray) -> np.ndarray:
         """``A M`` in one matrix product."""
-        m = np.asarray(m)
-        if m.ndim != 2 or m.shape[0] != self.shape[1]:
-            raise ValueError(f"MatrixOperator.matmat: matrix has shape {m.shape}, "
-                             f"expected ({self.shape[1]}, k)")
+        m = self._block(m)
         self.products += m.shape[1]
         return self.matrix @ m
 
@@ -157,10 +159,7 @@ class HessianOperator(LinearOperator):
         hvp_many = getattr(self.problem, "hvp_many", None)
         if hvp_many is None:
             return super().matmat(m)
-        m = np.asarray(m)
-        if m.ndim != 2 or m.shape[0] != self.shape[1]:
-            raise ValueError(f"{type(self).__name__}.matmat: matrix has shape {m.shape}, "
-                             f"expected ({self.shape[1]}, k)")
+        m = self._block(m)
         if m.shape[1] == 0:
             return np.zeros((self.shape[0], 0), dtype=self.dtype)
         out = np.asarray(hvp_many(self.w, m))
