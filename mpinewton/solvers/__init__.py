@@ -31,11 +31,15 @@ from .newton import (
     pure_newton,
 )
 from .operators import (
+    CURVATURES,
+    DiagonalOperator,
+    GaussNewtonOperator,
     HessianOperator,
     LinearOperator,
     MatrixOperator,
     as_scipy,
     aslinearoperator,
+    curvature_operator,
     damped,
     identity,
 )
@@ -44,14 +48,17 @@ from .operators import (
 METHODS: dict[str, type] = {cls.name: cls for cls in (NewtonCG, GradientDescent)}
 
 __all__ = [
+    "CURVATURES",
     "METHODS",
     "STEP_RULES",
     "WARM_STARTS",
     "CGReason",
     "CGResult",
+    "DiagonalOperator",
     "GDConfig",
     "GDInfo",
     "GDState",
+    "GaussNewtonOperator",
     "GradientDescent",
     "HessianOperator",
     "LineSearchResult",
@@ -75,6 +82,7 @@ __all__ = [
     "as_scipy",
     "aslinearoperator",
     "cg",
+    "curvature_operator",
     "damped",
     "fixed_step",
     "gd_armijo_step",

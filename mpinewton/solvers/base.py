@@ -34,7 +34,17 @@ __all__ = [
 
 
 class Problem(Protocol):
-    """The objective ``c(w)`` as the solvers see it: three callables on flat vectors."""
+    """The objective ``c(w)`` as the solvers see it: three callables on flat vectors.
+
+    Optional products, used where a method's configuration asks for them (a
+    problem without one gets a ``TypeError`` naming it):
+
+    - ``hvp_many(w, V)``: ``H V`` for an ``(n, k)`` block in one call;
+    - ``gnvp(w, v)`` / ``gnvp_many(w, V)``: generalised Gauss-Newton products
+      ``G v = J^T H_L J v`` (:class:`~.operators.GaussNewtonOperator`);
+    - ``grad_squares(w)``: the mean over samples of the squared per-sample
+      gradients, the empirical Fisher diagonal (diagonal preconditioners).
+    """
 
     def value(self, w: np.ndarray) -> float:
         """``c(w)``."""

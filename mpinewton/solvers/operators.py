@@ -9,6 +9,10 @@ backends that can batch several products in one call.
 - :class:`HessianOperator`: ``H_c(w)`` of a :class:`~mpinewton.solvers.base.Problem`
   at fixed weights: one ``problem.hvp`` per vector, and one ``problem.hvp_many``
   per block of vectors where the problem batches them (the distributed objective).
+- :class:`GaussNewtonOperator`: the generalised Gauss-Newton matrix ``J^T H_L J``
+  by ``problem.gnvp`` (positive semi-definite); :func:`curvature_operator` picks
+  one of :data:`CURVATURES` by name.
+- :class:`DiagonalOperator`: ``diag(d)``, for preconditioners.
 - ``op + alpha * identity(n)``: Tikhonov damping ``H + alpha I`` (thesis 7.2, 7.5),
   see :func:`damped`.
 - :class:`MatrixOperator`: an explicit matrix (tests, small models).
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
     from .base import Problem
 
 __all__ = [
+    "CURVATURES",
+    "DiagonalOperator",
+    "GaussNewtonOperator",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
@@ -35,6 +42,7 @@ __all__ = [
     "SumOperator",
     "aslinearoperator",
     "as_scipy",
+    "curvature_operator",
     "damped",
     "identity",
 ]
@@ -129,45 +137,112 @@ class _CallableOperator(LinearOperator):
         return self._fn(v)
 
 
-class HessianOperator(LinearOperator):
-    """The exact Hessian ``H_c(w)`` of a problem at fixed weights ``w`` (thesis chapter 4).
+class _CurvatureOperator(LinearOperator):
+    """A curvature matrix of a problem at fixed weights ``w``, by the problem's products.
 
-    Each product is one ``problem.hvp(w, v)``; for the distributed objective
-    that is one batch-additive product reduced by one Allreduce.  ``w`` is
-    copied, so the operator stays the Hessian at the point it was made at.
+    Subclasses name the problem's product (``hvp``) and its batched form
+    (``hvp_many``).  ``w`` is copied, so the operator stays the curvature at
+    the point it was made at.
     """
+
+    product: str = ""
+    product_many: str = ""
 
     def __init__(self, problem: Problem, w: np.ndarray) -> None:
         w = np.asarray(w)
         if w.ndim != 1:
-            raise ValueError(f"HessianOperator: w must be a 1-D vector, got shape {w.shape}")
+            raise ValueError(f"{type(self).__name__}: w must be a 1-D vector, got shape {w.shape}")
+        if not callable(getattr(problem, self.product, None)):
+            raise TypeError(f"{type(self).__name__}: the problem ({type(problem).__name__}) "
+                            f"has no {self.product}(w, v) product")
         super().__init__(w.size, w.dtype if np.issubdtype(w.dtype, np.floating) else np.float64)
         self.problem = problem
         self.w = np.array(w, copy=True)
         self.w.flags.writeable = False
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
-        return self.problem.hvp(self.w, v)
+        return getattr(self.problem, self.product)(self.w, v)
 
     def matmat(self, m: np.ndarray) -> np.ndarray:
-        """``H M`` for an ``(n, k)`` matrix: one ``problem.hvp_many`` where the problem has it.
+        """``A M`` for an ``(n, k)`` matrix: one batched product where the problem has it.
 
-        A problem with ``hvp_many(w, M)`` computes the k products in one batch
-        (the distributed objective: one Allreduce for the block); any other
-        problem gets one ``hvp`` per column. Counts k products either way.
+        A problem with the batched product (``hvp_many``, ``gnvp_many``)
+        computes the k products in one call (the distributed objective: one
+        Allreduce for the block); any other problem gets one product per
+        column. Counts k products either way.
         """
-        hvp_many = getattr(self.problem, "hvp_many", None)
-        if hvp_many is None:
+        many = getattr(self.problem, self.product_many, None)
+        if many is None:
             return super().matmat(m)
         m = self._block(m)
         if m.shape[1] == 0:
             return np.zeros((self.shape[0], 0), dtype=self.dtype)
-        out = np.asarray(hvp_many(self.w, m))
+        out = np.asarray(many(self.w, m))
         if out.shape != (self.shape[0], m.shape[1]):
             raise ValueError(f"{type(self).__name__}.matmat: products have shape {out.shape}, "
                              f"expected ({self.shape[0]}, {m.shape[1]})")
         self.products += m.shape[1]
         return out
+
+
+class HessianOperator(_CurvatureOperator):
+    """The exact Hessian ``H_c(w)`` of a problem at fixed weights ``w`` (thesis chapter 4).
+
+    Each product is one ``problem.hvp(w, v)``; for the distributed objective
+    that is one batch-additive product reduced by one Allreduce; blocks use
+    ``problem.hvp_many`` where the problem has it.
+    """
+
+    product, product_many = "hvp", "hvp_many"
+
+
+class GaussNewtonOperator(_CurvatureOperator):
+    """The generalised Gauss-Newton matrix ``G(w) = J^T H_L J`` (Schraudolph 2002).
+
+    ``J`` is the Jacobian of the network's output (its logits, where the loss
+    takes a softmax of them) with respect to the weights and ``H_L`` the
+    Hessian of the loss with respect to that output; the loss is convex there,
+    so ``G`` is positive semi-definite and CG on ``G + alpha I`` never meets
+    negative curvature (Martens 2010).  Thesis chapter 6 derives the ``J^T J``
+    system of squared error, the special case ``H_L = 2 I / K``.  Each product
+    is one ``problem.gnvp(w, v)``; blocks use ``problem.gnvp_many``.
+    """
+
+    product, product_many = "gnvp", "gnvp_many"
+
+
+#: Curvature matrices a method can build CG's operator from (``curvature`` keys).
+CURVATURES: dict[str, type[_CurvatureOperator]] = {
+    "hessian": HessianOperator, "gauss_newton": GaussNewtonOperator}
+
+
+def curvature_operator(problem: Problem, w: np.ndarray, kind: str = "hessian") -> LinearOperator:
+    """The curvature ``kind`` (a key of :data:`CURVATURES`) of ``problem`` at ``w``."""
+    if kind not in CURVATURES:
+        raise ValueError(f"unknown curvature {kind!r}; known: {', '.join(CURVATURES)}")
+    return CURVATURES[kind](problem, w)
+
+
+class DiagonalOperator(LinearOperator):
+    """``diag(d)``: Jacobi-type preconditioners and their inverses."""
+
+    def __init__(self, diagonal: np.ndarray) -> None:
+        diagonal = np.asarray(diagonal)
+        if diagonal.ndim != 1:
+            raise ValueError(f"DiagonalOperator: need a 1-D diagonal, got shape {diagonal.shape}")
+        super().__init__(diagonal.size, diagonal.dtype if np.issubdtype(diagonal.dtype, np.floating)
+                         else np.float64)
+        self.diagonal = np.array(diagonal, dtype=self.dtype, copy=True)
+        self.diagonal.flags.writeable = False
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        return self.diagonal * v
+
+    def matmat(self, m: np.ndarray) -> np.ndarray:
+        """``diag(d) M`` in one broadcast product."""
+        m = self._block(m)
+        self.products += m.shape[1]
+        return self.diagonal[:, None] * m
 
 
 class ScaledIdentity(LinearOperator):
