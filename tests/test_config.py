@@ -50,7 +50,7 @@ def test_unknown_key_names_nearest(override, nearest):
     ("optimizer.iters=-1", "optimizer.iters = -1 must be an integer >= 0"),
     ("model.dtype='float16'", "model.dtype = 'float16' must be one of float32, float64"),
     ("optimizer.descent_threshold=0.5", "optimizer.descent_threshold = 0.5 must be a number <= 0"),
-    ("optimizer.method='adam'", "must be one of newton, gd; did you mean"),
+    ("optimizer.method='trust-region'", "must be one of newton, .*; did you mean 'trust_region'"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -116,3 +116,11 @@ def test_every_job_file_loads_and_switches_to_gradient_descent(path):
     job = load_job(path)
     assert job.notes == ()
     assert load_job(path, ["optimizer.method='gd'"]).optimizer.params.learning_rate > 0
+
+
+def test_curvature_fraction_is_a_schedule_key_in_0_1():
+    assert load_job(None, ["optimizer.curvature_fraction=0.25"]).optimizer.curvature_fraction \
+        == 0.25
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="curvature_fraction"):
+            load_job(None, [f"optimizer.curvature_fraction={bad}"])

@@ -8,6 +8,8 @@
 - :mod:`.linesearch`: Armijo and fixed step sizes (thesis 9.2).
 - :mod:`.gd`: gradient descent (thesis Algorithm 1); :mod:`.newton`: globalised
   Newton-CG (thesis Algorithm 4).
+- :mod:`.steihaug`, :mod:`.trust_region`: Newton with a trust region, the
+  subproblem by Steihaug-CG (Nocedal & Wright Algorithms 4.1, 7.2).
 - :mod:`.loop`: the one loop that runs phases of methods, used by
   :func:`minimize` and by the training driver.
 
@@ -43,9 +45,18 @@ from .operators import (
     damped,
     identity,
 )
+from .steihaug import SteihaugReason, SteihaugResult, steihaug_cg
+from .trust_region import (
+    TrustRegionConfig,
+    TrustRegionInfo,
+    TrustRegionNewton,
+    TrustRegionState,
+    trust_region_step,
+)
 
 #: The methods a job's ``optimizer.method`` can name.
-METHODS: dict[str, type] = {cls.name: cls for cls in (NewtonCG, GradientDescent)}
+METHODS: dict[str, type] = {cls.name: cls for cls in (NewtonCG, TrustRegionNewton,
+                                                       GradientDescent)}
 
 __all__ = [
     "CURVATURES",
@@ -77,7 +88,13 @@ __all__ = [
     "Problem",
     "SolverState",
     "StepInfo",
+    "SteihaugReason",
+    "SteihaugResult",
     "StepRecord",
+    "TrustRegionConfig",
+    "TrustRegionInfo",
+    "TrustRegionNewton",
+    "TrustRegionState",
     "armijo",
     "as_scipy",
     "aslinearoperator",
@@ -92,4 +109,6 @@ __all__ = [
     "newton_step",
     "pure_newton",
     "run",
+    "steihaug_cg",
+    "trust_region_step",
 ]
