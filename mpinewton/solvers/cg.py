@@ -4,6 +4,10 @@ Thesis Algorithm 3 (section 5), in the notation of Nocedal & Wright: solve
 ``A x = b`` where ``A`` is a :class:`~mpinewton.solvers.operators.LinearOperator`
 known only by its product ``v -> A v`` -- for Newton, the damped Hessian
 ``H + alpha I`` (thesis chapter 4 and 7.2, :func:`~mpinewton.solvers.operators.damped`).
+With a preconditioner it is preconditioned CG (Nocedal & Wright 2nd ed.,
+Algorithm 5.3).  Besides ``x`` it reports, without extra products, the value
+of the quadratic model at ``x``, the iterates Martens (2010, section 4.6)
+backtracks over, and the direction of negative curvature it met.
 Pure numpy:
 nothing here knows about MPI or TensorFlow, so every rank that calls
 :func:`cg` with the same inputs gets bitwise the same outputs.
@@ -13,14 +17,14 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .operators import LinearOperator, aslinearoperator
 
-__all__ = ["CGReason", "CGResult", "cg"]
+__all__ = ["CGReason", "CGResult", "cg", "keep_schedule"]
 
 
 class CGReason(enum.StrEnum):
@@ -42,6 +46,22 @@ class CGResult:
     ``residual_norm`` is the norm of the recursively updated residual (no
     extra matvec is spent on the true residual); ``tolerance`` is the absolute
     threshold the residual was compared with.
+
+    Model values, from the recursive residual ``r = b - A x`` (no extra
+    product): ``x_dot_ax = x.A x = b.x - r.x`` and ``model_value = q(x) =
+    0.5 x.A x - b.x = -0.5 (b.x + r.x)`` (NaN when ``r`` is not finite).
+    For a damped operator ``A = B + alpha I`` the undamped curvature is
+    ``x.B x = x_dot_ax - alpha |x|^2``.
+
+    ``iterates`` (only with ``keep_iterates``): ``(i, x_i)`` pairs, ``x_i``
+    the iterate after ``i`` CG updates, for ``i = ceil(1.3^j)`` (Martens 2010,
+    section 4.6) and, last, the returned ``x`` (its ``i`` is ``iterations``,
+    or ``iterations - 1`` when the last iteration broke down);
+    ``iterate_x_dot_ax`` holds ``x_i.A x_i`` for each.
+
+    ``negative_curvature_direction`` is the search direction ``p`` with
+    ``p.A p <= 0`` (reason ``NEGATIVE_CURVATURE``, None otherwise) and
+    ``negative_curvature_value`` its ``p.A p`` (NaN otherwise).
     """
 
     x: np.ndarray
@@ -50,11 +70,31 @@ class CGResult:
     matvecs: int
     residual_norm: float
     tolerance: float
+    model_value: float = math.nan
+    x_dot_ax: float = math.nan
+    iterates: tuple[tuple[int, np.ndarray], ...] = ()
+    iterate_x_dot_ax: tuple[float, ...] = ()
+    negative_curvature_direction: np.ndarray | None = None
+    negative_curvature_value: float = math.nan
 
     @property
     def converged(self) -> bool:
         """True when the residual criterion was met."""
         return self.reason is CGReason.CONVERGED
+
+
+def keep_schedule() -> Iterator[int]:
+    """The CG iterations Martens (2010, section 4.6) keeps: distinct ``ceil(1.3^j)``, j >= 0.
+
+    ``1, 2, 3, 4, 5, 7, 9, 11, 14, 18, 24, 31, 40, 52, ...``
+    """
+    last, j = 0, 0
+    while True:
+        i = math.ceil(1.3**j)
+        j += 1
+        if i > last:
+            last = i
+            yield i
 
 
 def _float_dtype(dtype: np.dtype) -> np.dtype:
@@ -80,6 +120,8 @@ def cg(
     atol: float = 0.0,
     max_iter: int | None = None,
     scale_tol_sqrt_n: bool = False,
+    preconditioner: LinearOperator | Callable[[np.ndarray], np.ndarray] | None = None,
+    keep_iterates: bool = False,
 ) -> CGResult:
     """Solve ``A x = b`` by conjugate gradients (thesis Algorithm 3).
 
@@ -87,6 +129,13 @@ def cg(
     as one); its product is called exactly once per iteration, plus once for
     the warm-start residual ``b - A x0`` when ``x0`` is given and not all zeros.
     Damping is part of the operator: pass ``damped(H, alpha)``.
+
+    ``preconditioner`` applies ``M^{-1}`` (an operator or a callable; symmetric
+    positive definite): preconditioned CG, Nocedal & Wright Algorithm 5.3, one
+    application per iteration plus one at the start.  The stopping test stays
+    on the unpreconditioned residual ``||r||``.  A non-positive ``r.M^{-1} r``
+    (a preconditioner that is not positive definite) raises ``ValueError``.
+    Without one, the arithmetic is exactly that of plain CG.
 
     Stopping rules, checked in this order:
 
@@ -97,15 +146,17 @@ def cg(
     * a product or scalar is NaN/Inf -> ``NAN_OR_INF``; ``x`` is the last
       finite iterate (``x0``, or zeros, if it happens before the first update).
     * ``p.A p <= 0`` -> ``NEGATIVE_CURVATURE``; ``x`` is the
-      current iterate, *not* extended along ``p``.  At iteration 0 that is
+      current iterate, *not* extended along ``p``, which is returned as
+      ``negative_curvature_direction``.  At iteration 0 ``x`` is
       ``x0`` (zeros without warm start): deciding what to do with such a
       direction (the descent test and steepest-descent fallback of thesis
       Algorithm 4) is the Newton layer's job.
     * ``max_iter`` iterations (default ``n``) -> ``MAX_ITER``.
 
-    Computation is in the floating dtype of ``b`` (float64 for integer input).
-    No randomness and no data-dependent ordering: identical inputs give
-    bitwise identical outputs.
+    ``keep_iterates`` stores the iterates for Martens' CG backtracking
+    (:class:`CGResult`).  Computation is in the floating dtype of ``b``
+    (float64 for integer input).  No randomness and no data-dependent
+    ordering: identical inputs give bitwise identical outputs.
     """
     b = np.asarray(b)
     if b.ndim != 1:
@@ -116,6 +167,9 @@ def cg(
     op = aslinearoperator(a, n, dtype)
     if op.shape != (n, n):
         raise ValueError(f"cg: operator has shape {op.shape}, b has shape {b.shape}")
+    precond = None if preconditioner is None else aslinearoperator(preconditioner, n, dtype)
+    if precond is not None and precond.shape != (n, n):
+        raise ValueError(f"cg: preconditioner has shape {precond.shape}, b has shape {b.shape}")
     rtol = _check_nonnegative("rtol", rtol)
     atol = _check_nonnegative("atol", atol)
     if max_iter is None:
@@ -142,10 +196,35 @@ def cg(
     def start() -> np.ndarray:
         return x0.copy() if x0 is not None else np.zeros(n, dtype=dtype)
 
+    kept: list[tuple[int, np.ndarray]] = []
+    kept_xax: list[float] = []
+    schedule = keep_schedule()
+    next_keep = next(schedule)
+
+    def x_dot_ax(x: np.ndarray, r: np.ndarray | None) -> float:
+        """``x.A x = b.x - r.x`` from the recursive residual ``r = b - A x``."""
+        if r is None:
+            return math.nan
+        return float(b @ x) - float(r @ x)
+
+    def finish(x: np.ndarray, reason: CGReason, iterations: int, matvecs: int,
+               rnorm: float, r: np.ndarray | None, updates: int,
+               p: np.ndarray | None = None, pap: float = math.nan) -> CGResult:
+        xax = x_dot_ax(x, r)
+        model = 0.5 * xax - float(b @ x) if r is not None else math.nan
+        if not math.isfinite(model):
+            xax = model = math.nan
+        if keep_iterates and (not kept or kept[-1][0] != updates):
+            kept.append((updates, x))
+            kept_xax.append(xax)
+        return CGResult(x, reason, iterations, matvecs, rnorm, tol, model, xax,
+                        tuple(kept), tuple(kept_xax), p, pap)
+
     if not math.isfinite(bnorm):
-        return CGResult(start(), CGReason.NAN_OR_INF, 0, 0, bnorm, tol)
+        return finish(start(), CGReason.NAN_OR_INF, 0, 0, bnorm, None, 0)
     if bnorm == 0.0:
-        return CGResult(np.zeros(n, dtype=dtype), CGReason.CONVERGED, 0, 0, 0.0, tol)
+        z = np.zeros(n, dtype=dtype)
+        return finish(z, CGReason.CONVERGED, 0, 0, 0.0, z, 0)
 
     matvecs = 0
     if x0 is not None and np.any(x0):
@@ -158,35 +237,62 @@ def cg(
         r = b.copy()
     rr = float(r @ r)
     if not math.isfinite(rr):
-        return CGResult(x, CGReason.NAN_OR_INF, 0, matvecs, math.nan, tol)
+        return finish(x, CGReason.NAN_OR_INF, 0, matvecs, math.nan, None, 0)
     rnorm = math.sqrt(rr)
     if rnorm <= tol:
-        return CGResult(x, CGReason.CONVERGED, 0, matvecs, rnorm, tol)
+        return finish(x, CGReason.CONVERGED, 0, matvecs, rnorm, r, 0)
 
-    p = r.copy()
+    def psolve(r: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(y, r.y)`` with ``y = M^{-1} r`` (``(r, r.r)`` without a preconditioner)."""
+        y = precond.matvec(r).astype(dtype, copy=False)  # type: ignore[union-attr]
+        ry = float(r @ y)
+        if math.isfinite(ry) and ry <= 0.0:
+            raise ValueError(f"cg: the preconditioner is not positive definite (r.M^-1 r = {ry!r})")
+        return y, ry
+
+    if precond is None:
+        y, ry = r, rr
+    else:
+        y, ry = psolve(r)
+        if not math.isfinite(ry):
+            return finish(x, CGReason.NAN_OR_INF, 0, matvecs, rnorm, r, 0)
+
+    p = y.copy()
     iterations = 0
     while iterations < max_iter:
         Ap = apply(p)
         matvecs += 1
         iterations += 1
+        updates = iterations - 1
         # A non-finite entry of Ap makes pAp non-finite (p != 0 while r != 0).
         pAp = float(p @ Ap)
         if not math.isfinite(pAp):
-            return CGResult(x, CGReason.NAN_OR_INF, iterations, matvecs, rnorm, tol)
+            return finish(x, CGReason.NAN_OR_INF, iterations, matvecs, rnorm, r, updates)
         if pAp <= 0.0:
-            return CGResult(x, CGReason.NEGATIVE_CURVATURE, iterations, matvecs, rnorm, tol)
-        alpha = rr / pAp
+            return finish(x, CGReason.NEGATIVE_CURVATURE, iterations, matvecs, rnorm, r,
+                          updates, p, pAp)
+        alpha = ry / pAp
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below
             x_new = x + alpha * p
             r_new = r - alpha * Ap
             rr_new = float(r_new @ r_new)
         if not (math.isfinite(alpha) and math.isfinite(rr_new) and np.all(np.isfinite(x_new))):
-            return CGResult(x, CGReason.NAN_OR_INF, iterations, matvecs, rnorm, tol)
+            return finish(x, CGReason.NAN_OR_INF, iterations, matvecs, rnorm, r, updates)
         x, r = x_new, r_new
         rnorm = math.sqrt(rr_new)
+        if keep_iterates and iterations == next_keep:
+            kept.append((iterations, x))
+            kept_xax.append(x_dot_ax(x, r))
+            next_keep = next(schedule)
         if rnorm <= tol:
-            return CGResult(x, CGReason.CONVERGED, iterations, matvecs, rnorm, tol)
-        beta = rr_new / rr
-        rr = rr_new
-        p = r + beta * p
-    return CGResult(x, CGReason.MAX_ITER, iterations, matvecs, rnorm, tol)
+            return finish(x, CGReason.CONVERGED, iterations, matvecs, rnorm, r, iterations)
+        if precond is None:
+            y, ry_new = r, rr_new
+        else:
+            y, ry_new = psolve(r)
+            if not math.isfinite(ry_new):
+                return finish(x, CGReason.NAN_OR_INF, iterations, matvecs, rnorm, r, iterations)
+        beta = ry_new / ry
+        ry = ry_new
+        p = y + beta * p
+    return finish(x, CGReason.MAX_ITER, iterations, matvecs, rnorm, r, iterations)

@@ -5,6 +5,8 @@ import pytest
 import scipy.sparse.linalg as spla
 
 from mpinewton.solvers import CGReason, CGResult, MatrixOperator, aslinearoperator, cg, damped
+from mpinewton.solvers.cg import keep_schedule
+from mpinewton.solvers.operators import DiagonalOperator
 
 from .problems import spd_matrix
 
@@ -270,3 +272,163 @@ def test_damping_must_be_finite():
 def test_matvec_of_wrong_shape():
     with pytest.raises(ValueError, match="shape"):
         cg(lambda v: np.ones(2), np.ones(3))
+
+
+# ------------------------------------------- preconditioning (N&W Algorithm 5.3)
+
+
+def test_pcg_with_exact_diagonal_converges_in_one_iteration():
+    d = np.logspace(-3, 3, 40)
+    b = np.random.default_rng(0).standard_normal(40)
+    plain = cg(MatrixOperator(np.diag(d)), b, rtol=1e-10)
+    res = cg(MatrixOperator(np.diag(d)), b, rtol=1e-10, preconditioner=DiagonalOperator(1.0 / d))
+    assert res.reason is CGReason.CONVERGED and res.iterations == 1 == res.matvecs
+    assert plain.iterations > 10
+    np.testing.assert_allclose(res.x, b / d, rtol=1e-12)
+
+
+def _badly_scaled(n, seed):
+    s = np.logspace(0, 3, n)  # row/column scales: D A D with a well-conditioned A
+    a = s[:, None] * spd_matrix(n, 10.0, seed) * s[None, :]
+    return 0.5 * (a + a.T)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pcg_jacobi_matches_scipy_and_needs_fewer_iterations(seed):
+    n = 60
+    a = _badly_scaled(n, seed)
+    b = np.random.default_rng(seed).standard_normal(n)
+    inv_diag = 1.0 / np.diag(a)
+    res = cg(MatrixOperator(a), b, rtol=1e-10, max_iter=20 * n,
+             preconditioner=lambda v: inv_diag * v)
+    plain = cg(MatrixOperator(a), b, rtol=1e-10, max_iter=20 * n)
+    ref, info = spla.cg(a, b, rtol=1e-12, atol=0.0, maxiter=20 * n,
+                        M=spla.LinearOperator((n, n), matvec=lambda v: inv_diag * v))
+    assert info == 0 and res.reason is CGReason.CONVERGED
+    exact = np.linalg.solve(a, b)
+    np.testing.assert_allclose(res.x, ref, rtol=1e-6, atol=1e-8 * np.abs(exact).max())
+    np.testing.assert_allclose(res.x, exact, rtol=1e-6, atol=1e-8 * np.abs(exact).max())
+    assert res.iterations < plain.iterations / 2
+    assert res.residual_norm <= res.tolerance  # the test is on the unpreconditioned residual
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_pcg_iterates_match_scipy(k):
+    n = 30
+    a = _badly_scaled(n, 5)
+    b = np.random.default_rng(5).standard_normal(n)
+    m = spla.LinearOperator((n, n), matvec=lambda v: v / np.diag(a))
+    ours = cg(MatrixOperator(a), b, rtol=0.0, max_iter=k,
+              preconditioner=DiagonalOperator(1 / np.diag(a)))
+    ref, _ = spla.cg(a, b, rtol=0.0, atol=0.0, maxiter=k, M=m)
+    np.testing.assert_allclose(ours.x, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+
+
+def test_pcg_identity_preconditioner_is_plain_cg():
+    a = spd_matrix(20, 1e3, 4)
+    b = np.random.default_rng(4).standard_normal(20)
+    plain = cg(MatrixOperator(a), b, rtol=1e-9)
+    pre = cg(MatrixOperator(a), b, rtol=1e-9, preconditioner=lambda v: v.copy())
+    assert plain.iterations == pre.iterations
+    np.testing.assert_allclose(pre.x, plain.x, rtol=1e-12)
+
+
+def test_pcg_rejects_indefinite_preconditioner():
+    with pytest.raises(ValueError, match="positive definite"):
+        cg(MatrixOperator(np.eye(3)), np.ones(3), preconditioner=lambda v: -v)
+
+
+# ---------------------------------------------- model value, iterates, curvature
+
+
+def _explicit_model(a, b, x):
+    return 0.5 * x @ a @ x - b @ x
+
+
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("max_iter", [1, 4, 100])
+@pytest.mark.parametrize("damping", [0.0, 0.7])
+@pytest.mark.parametrize("precondition", [False, True])
+def test_model_value_equals_explicit_quadratic(warm, max_iter, damping, precondition):
+    n = 25
+    a = spd_matrix(n, 1e3, 8)
+    rng = np.random.default_rng(8)
+    b = rng.standard_normal(n)
+    x0 = rng.standard_normal(n) if warm else None
+    pre = DiagonalOperator(1 / (np.diag(a) + damping)) if precondition else None
+    res = cg(damped(MatrixOperator(a), damping), b, x0=x0, rtol=1e-10, max_iter=max_iter,
+             preconditioner=pre)
+    m = a + damping * np.eye(n)
+    assert res.model_value == pytest.approx(_explicit_model(m, b, res.x), rel=1e-9, abs=1e-12)
+    assert res.x_dot_ax == pytest.approx(res.x @ m @ res.x, rel=1e-9, abs=1e-12)
+    # the undamped curvature from the damped one, as the Newton layer gets it
+    undamped = res.x_dot_ax - damping * res.x @ res.x
+    assert undamped == pytest.approx(res.x @ a @ res.x, rel=1e-8)
+
+
+def test_model_value_of_zero_rhs_and_negative_curvature():
+    res = cg(lambda v: v, np.zeros(3))
+    assert res.model_value == 0.0 and res.x_dot_ax == 0.0
+    a = np.diag([1.0, 2.0, -3.0])
+    b = np.array([1.0, 1.0, 0.1])
+    res = cg(lambda v: a @ v, b, rtol=1e-12)
+    assert res.reason is CGReason.NEGATIVE_CURVATURE
+    assert res.model_value == pytest.approx(_explicit_model(a, b, res.x), rel=1e-12)
+
+
+def test_keep_schedule_is_ceil_of_powers_of_1_3():
+    it = keep_schedule()
+    got = [next(it) for _ in range(14)]
+    expect = sorted({math.ceil(1.3**j) for j in range(40)})[:14]
+    assert got == expect == [1, 2, 3, 4, 5, 7, 9, 11, 14, 18, 24, 31, 40, 52]
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_kept_iterates_are_plain_cg_iterates(warm):
+    n = 40
+    a = spd_matrix(n, 1e4, 3)
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal(n)
+    x0 = rng.standard_normal(n) if warm else None
+    res = cg(MatrixOperator(a), b, x0=x0, rtol=0.0, max_iter=20, keep_iterates=True)
+    plain = cg(MatrixOperator(a), b, x0=x0, rtol=0.0, max_iter=20)
+    assert res.x.tobytes() == plain.x.tobytes()  # keeping iterates changes nothing
+    assert [i for i, _ in res.iterates] == [1, 2, 3, 4, 5, 7, 9, 11, 14, 18, 20]
+    assert res.iterates[-1][1] is res.x
+    assert len(res.iterate_x_dot_ax) == len(res.iterates)
+    for (i, x), xax in zip(res.iterates, res.iterate_x_dot_ax, strict=True):
+        capped = cg(MatrixOperator(a), b, x0=x0, rtol=0.0, max_iter=i)
+        assert x.tobytes() == capped.x.tobytes(), i
+        assert xax == pytest.approx(x @ a @ x, rel=1e-9)
+
+
+def test_kept_iterates_end_with_the_returned_iterate():
+    a = spd_matrix(10, 10.0, 0)
+    res = cg(MatrixOperator(a), np.ones(10), rtol=1e-10, keep_iterates=True)
+    assert res.reason is CGReason.CONVERGED
+    assert res.iterates[-1][0] == res.iterations and res.iterates[-1][1] is res.x
+    assert len({i for i, _ in res.iterates}) == len(res.iterates)  # no duplicates
+    assert cg(MatrixOperator(a), np.ones(10)).iterates == ()  # off by default
+
+
+def test_negative_curvature_direction_is_returned():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    a = (q * np.array([-1.0, 1.0, 2.0, 3.0, 4.0])) @ q.T
+    b = q[:, 0]
+    res = cg(lambda v: a @ v, b, keep_iterates=True)
+    assert res.reason is CGReason.NEGATIVE_CURVATURE
+    assert res.iterations == 1
+    np.testing.assert_array_equal(res.negative_curvature_direction, b)  # p0 = r0 = b
+    assert res.negative_curvature_value == pytest.approx(-1.0, rel=1e-12)
+    assert res.iterates == ((0, res.x),)
+    # later: p is CG's direction at the breaking iteration, p.A p <= 0
+    a2 = np.diag([1.0, 2.0, -3.0])
+    res2 = cg(lambda v: a2 @ v, np.array([1.0, 1.0, 0.1]), rtol=1e-12)
+    p = res2.negative_curvature_direction
+    assert res2.iterations >= 2
+    assert res2.negative_curvature_value == pytest.approx(p @ a2 @ p, rel=1e-12)
+    assert res2.negative_curvature_value <= 0.0
+    # no negative curvature: nothing returned
+    ok = cg(lambda v: v, np.ones(3))
+    assert ok.negative_curvature_direction is None and math.isnan(ok.negative_curvature_value)
