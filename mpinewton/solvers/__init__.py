@@ -8,6 +8,8 @@
 - :mod:`.linesearch`: Armijo and fixed step sizes (thesis 9.2).
 - :mod:`.gd`: gradient descent (thesis Algorithm 1); :mod:`.newton`: globalised
   Newton-CG (thesis Algorithm 4).
+- :mod:`.momentum`, :mod:`.adam`, :mod:`.lbfgs`: the first-order and quasi-Newton
+  baselines a user would otherwise pick (heavy ball / Nesterov, Adam, L-BFGS).
 - :mod:`.steihaug`, :mod:`.trust_region`: Newton with a trust region, the
   subproblem by Steihaug-CG (Nocedal & Wright Algorithms 4.1, 7.2).
 - :mod:`.loop`: the one loop that runs phases of methods, used by
@@ -17,11 +19,14 @@
 is one module with a config dataclass, a state and a step, and one entry here.
 """
 
+from .adam import Adam, AdamConfig, AdamState
 from .base import Method, ParameterError, Problem, SolverState, StepRecord
 from .cg import CGReason, CGResult, cg
 from .gd import GDConfig, GDInfo, GDState, GradientDescent, gd_armijo_step, gd_step
+from .lbfgs import LBFGS, LBFGSConfig, LBFGSState, two_loop
 from .linesearch import LineSearchResult, armijo, fixed_step
 from .loop import LoopHooks, LoopReason, LoopResult, MinimizeResult, Phase, minimize, run
+from .momentum import Momentum, MomentumConfig, MomentumState
 from .newton import (
     STEP_RULES,
     WARM_STARTS,
@@ -55,11 +60,20 @@ from .trust_region import (
 )
 
 #: The methods a job's ``optimizer.method`` can name.
-METHODS: dict[str, type] = {cls.name: cls for cls in (NewtonCG, TrustRegionNewton,
-                                                       GradientDescent)}
+METHODS: dict[str, type] = {cls.name: cls for cls in (
+    NewtonCG, TrustRegionNewton, GradientDescent, Momentum, Adam, LBFGS)}
 
 __all__ = [
+    "LBFGS",
+    "Adam",
+    "AdamConfig",
+    "AdamState",
     "CURVATURES",
+    "LBFGSConfig",
+    "LBFGSState",
+    "Momentum",
+    "MomentumConfig",
+    "MomentumState",
     "METHODS",
     "STEP_RULES",
     "WARM_STARTS",
@@ -111,4 +125,5 @@ __all__ = [
     "run",
     "steihaug_cg",
     "trust_region_step",
+    "two_loop",
 ]

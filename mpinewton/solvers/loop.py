@@ -124,10 +124,16 @@ def run(
                 continue
             hooks.before_step(k, phase)
             vg = None
-            if gtol is not None:
-                vg = check_value_and_grad(problem, w, None, f"iteration {k}")
+            reuses = getattr(phase.method, "reuses_gradient", False)
+            if gtol is not None or (fresh_batches and reuses):
+                # A method that keeps c and g from its last step (L-BFGS) must not
+                # reuse them when the step's batch is new; on the same data the
+                # convergence test takes them from it instead of recomputing.
+                cached = phase.method.cached_value_and_grad(w, now[phase.name]) \
+                    if reuses and not fresh_batches else None
+                vg = check_value_and_grad(problem, w, cached, f"iteration {k}")
                 gnorm = float(np.linalg.norm(vg[1]))
-                if gnorm <= gtol:
+                if gtol is not None and gnorm <= gtol:
                     return LoopResult(w, now, k - 1, LoopReason.CONVERGED,
                                       f"|g| = {gnorm:.3e} <= gtol = {gtol:.3e}", gnorm, vg[0])
             w_new, now[phase.name], info = phase.method.step(problem, w, now[phase.name],
