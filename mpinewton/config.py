@@ -109,12 +109,13 @@ class OptimizerConfig:
     Pre-training is gradient descent with a fixed ``pretrain_lr``.
     """
 
-    method: str = "newton"  # one of solvers.METHODS: newton | gd
+    method: str = "newton"  # one of solvers.METHODS (newton, trust_region, gd, momentum, ...)
     batch_size: int = 0  # samples per iteration, drawn afresh each time (thesis 8.2); 0 = all
     iters: int = 20  # iterations of the method after pre-training
     pretrain_iters: int = 60  # gradient-descent pre-training iterations
     pretrain_lr: float = 1.0  # learning rate of pre-training
     gtol: float = 0.0  # stop once |g| <= gtol (on the batch, with mini-batches); 0 = never
+    curvature_fraction: float = 1.0  # part of the batch the curvature products use, in (0, 1]
     params: Any = None  # the method's configuration (its config_class); None = its defaults
 
     def __post_init__(self) -> None:
@@ -124,6 +125,10 @@ class OptimizerConfig:
         require(self, "pretrain_iters", "int >= 0")
         require(self, "pretrain_lr", "> 0")
         require(self, "gtol", ">= 0")
+        require(self, "curvature_fraction", "> 0")
+        if self.curvature_fraction > 1:
+            raise ParameterError("OptimizerConfig", "curvature_fraction", self.curvature_fraction,
+                                 "a number in (0, 1]")
         config_class = METHODS[self.method].config_class
         if self.params is None:
             object.__setattr__(self, "params", config_class())

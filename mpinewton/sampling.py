@@ -20,6 +20,7 @@ module knows neither MPI nor TensorFlow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,3 +85,27 @@ class MiniBatchSampler:
         return cls(num_samples, batch_size, seed=int(state["seed"]), epoch=int(state["epoch"]),
                    position=int(state["position"]))
 
+
+
+def curvature_count(batch_size: int, fraction: float) -> int:
+    """``ceil(fraction * batch_size)`` (at least 1): the size of a curvature subset."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"curvature fraction must be in (0, 1], got {fraction!r}")
+    return min(batch_size, max(1, math.ceil(fraction * batch_size)))
+
+
+def curvature_rows(batch_size: int, fraction: float, seed: int, iteration: int) -> np.ndarray:
+    """Positions in a batch of ``batch_size`` whose curvature products an iteration uses.
+
+    Sub-sampled curvature (Byrd, Chin, Neveitt & Nocedal 2011; Martens 2010
+    sec. 4.3): the gradient runs on the whole batch, the Hessian or
+    Gauss-Newton products on ``ceil(fraction * batch_size)`` of its samples,
+    drawn without replacement by ``numpy.random.default_rng([seed, 2, iteration])``
+    afresh at each iteration. The positions are global (sorted), so every
+    number of ranks draws the same subset; ``fraction = 1`` is the whole batch.
+    """
+    m = curvature_count(batch_size, fraction)
+    if m >= batch_size:
+        return np.arange(batch_size)
+    rng = np.random.default_rng([seed, 2, iteration])
+    return np.sort(rng.choice(batch_size, m, replace=False))

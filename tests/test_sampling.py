@@ -52,3 +52,36 @@ def test_resuming_with_another_data_set_or_batch_size_is_refused():
 def test_bad_batch_sizes_are_errors(n, b):
     with pytest.raises(ValueError, match="batch size"):
         MiniBatchSampler(n, b)
+
+
+def test_curvature_rows_are_a_seeded_subset_of_the_right_size():
+    from mpinewton.sampling import curvature_count, curvature_rows
+
+    rows = curvature_rows(1000, 0.1, seed=3, iteration=5)
+    assert rows.size == curvature_count(1000, 0.1) == 100
+    assert np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < 1000
+    np.testing.assert_array_equal(rows, curvature_rows(1000, 0.1, seed=3, iteration=5))
+    assert not np.array_equal(rows, curvature_rows(1000, 0.1, seed=3, iteration=6))
+    assert not np.array_equal(rows, curvature_rows(1000, 0.1, seed=4, iteration=5))
+    np.testing.assert_array_equal(curvature_rows(7, 1.0, seed=0, iteration=1), np.arange(7))
+    assert curvature_count(7, 0.01) == 1 and curvature_count(7, 0.5) == 4
+    with pytest.raises(ValueError, match="curvature fraction"):
+        curvature_count(10, 0.0)
+    with pytest.raises(ValueError, match="curvature fraction"):
+        curvature_count(10, 1.5)
+
+
+def test_the_ranks_curvature_rows_add_up_to_the_subset():
+    from mpinewton.data import shard_bounds
+    from mpinewton.sampling import curvature_rows
+    from mpinewton.train.subsample import local_curvature_rows
+
+    whole = curvature_rows(101, 0.3, seed=1, iteration=2)
+    for size in (1, 2, 3):
+        parts = []
+        for rank in range(size):
+            lo, hi = shard_bounds(101, rank, size)
+            rows, m = local_curvature_rows(101, 0.3, 1, 2, lo, hi)
+            assert m == whole.size and np.all((rows >= 0) & (rows < hi - lo))
+            parts.append(rows + lo)
+        np.testing.assert_array_equal(np.concatenate(parts), whole)

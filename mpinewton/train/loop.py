@@ -39,7 +39,7 @@ from mpinewton.train.rundir import RunDirectory
 from mpinewton.train.session import Session, open_session
 
 #: Counters carried across a resume (checkpoint state "progress").
-PROGRESS_KEYS = ("wall_time", "cg_iters", "newton_iters", "hvps", "gradients", "loss_evaluations")
+PROGRESS_KEYS = ("wall_time", "cg_iters", "method_iters", "hvps", "gradients", "loss_evaluations")
 
 
 class StopRequest:
@@ -135,13 +135,26 @@ class TrainingHooks(LoopHooks):
         self.progress: dict[str, Any] = dict.fromkeys(PROGRESS_KEYS, 0)
         self.progress["wall_time"] = 0.0
         if session.resume is not None:
-            self.progress.update(session.resume.state["progress"])
+            saved = dict(session.resume.state["progress"])
+            if "newton_iters" in saved:  # checkpoints written before 0.3
+                saved["method_iters"] = saved.pop("newton_iters")
+            self.progress.update(saved)
         if session.sampler is None:
             self.objective = session.objective(session.shard.x, session.shard.y,
                                                session.shard.total)
         else:  # thesis 8.2: each iteration sets its own batch (before_step)
             self.objective = session.objective(session.shard.x[:0], session.shard.y[:0],
                                                session.sampler.batch_size)
+        self.problem, self.curvature = self.objective, None
+        opt = session.job.optimizer
+        if opt.curvature_fraction < 1:  # curvature products on part of each batch
+            from mpinewton.sampling import curvature_count
+            from mpinewton.train.subsample import SplitProblem
+
+            batch = session.sampler.batch_size if session.sampler else session.shard.total
+            self.curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
+                                               curvature_count(batch, opt.curvature_fraction))
+            self.problem = SplitProblem(self.objective, self.curvature)
         stats = self.objective.stats
         stats.hvps, stats.grads = self.progress["hvps"], self.progress["gradients"]
         stats.values = self.progress["loss_evaluations"]
@@ -154,6 +167,9 @@ class TrainingHooks(LoopHooks):
         self.record = {"iter": k, "phase": phase.name}
         sampler = self.session.sampler
         if sampler is None:
+            self._set_curvature_rows(k, phase, self.session.shard.x, self.session.shard.y,
+                                     self.session.shard.lo, self.session.shard.hi,
+                                     self.session.shard.total)
             return
         from mpinewton.data import shard_bounds
         from mpinewton.data.hdf5 import read_rows
@@ -164,10 +180,31 @@ class TrainingHooks(LoopHooks):
         x_part, y_part = read_rows(job.data.path, list(job.data.train_splits), batch[lo:hi],
                                    limit=job.data.limit or None, **self.session.data_checks)
         self.objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
+        self._set_curvature_rows(k, phase, x_part, y_part, lo, hi, batch.size)
         self.record.update(batch_size=batch.size, epoch=sampler.epoch)
         if self.sync:  # the parts the ranks read, together: the batch (same on any size)
             rows = np.concatenate(comm.allgather(batch[lo:hi]))
             self.record["batch_sha256"] = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
+
+    def _set_curvature_rows(self, k: int, phase: Phase, x: np.ndarray, y: np.ndarray,
+                            lo: int, hi: int, batch: int) -> None:
+        """Give the curvature objective this rank's rows of iteration k's subset.
+
+        ``x, y`` are the rows ``[lo, hi)`` of the batch this rank holds. Every
+        micro-batch has ``min(micro_batch, ceil(1.25 m / size))`` rows (m the
+        subset's size), so the compiled products keep one shape from one
+        iteration to the next although each rank's share varies.
+        """
+        if self.curvature is None or phase.name == "pretrain":
+            return
+        from mpinewton.train.subsample import local_curvature_rows
+
+        opt, comm = self.session.job.optimizer, self.comm
+        rows, m = local_curvature_rows(batch, opt.curvature_fraction, self.session.job.run.seed,
+                                       k, lo, hi)
+        self.curvature.local.set_samples(x[rows], y[rows],
+                                         pad_to=max(1, -(-5 * m // (4 * comm.size))))
+        self.record["curvature_samples"] = m
 
     def after_step(self, k: int, phase: Phase, w: np.ndarray, state: SolverState,
                    info: StepRecord) -> tuple[np.ndarray, bool]:
@@ -181,9 +218,9 @@ class TrainingHooks(LoopHooks):
         record.update(hvps=self.objective.stats.hvps - self.hvps0,
                       iter_seconds=time.perf_counter() - self.t0,
                       wall_time=time.perf_counter() - self.start)
-        if phase.name == "newton":
-            self.progress["cg_iters"] += record["cg_iters"]
-            self.progress["newton_iters"] += 1
+        if phase.name != "pretrain":
+            self.progress["cg_iters"] += record["cg_iters"] or 0
+            self.progress["method_iters"] += 1
         self.out.log(record)
         self.out.check_lock()
         self.say(format_line(record), flush=True)
@@ -247,7 +284,7 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
                                 "reading the training set for the summary")
         objective = session.objective(shard.x, shard.y, shard.total)
     w, progress, opt = result.w, hooks.progress, job.optimizer
-    newton_iters = progress["newton_iters"]
+    method_iters = progress["method_iters"]
     summary: dict[str, Any] = {
         "job": job.run.name, "mpinewton_version": __version__, "world_size": comm.size,
         "threads_per_rank": session.threads[0], "weights": session.layout.size,
@@ -256,8 +293,8 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
         "method": opt.method, "final_loss": objective.value(w),
         "final_grad_norm": float(np.linalg.norm(objective.value_and_grad(w)[1])),
         "train_accuracy": objective.accuracy(w), "wall_time": train_seconds,
-        "newton_iters": newton_iters,
-        "mean_cg_iters": progress["cg_iters"] / newton_iters if newton_iters else None,
+        "method_iters": method_iters,
+        "mean_cg_iters": progress["cg_iters"] / method_iters if method_iters else None,
         "hvps": progress["hvps"], "gradients": progress["gradients"],
         "loss_evaluations": progress["loss_evaluations"],
         "batch_size": session.sampler.batch_size if session.sampler else shard.total,
@@ -327,7 +364,7 @@ def _run(session: Session, out: RunDirectory, run_dir: Path, *, check_sync: bool
     states = resume.phase_states(job.optimizer.method) if resume is not None else {}
     hooks.states.update(states)
     hooks.w = session.w0
-    result = run(hooks.objective, session.w0, phases, states=states, start=done,
+    result = run(hooks.problem, session.w0, phases, states=states, start=done,
                  gtol=job.optimizer.gtol or None, fresh_batches=session.sampler is not None,
                  hooks=hooks)
     if result.reason is LoopReason.STOPPED:
@@ -342,7 +379,7 @@ def _run(session: Session, out: RunDirectory, run_dir: Path, *, check_sync: bool
     accs = "  ".join(f"{k.removesuffix('_accuracy')} accuracy {v:.4f}"
                      for k, v in summary.items() if k.endswith("_accuracy"))
     mean_cg = f", mean CG iterations {summary['mean_cg_iters']:.1f}" \
-        if summary["newton_iters"] else ""
+        if summary["method_iters"] and summary["mean_cg_iters"] else ""
     say(f"done: {result.iteration} iterations in {summary['wall_time']:.1f}s{mean_cg}; final "
         f"loss {summary['final_loss']:.6e}; {accs}; results in {run_dir}", flush=True)
     return summary

@@ -1,0 +1,73 @@
+"""Sub-sampled curvature: the gradient on the batch, curvature products on part of it.
+
+Byrd, Chin, Neveitt & Nocedal (2011) and Martens (2010, sec. 4.3) compute the
+Hessian or Gauss-Newton products of CG on a fraction of the samples the
+gradient uses: a CG iteration then costs that fraction of a pass, while the
+step still follows the full gradient.  :class:`SplitProblem` is the
+:class:`~mpinewton.solvers.Problem` the solvers see; the driver picks each
+iteration's subset with :func:`mpinewton.sampling.curvature_rows` (global
+positions, the same on any number of ranks) and hands each rank the rows it
+already holds, so no data is read twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mpinewton.sampling import curvature_rows
+
+
+class SplitProblem:
+    """Values and gradients from ``full``; curvature products from ``curvature``."""
+
+    def __init__(self, full: Any, curvature: Any) -> None:
+        self.full, self.curvature = full, curvature
+        curvature.stats = full.stats  # one set of counters for the run
+
+    @property
+    def stats(self) -> Any:
+        """The shared product counters."""
+        return self.full.stats
+
+    @property
+    def local(self) -> Any:
+        """The per-rank sums of the gradient's samples (the driver sets batches on it)."""
+        return self.full.local
+
+    def value(self, w: np.ndarray) -> float:
+        return self.full.value(w)
+
+    def value_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        return self.full.value_and_grad(w)
+
+    def grad_squares(self, w: np.ndarray) -> np.ndarray:
+        return self.full.grad_squares(w)
+
+    def accuracy(self, w: np.ndarray) -> float:
+        return self.full.accuracy(w)
+
+    def hvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return self.curvature.hvp(w, v)
+
+    def hvp_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return self.curvature.hvp_many(w, v)
+
+    def gnvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return self.curvature.gnvp(w, v)
+
+    def gnvp_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return self.curvature.gnvp_many(w, v)
+
+
+def local_curvature_rows(batch_size: int, fraction: float, seed: int, iteration: int,
+                         lo: int, hi: int) -> tuple[np.ndarray, int]:
+    """Rows of iteration ``iteration``'s curvature subset held here, and the subset's size.
+
+    The rank holds positions ``[lo, hi)`` of the batch; the returned rows are
+    offsets into them (``rows - lo``).
+    """
+    rows = curvature_rows(batch_size, fraction, seed, iteration)
+    mine = rows[(rows >= lo) & (rows < hi)] - lo
+    return mine, rows.size
