@@ -15,6 +15,16 @@ one compiled call per micro-batch (``tf.function``, optionally XLA), so
 per-rank memory is bounded by ``micro_batch`` whatever the shard size.
 ``hvp_sum_many`` computes k products in one compiled call per micro-batch
 (vectorised over the k directions; memory grows with ``k * micro_batch``).
+
+Generalised Gauss-Newton products ``G v = sum_i J_i^T H_L,i J_i v`` (Schraudolph
+2002, "Fast curvature matrix-vector products"; Martens 2010, "Deep learning via
+Hessian-free optimization", sec. 4.2; Martens & Sutskever 2012) are exact too:
+``J v`` by forward mode, ``H_L`` of the per-sample loss in the split variable
+``z``, ``J^T`` by one reverse pass; ``J`` is never formed. For cross-entropy on
+a softmax output, ``z`` is the logits and the loss the matching softmax
+cross-entropy, so ``H_L = diag(p) - p p^T`` and ``G`` is positive semi-definite
+(see :meth:`LocalObjective.gnvp_sum`). ``grad_squares_sum`` gives the sum of the
+squared per-sample gradients (the empirical Fisher diagonal times the count).
 """
 
 from __future__ import annotations
@@ -31,9 +41,12 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
 from mpinewton.config import HVP_MODES, LOSSES, PREPROCESSES
-from mpinewton.params import ParamLayout
+from mpinewton.params import ParamLayout, get_flat
 
-__all__ = ["HVP_MODES", "LOSSES", "PREPROCESSES", "LocalObjective"]
+__all__ = ["GAUSS_NEWTON_SPLITS", "HVP_MODES", "LOSSES", "PREPROCESSES", "LocalObjective"]
+
+#: Where a Gauss-Newton product splits the net from the loss (``gauss_newton_split``).
+GAUSS_NEWTON_SPLITS = ("logits", "output")
 
 
 class _ExpectedRetracing(logging.Filter):
@@ -240,6 +253,67 @@ def _per_sample_loss(name: str, num_classes: int) -> Callable[[tf.Tensor, tf.Ten
     raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
 
 
+# -- the Gauss-Newton split: logits of a softmax output ---------------------------------
+#
+# The GGN of cross-entropy is positive semi-definite only when the loss is
+# convex in the split variable (Schraudolph 2002, matching loss functions;
+# Martens & Sutskever 2012): the logits with the softmax moved into the loss
+# (the "matching loss"). Keras models end in ``Dense(..., activation=softmax)``
+# (or an ``Activation("softmax")`` layer), so the logits are not a tensor of the
+# model: while a graph is built, the output layer's ``activation`` attribute is
+# set to linear (under a lock, restored in ``finally``), which every Keras layer
+# with an ``activation`` applies last in its ``call``. The compiled graph then
+# holds the logits; nothing changes outside graph building. On first use the
+# split is checked numerically (softmax(logits) == output on one sample) and
+# falls back to the output where it fails.
+
+_HEAD_LOCK = threading.RLock()
+
+
+def _is_softmax(activation: Any) -> bool:
+    return activation is keras.activations.softmax or (
+        callable(activation) and getattr(activation, "__name__", None) == "softmax")
+
+
+def _softmax_head(model: keras.Model) -> keras.layers.Layer | None:
+    """The layer whose softmax activation makes the model's one output, or None.
+
+    Follows the output's Keras history (functional and sequential models, also
+    nested ones); a subclassed model, several outputs or a last layer without a
+    softmax ``activation`` give None.
+    """
+    layer: Any = model
+    for _ in range(32):  # nested models: follow the one that makes the output
+        if not isinstance(layer, keras.Model):
+            break
+        try:
+            outputs = layer.outputs
+        except (AttributeError, ValueError):
+            return None
+        if not isinstance(outputs, list | tuple) or len(outputs) != 1:
+            return None
+        history = getattr(outputs[0], "_keras_history", None)
+        if history is None:
+            return None
+        layer = history.operation
+    return layer if _is_softmax(getattr(layer, "activation", None)) else None
+
+
+@contextmanager
+def _linear_head(layer: keras.layers.Layer | None) -> Iterator[None]:
+    """Run the block with ``layer``'s activation replaced by the identity (None: no change)."""
+    if layer is None:
+        yield
+        return
+    with _HEAD_LOCK:
+        saved = layer.activation
+        layer.activation = keras.activations.linear
+        try:
+            yield
+        finally:
+            layer.activation = saved
+
+
 class LocalObjective:
     """Loss, gradient and HVP sums of one model over one rank's shard.
 
@@ -268,6 +342,11 @@ class LocalObjective:
             raise ValueError(f"unknown preprocess {preprocess!r}; known: {', '.join(PREPROCESSES)}")
         self.preprocess = preprocess
         self._loss = _per_sample_loss(loss, num_classes)
+        self._num_classes = num_classes
+        head = _softmax_head(model) if loss == "categorical_crossentropy" else None
+        self._head: keras.layers.Layer | None = head
+        self._split = "logits" if head is not None else "output"
+        self._split_checked = head is None
         self._non_trainable = [v.value for v in model.non_trainable_variables]
         self.set_samples(x, y)
         def compile_(f: Callable) -> Callable:
@@ -279,6 +358,10 @@ class LocalObjective:
         self._hvp_fn = compile_(self._hvp_rr_graph if rr else self._hvp_fr_graph)
         self._hvp_many_fn = compile_(self._hvp_many_rr_graph if rr else self._hvp_many_fr_graph)
         self._correct_fn = compile_(self._correct_graph)
+        self._gnvp_fn = compile_(self._gnvp_graph)
+        self._gnvp_many_fn = compile_(self._gnvp_many_graph)
+        self._split_loss_fn = compile_(self._split_loss_graph)
+        self._grad_squares_fn = compile_(self._grad_squares_graph)
 
     def set_samples(self, x: np.ndarray, y: np.ndarray, *, pad_to: int = 0) -> None:
         """Replace the samples the sums run over (a new mini-batch part, thesis 8.2).
@@ -385,6 +468,108 @@ class LocalObjective:
         with _batched_conv_rules():
             return tf.vectorized_map(lambda v: self._hvp_fr_graph(w, v, x, y, n), vt)
 
+    # -- Gauss-Newton graphs ------------------------------------------------------
+
+    def _split_outputs(self, w: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+        """The split variable z: the logits (softmax head made linear) or the output."""
+        with _linear_head(self._head if self._split == "logits" else None):
+            return self._outputs(w, x)
+
+    def _split_losses(self, y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+        """Per-sample loss as a function of z: softmax cross-entropy of logits, or the loss."""
+        if self._split == "logits":
+            labels = tf.one_hot(y, self._num_classes, dtype=z.dtype)
+            return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=z)
+        return self._loss(y, z)
+
+    def _loss_hessian_product(self, y: tf.Tensor, z: tf.Tensor, u: tf.Tensor,
+                              mask: tf.Tensor) -> tf.Tensor:
+        """Rows ``H_L,i u_i`` (masked) of the per-sample loss Hessians w.r.t. z.
+
+        Logits: ``diag(p) u - p (p . u)``, p = softmax(z) (Schraudolph 2002).
+        Output: double backpropagation through the loss of the (b, K) tensor z
+        only (for mean squared error, ``2/K u``).
+        """
+        z = tf.stop_gradient(z)
+        if self._split == "logits":
+            p = tf.nn.softmax(z)
+            hu = p * u - p * tf.reduce_sum(p * u, axis=-1, keepdims=True)
+        else:
+            with tf.GradientTape() as outer:
+                outer.watch(z)
+                with tf.GradientTape() as inner:
+                    inner.watch(z)
+                    loss = tf.reduce_sum(self._loss(y, z))
+                grad_dot_u = tf.reduce_sum(inner.gradient(loss, z) * u)
+            hu = outer.gradient(grad_dot_u, z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return hu * mask[:, None]
+
+    def _gnvp_graph(self, w: tf.Tensor, v: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                    n: tf.Tensor) -> tf.Tensor:
+        """``sum_i J_i^T H_L,i J_i v`` with J v by the double-VJP trick (reverse mode only).
+
+        ``J v = d/du (J^T u . v)`` for a dummy cotangent u (linear in u, so u = 0
+        will do), then ``H_L`` on the (b, K) tensor z and ``J^T`` by a third
+        reverse pass. Measured on the thesis CNN (XLA, b = 1000) about 20 %
+        faster than forward mode (``_gnvp_fwd_graph``), with the same numbers.
+        """
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(w)
+            z = tf.reshape(self._split_outputs(w, x), [tf.shape(x)[0], -1])
+        u = tf.zeros_like(z)
+        with tf.GradientTape() as dual:
+            dual.watch(u)
+            jtu = tape.gradient(z, w, output_gradients=u,
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            jtu_dot_v = tf.tensordot(jtu, v, 1)
+        jv = dual.gradient(jtu_dot_v, u, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hjv = self._loss_hessian_product(y, z, jv, self._mask(y, n, z.dtype))
+        return tape.gradient(z, w, output_gradients=hjv,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _gnvp_fwd_graph(self, w: tf.Tensor, v: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                        n: tf.Tensor) -> tf.Tensor:
+        """``sum_i J_i^T H_L,i J_i v`` with J v by forward mode, J^T by one reverse pass."""
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            with tf.autodiff.ForwardAccumulator(w, v) as acc:
+                z = tf.reshape(self._split_outputs(w, x), [tf.shape(x)[0], -1])
+        jv = acc.jvp(z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hjv = self._loss_hessian_product(y, z, jv, self._mask(y, n, z.dtype))
+        return tape.gradient(z, w, output_gradients=hjv,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _gnvp_many_graph(self, w: tf.Tensor, vt: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                         n: tf.Tensor) -> tf.Tensor:
+        """(G v_1, ..., G v_k) as rows: ``tf.vectorized_map`` of the forward-mode graph.
+
+        What does not depend on the direction (forward pass, p) runs once.
+        Vectorised, forward mode beat the double-VJP graph on the thesis CNN
+        (XLA, b = 1000, k = 8 and 32: 1.5 to 1.8 times faster a column).
+        """
+        with _batched_conv_rules():
+            return tf.vectorized_map(lambda v: self._gnvp_fwd_graph(w, v, x, y, n), vt)
+
+    def _split_loss_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                          n: tf.Tensor) -> tf.Tensor:
+        losses = self._split_losses(y, self._split_outputs(w, x))
+        return tf.reduce_sum(losses * self._mask(y, n, losses.dtype))
+
+    def _grad_squares_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                            n: tf.Tensor) -> tf.Tensor:
+        """``sum_i g_i * g_i``: per-sample gradients by ``tf.vectorized_map`` over the rows."""
+        def squared_gradient(row: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+            xi, yi, mi = row
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                loss = tf.reduce_sum(self._loss(yi[None], self._outputs(w, xi[None]))) * mi
+            g = tape.gradient(loss, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return g * g
+
+        with _batched_conv_rules():
+            rows = tf.vectorized_map(squared_gradient, (x, y, self._mask(y, n, self.dtype)))
+        return tf.reduce_sum(rows, axis=0)
+
     def _correct_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
                        n: tf.Tensor) -> tf.Tensor:
         predicted = tf.argmax(self._outputs(w, x), axis=-1, output_type=y.dtype)
@@ -461,6 +646,107 @@ class LocalObjective:
         for x, y, n in self._chunks:
             out += self._hvp_many_fn(tw, tv, x, y, n).numpy()
         return np.ascontiguousarray(out.T)
+
+    @property
+    def gauss_newton_split(self) -> str:
+        """Where Gauss-Newton products split net and loss: "logits" or "output".
+
+        "logits" where the loss is cross-entropy and the model's output layer
+        has a softmax activation (checked numerically on the first sample once
+        there are samples); "output" otherwise.
+        """
+        self._check_split()
+        return self._split
+
+    def _check_split(self) -> None:
+        """Check once that softmax(logits) is the model's output; else split at the output."""
+        if self._split_checked or not self._chunks:
+            return
+        x = self._chunks[0][0][:1]
+        w = tf.constant(get_flat(self.model), dtype=self.dtype)
+        out = self._outputs(w, x).numpy()
+        with _linear_head(self._head):
+            logits = self._outputs(w, x)
+        probs = tf.nn.softmax(tf.reshape(logits, [1, -1])).numpy().reshape(out.shape)
+        tol = 1e3 * float(np.finfo(out.dtype).eps)
+        if out.shape != tuple(logits.shape) or not np.allclose(probs, out, rtol=tol, atol=tol):
+            logging.getLogger(__name__).warning(
+                "%s: the output layer %r has a softmax activation, but softmax of its "
+                "pre-activation is not the model's output; Gauss-Newton products split at "
+                "the output", self.model.name, getattr(self._head, "name", "?"))
+            self._split, self._head = "output", None
+        self._split_checked = True
+
+    def split_loss_sum(self, w: np.ndarray) -> float:
+        """Sum of the per-sample losses as a function of the split variable z.
+
+        With the "logits" split, the softmax cross-entropy of the logits (no
+        probability clipping: equal to :meth:`loss_sum` where Keras clips no
+        probability); with the "output" split, :meth:`loss_sum` itself.
+        """
+        self._check_split()
+        tw = self._w(w)
+        return sum(float(self._split_loss_fn(tw, x, y, n)) for x, y, n in self._chunks)
+
+    def gnvp_sum(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Exact generalised Gauss-Newton product ``sum_i J_i^T H_L,i J_i v`` over the shard.
+
+        Schraudolph 2002, Martens 2010 (sec. 4.2), Martens & Sutskever 2012:
+        ``J_i`` is the Jacobian of the split variable z of sample
+        i w.r.t. the weights and ``H_L,i`` the Hessian of its loss w.r.t. z
+        (:attr:`gauss_newton_split`). With the "logits" split (cross-entropy on
+        a softmax output) ``H_L = diag(p) - p p^T`` and the product is that of
+        a positive semi-definite matrix; with the "output" split ``H_L`` is the
+        loss's own Hessian (mean squared error: ``2/K I``, PSD; cross-entropy
+        on a non-softmax output: not PSD in general). One compiled call per
+        micro-batch: ``J v`` by the double-VJP trick (two reverse passes over
+        the net, J never formed), ``H_L`` on the (b, K) tensor z, ``J^T`` by a
+        third reverse pass. Thesis CNN, float64, XLA, b = 1000: about 1.4 times
+        a gradient and 0.8 times an :meth:`hvp_sum` (reverse-over-reverse).
+        """
+        self._check_split()
+        tw, tv = self._w(w), self._w(np.asarray(v))
+        out = np.zeros(self.layout.size, dtype=np.float64)
+        for x, y, n in self._chunks:
+            out += self._gnvp_fn(tw, tv, x, y, n).numpy()
+        return out
+
+    def gnvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Gauss-Newton products ``G v_j`` for the k columns of ``v`` (n, k) -> (n, k).
+
+        One compiled call per micro-batch (``tf.vectorized_map`` over the k
+        directions of the product with ``J v`` by forward mode: the forward pass
+        runs once); column j equals ``gnvp_sum(w, v[:, j])`` to rounding. Memory as
+        :meth:`hvp_sum_many`: k tangents of every activation of a micro-batch.
+        """
+        self._check_split()
+        tw = self._w(w)
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[0] != self.layout.size:
+            raise ValueError(f"direction matrix has shape {v.shape}, expected "
+                             f"({self.layout.size}, k)")
+        k = v.shape[1]
+        out = np.zeros((k, self.layout.size), dtype=np.float64)
+        if k == 0 or not self._chunks:
+            return np.ascontiguousarray(out.T)
+        tv = tf.constant(np.ascontiguousarray(v.T), dtype=self.dtype)
+        for x, y, n in self._chunks:
+            out += self._gnvp_many_fn(tw, tv, x, y, n).numpy()
+        return np.ascontiguousarray(out.T)
+
+    def grad_squares_sum(self, w: np.ndarray) -> np.ndarray:
+        """``sum_i g_i * g_i`` (elementwise) of the per-sample loss gradients over the shard.
+
+        The empirical Fisher diagonal times the sample count (Martens 2010,
+        sec. 4.7, its diagonal preconditioner). Per-sample gradients by
+        ``tf.vectorized_map`` over the rows of a micro-batch, one compiled call
+        per micro-batch; memory: ``micro_batch * n`` values for the gradients.
+        """
+        tw = self._w(w)
+        out = np.zeros(self.layout.size, dtype=np.float64)
+        for x, y, n in self._chunks:
+            out += self._grad_squares_fn(tw, x, y, n).numpy()
+        return out
 
     def correct_count(self, w: np.ndarray) -> int:
         """Number of shard samples whose arg-max prediction equals the label."""

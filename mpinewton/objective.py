@@ -2,7 +2,9 @@
 
 ``DistributedObjective`` is the ``Problem`` the solvers see: ``value``,
 ``value_and_grad``, ``hvp`` and ``hvp_many`` (k products at once, for
-``HessianOperator.matmat``) return the same numbers whatever the number of
+``HessianOperator.matmat``), ``gnvp`` and ``gnvp_many`` (generalised
+Gauss-Newton products; Schraudolph 2002, Martens 2010) and ``grad_squares``
+(the empirical Fisher diagonal) return the same numbers whatever the number of
 ranks (thesis Corollary 9.2), because every rank contributes sums over its own
 samples and the result is divided by the global sample count. Each call issues
 exactly one ``Allreduce`` of one contiguous float64 buffer, on every rank in
@@ -27,6 +29,9 @@ class LocalSums(Protocol):
     def loss_grad_sum(self, w: np.ndarray) -> tuple[float, np.ndarray]: ...
     def hvp_sum(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
     def hvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
+    def gnvp_sum(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
+    def gnvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
+    def grad_squares_sum(self, w: np.ndarray) -> np.ndarray: ...
     def correct_count(self, w: np.ndarray) -> int: ...
 
 
@@ -37,6 +42,8 @@ class ObjectiveStats:
     values: int = 0
     grads: int = 0
     hvps: int = 0
+    gnvps: int = 0
+    grad_squares: int = 0
     compute_seconds: float = 0.0
 
 
@@ -101,6 +108,50 @@ class DistributedObjective:
         self.stats.compute_seconds += time.perf_counter() - start
         self.stats.hvps += v.shape[1]
         return self._reduce(local.reshape(-1)).reshape(v.shape)
+
+    def gnvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Exact global generalised Gauss-Newton product G(w) v = (1/N) sum_i J_i^T H_L,i J_i v.
+
+        Schraudolph 2002, Martens 2010 (sec. 4.2): positive semi-definite for
+        cross-entropy on a softmax output (split at the logits) and for mean
+        squared error. Counts one product in ``stats.gnvps``.
+        """
+        start = time.perf_counter()
+        local = np.ascontiguousarray(self.local.gnvp_sum(w, v), dtype=np.float64)
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.gnvps += 1
+        return self._reduce(local)
+
+    def gnvp_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Global Gauss-Newton products G(w) v_j for the k columns of ``v`` (n, k) -> (n, k).
+
+        One Allreduce of n * k values, as :meth:`hvp_many`; column j equals
+        ``gnvp(w, v[:, j])`` to rounding. Counts k products.
+        """
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[0] != np.shape(w)[0]:
+            raise ValueError(f"gnvp_many: direction matrix has shape {v.shape}, expected "
+                             f"({np.shape(w)[0]}, k)")
+        start = time.perf_counter()
+        local = np.ascontiguousarray(self.local.gnvp_sum_many(w, v), dtype=np.float64)
+        if local.shape != v.shape:
+            raise ValueError(f"gnvp_many: local products have shape {local.shape}, "
+                             f"expected {v.shape}")
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.gnvps += v.shape[1]
+        return self._reduce(local.reshape(-1)).reshape(v.shape)
+
+    def grad_squares(self, w: np.ndarray) -> np.ndarray:
+        """Mean over all samples of the squared per-sample gradients (empirical Fisher diagonal).
+
+        Martens 2010 (sec. 4.7) builds its diagonal preconditioner from it.
+        One Allreduce of n values; counts one call in ``stats.grad_squares``.
+        """
+        start = time.perf_counter()
+        local = np.ascontiguousarray(self.local.grad_squares_sum(w), dtype=np.float64)
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.grad_squares += 1
+        return self._reduce(local)
 
     def accuracy(self, w: np.ndarray) -> float:
         """Fraction of all samples classified correctly (arg-max of the output)."""
