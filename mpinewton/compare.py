@@ -1,0 +1,379 @@
+"""Race optimisers from the same weights: loss against wall time and passes over the data.
+
+``mpirun -n 2 python -m mpinewton.compare [JOB.toml] [--set key=value ...]
+[--variant LABEL=METHOD,key=value,...] [--time-limit S] [--max-iters K] --out FILE.json``
+
+The job's data, model and objective are set up once, as the trainer does
+(:func:`mpinewton.train.session.open_session`); the job's gradient-descent
+pre-training runs once; then every variant starts from those same weights,
+in turn, in the same processes, each until ``--time-limit`` seconds or
+``--max-iters`` iterations. Every compiled product is warmed up before the
+first variant, so no variant pays for compilation. The trace of a variant is
+one point per iterate ``w_k``: the seconds and data passes spent to reach it,
+and ``c(w_k)``, which the next step computes anyway (the last point costs one
+extra loss evaluation, not counted).
+
+A *data pass* is one evaluation of the loss, gradient or one curvature
+product over the whole batch; products on a sub-sample count the sub-sample's
+share. Full batch only: with mini-batches the loss on each iteration's batch
+is not comparable from one method to another.
+
+Variants (``--variant``, repeatable) name a method of
+:data:`mpinewton.solvers.METHODS` and any ``[optimizer]`` key of that method
+(or ``curvature_fraction``); values are TOML (``damping=1e-3``,
+``curvature="gauss_newton"``; bare words are taken as strings); ``iters=K``
+caps that variant's iterations below ``--max-iters``. Without ``--variant``,
+:data:`DEFAULT_VARIANTS` are run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpinewton.comm import Comm, DistributedError, install_abort_handler, world
+from mpinewton.config import ConfigError, JobConfig, OptimizerConfig, load_job
+from mpinewton.durable import atomic_write_text
+
+#: What ``python -m mpinewton.compare`` runs without ``--variant``.
+DEFAULT_VARIANTS = (
+    "newton=newton",
+    "gd=gd,learning_rate=2.0",
+    "lbfgs=lbfgs",
+    "adam=adam,learning_rate=0.01",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One contestant: a label and the ``[optimizer]`` configuration it runs."""
+
+    label: str
+    optimizer: OptimizerConfig
+    spec: str
+    iters: int | None = None  # its own iteration cap (``iters=`` in the spec)
+
+
+def parse_variant(spec: str, job: JobConfig) -> Variant:
+    """``LABEL=METHOD,key=value,...`` as a validated :class:`Variant` (job keys as defaults).
+
+    Only the method's own keys come from the job when the job runs the same
+    method; other methods start from their defaults.
+    """
+    from mpinewton.config import _build_optimizer
+
+    label, sep, rest = spec.partition("=")
+    parts = [p.strip() for p in rest.split(",") if p.strip()]
+    if not sep or not label.strip() or not parts:
+        raise ConfigError(f"--variant {spec!r}: expected LABEL=METHOD[,key=value...], "
+                          "e.g. newton-gn=newton,curvature=gauss_newton")
+    table: dict[str, Any] = {"method": parts[0]}
+    if parts[0] == job.optimizer.method:
+        table.update({k: v for k, v in job.optimizer.table().items()
+                      if k not in ("pretrain_iters", "pretrain_lr", "iters", "batch_size")})
+    for part in parts[1:]:
+        key, eq, text = part.partition("=")
+        if not eq:
+            raise ConfigError(f"--variant {spec!r}: {part!r} is not key=value")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        table[key.strip()] = value
+    notes: list[str] = []
+    optimizer = _build_optimizer(table, f"--variant {label.strip()}", notes)
+    return Variant(label.strip(), optimizer, spec,
+                   optimizer.iters if "iters" in table else None)
+
+
+class _Race:
+    """The solver loop's hooks for one variant: the trace and the time limit."""
+
+    def __init__(self, comm: Comm, problem: Any, curvature: Any, session: Any,
+                 fraction: float, limit: float) -> None:
+        self.comm, self.problem, self.curvature = comm, problem, curvature
+        self.session, self.fraction, self.limit = session, fraction, limit
+        self.trace: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+        self.paused = 0.0
+        self.passes0 = self.passes()
+
+    def passes(self) -> float:
+        stats = self.problem.stats
+        curvature = stats.hvps + getattr(stats, "gnvps", 0)
+        return stats.values + stats.grads + getattr(stats, "grad_squares", 0) + \
+            self.fraction * curvature
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def before_step(self, k: int, phase: Any) -> None:
+        self.t_before, self.p_before = self.elapsed(), self.passes() - self.passes0
+        if self.curvature is not None:
+            from mpinewton.train.subsample import local_curvature_rows
+
+            t0 = time.perf_counter()  # choosing the rows is bookkeeping, not optimisation
+            shard = self.session.shard
+            rows, m = local_curvature_rows(shard.total, self.fraction, self.session.job.run.seed,
+                                           k, shard.lo, shard.hi)
+            self.curvature.local.set_samples(shard.x[rows], shard.y[rows],
+                                             pad_to=max(1, -(-5 * m // (4 * self.comm.size))))
+            self.paused += time.perf_counter() - t0
+
+    def after_step(self, k: int, phase: Any, w: np.ndarray, state: Any,
+                   info: Any) -> tuple[np.ndarray, bool]:
+        w = self.comm.bcast_array(np.asarray(w))
+        self.trace.append({"iter": k - 1, "seconds": self.t_before, "passes": self.p_before,
+                           "loss": info.loss})
+        self.records.append({"iter": k, **info.record()})
+        over = np.array([1.0 if self.elapsed() > self.limit else 0.0])
+        return w, bool(self.comm.allreduce_sum(over)[0] > 0)
+
+
+def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
+         limit: float, max_iters: int, say: Any) -> dict[str, Any]:
+    """Run one variant from ``w0``; its trace, its step records and where it ended."""
+    from mpinewton.solvers import METHODS, Phase, run
+    from mpinewton.train.subsample import SplitProblem
+
+    comm, opt = session.comm, variant.optimizer
+    problem, curvature = objective, None
+    if opt.curvature_fraction < 1:
+        from mpinewton.sampling import curvature_count
+
+        curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
+                                      curvature_count(session.shard.total,
+                                                      opt.curvature_fraction))
+        problem = SplitProblem(objective, curvature)
+    method = METHODS[opt.method](opt.params)
+    comm.barrier()
+    hooks = _Race(comm, problem, curvature, session, opt.curvature_fraction, limit)
+    iters = max_iters if variant.iters is None else min(max_iters, variant.iters)
+    result = run(problem, w0, [Phase(opt.method, method, iters)], hooks=hooks)
+    seconds, passes = hooks.elapsed(), hooks.passes() - hooks.passes0
+    hooks.trace.append({"iter": result.iteration, "seconds": seconds, "passes": passes,
+                        "loss": objective.value(result.w)})
+    final = hooks.trace[-1]
+    say(f"{variant.label:<24} {result.iteration:5d} iterations  {seconds:7.1f}s  "
+        f"{passes:8.1f} passes  loss {final['loss']:.6f}  ({result.reason.value})", flush=True)
+    return {"label": variant.label, "spec": variant.spec, "method": opt.method,
+            "optimizer": opt.table(), "ended": result.reason.value, "trace": hooks.trace,
+            "steps": hooks.records}
+
+
+def first_time_below(trace: Sequence[dict[str, Any]], loss: float) -> dict[str, Any] | None:
+    """The first point of ``trace`` at or below ``loss`` (None if never)."""
+    return next((p for p in trace if p["loss"] <= loss), None)
+
+
+def cut_cg_share(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Share of CG iterations spent on steps whose length was then cut below 1/4.
+
+    A line search that cuts a step to ``sigma < 1/4`` (or rejects it) throws
+    most of that CG run away; a trust-region step counts when rejected.
+    """
+    total = sum(s.get("cg_iters") or 0 for s in steps)
+    cut = sum(s.get("cg_iters") or 0 for s in steps if (s.get("step_size") or 0.0) < 0.25)
+    return {"cg_iters": total, "cut": cut, "share": cut / total if total else None}
+
+
+def summarise(results: list[dict[str, Any]], reference: str | None,
+              reference_iters: int) -> dict[str, Any]:
+    """Targets and who reaches them first.
+
+    The target is the loss the reference variant reached after
+    ``reference_iters`` iterations; for it, and for a ladder of lower losses
+    down to the best any variant reached, each variant's seconds (and passes)
+    to get there.
+    """
+    out: dict[str, Any] = {}
+    ref = next((r for r in results if r["label"] == reference), None)
+    if ref is not None:
+        points = [p for p in ref["trace"] if p["iter"] <= reference_iters]
+        target = points[-1]["loss"]
+        out["target"] = {"loss": target, "reference": reference,
+                         "reference_iters": points[-1]["iter"]}
+        times = {}
+        for r in results:
+            hit = first_time_below(r["trace"], target)
+            times[r["label"]] = None if hit is None else {"seconds": hit["seconds"],
+                                                          "passes": hit["passes"],
+                                                          "iter": hit["iter"]}
+        out["to_target"] = times
+        ref_s = times[reference]["seconds"] if times.get(reference) else None
+        if ref_s:
+            out["speedup_vs_reference"] = {k: (ref_s / v["seconds"] if v and v["seconds"] > 0
+                                               else None) for k, v in times.items()}
+    out["cut_cg_share"] = {r["label"]: cut_cg_share(r["steps"]) for r in results
+                           if any(s.get("cg_iters") for s in r["steps"])}
+    best = {r["label"]: min(p["loss"] for p in r["trace"]) for r in results}
+    out["best_loss"] = best
+    levels = sorted({round(x, 3) for x in np.geomspace(
+        min(best.values()), max(r["trace"][0]["loss"] for r in results), 12)})
+    out["seconds_to_loss"] = {f"{lv:.3f}": {r["label"]: (hit["seconds"] if (
+        hit := first_time_below(r["trace"], lv)) else None) for r in results} for lv in levels}
+    return out
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss against seconds and against passes, one line per variant (rank 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        t = [p["seconds"] for p in r["trace"]]
+        d = [p["passes"] for p in r["trace"]]
+        loss = [p["loss"] for p in r["trace"]]
+        axes[0].plot(t, loss, label=r["label"])
+        axes[1].plot(d, loss, label=r["label"])
+    for ax, xlabel in zip(axes, ("wall time (s)", "passes over the data"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    from mpinewton.durable import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int]) -> None:
+    """Compile every product a variant may use, so that no variant's time includes it."""
+    objective.value(w)
+    objective.value_and_grad(w)
+    v = np.ones_like(w) / math.sqrt(w.size)
+    objective.hvp(w, v)
+    for name in ("gnvp", "grad_squares"):
+        fn = getattr(objective, name, None)
+        if fn is not None:
+            fn(w, v) if name == "gnvp" else fn(w)
+    for k in block_sizes:
+        objective.hvp_many(w, np.repeat(v[:, None], k, axis=1))
+        if hasattr(objective, "gnvp_many"):
+            objective.gnvp_many(w, np.repeat(v[:, None], k, axis=1))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line arguments (module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m mpinewton.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", nargs="?", default=None, help="TOML job (default "
+                        "jobs/mnist_cnn.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one job key (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD,k=v",
+                        help="a contestant (repeatable; default: " +
+                        "; ".join(DEFAULT_VARIANTS) + ")")
+    parser.add_argument("--time-limit", type=float, default=600.0,
+                        help="seconds per variant (default 600)")
+    parser.add_argument("--max-iters", type=int, default=100_000,
+                        help="iterations per variant (default: no limit but time)")
+    parser.add_argument("--reference", default=None,
+                        help="label whose loss after --reference-iters sets the target")
+    parser.add_argument("--reference-iters", type=int, default=200)
+    parser.add_argument("--out", required=True, help="JSON results (and a PNG beside it)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = parse_args(argv)
+    comm = world()
+    install_abort_handler(comm)
+    say = print if comm.is_root else (lambda *a, **k: None)
+    try:
+        job = comm.run_agreed(lambda: load_job(args.job, args.overrides), "reading the job")
+        if job.optimizer.batch_size:
+            raise ConfigError("mpinewton.compare races full-batch runs: set "
+                              "optimizer.batch_size = 0")
+        variants = comm.run_agreed(lambda: [parse_variant(s, job) for s in
+                                            (args.variant or DEFAULT_VARIANTS)],
+                                   "reading the variants")
+        labels = [v.label for v in variants]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"--variant: labels must differ, got {labels}")
+        from mpinewton.train.session import open_session
+
+        # The race reports training loss only: the evaluation splits are not read.
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, eval_splits=()))
+        session = open_session(job, comm, Path("/nonexistent-checkpoints"), None, say)
+    except (ConfigError, DistributedError) as exc:  # every rank has it (run_agreed)
+        if comm.is_root:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from mpinewton.solvers import GDConfig, GradientDescent, Phase, run
+
+    objective = session.objective(session.shard.x, session.shard.y, session.shard.total)
+    opt = job.optimizer
+    say(f"{len(variants)} variants on {session.shard.total} samples, {comm.size} rank(s); "
+        f"pre-training: {opt.pretrain_iters} gradient-descent steps, lr {opt.pretrain_lr}",
+        flush=True)
+    t0 = time.perf_counter()
+    pre = run(objective, session.w0, [Phase("pretrain", GradientDescent(
+        GDConfig(learning_rate=opt.pretrain_lr)), opt.pretrain_iters)])
+    w0 = comm.bcast_array(pre.w)
+    blocks = sorted({getattr(v.optimizer.params, "preconditioner_samples", 0)
+                     for v in variants if getattr(v.optimizer.params, "preconditioner", "none")
+                     == "hutchinson"} - {0})
+    _warm_up(objective, w0, blocks)
+    say(f"start: loss {objective.value(w0):.6f} after {time.perf_counter() - t0:.1f}s of "
+        "pre-training and warm-up", flush=True)
+    results = []
+    for variant in variants:
+        results.append(race(variant, session, objective, w0, limit=args.time_limit,
+                            max_iters=args.max_iters, say=say))
+    if comm.is_root:
+        import tensorflow as tf
+
+        import mpinewton
+
+        report = {
+            "command": "mpirun -n {} python -m mpinewton.compare {}".format(
+                comm.size, " ".join(sys.argv[1:] if argv is None else argv)),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "python": platform.python_version(), "tensorflow": tf.__version__,
+                        "ranks": comm.size, "mpinewton": mpinewton.__version__},
+            "job": job.run.name, "samples": session.shard.total, "weights": session.layout.size,
+            "start_loss": results[0]["trace"][0]["loss"] if results else None,
+            "time_limit": args.time_limit, "results": results,
+            "summary": summarise(results, args.reference, args.reference_iters),
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(report, indent=1, default=float) + "\n")
+        plot(results, out.with_suffix(".png"), f"{job.run.name}: {comm.size} rank(s), "
+             f"{session.shard.total} samples, from the same pre-trained weights")
+        print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
+        summary = report["summary"]
+        if "to_target" in summary:
+            print(f"target loss {summary['target']['loss']:.6f} ({args.reference} after "
+                  f"{summary['target']['reference_iters']} iterations):")
+            for label, hit in summary["to_target"].items():
+                print(f"  {label:<24} " + ("not reached" if hit is None else
+                                         f"{hit['seconds']:7.1f}s {hit['passes']:8.1f} passes"))
+    comm.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

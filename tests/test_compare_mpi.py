@@ -1,0 +1,86 @@
+"""``python -m mpinewton.compare`` under mpirun on a tiny data set, and its bookkeeping.
+
+The race's figures are not checked (speed never is by tests); what is checked
+is that the command runs every variant from the same weights, writes the
+documented JSON and plot, finds who reaches the reference's loss first, and
+refuses bad variants on every rank.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mpijobs import MPIRUN, ROOT, mpi_env
+
+from mpinewton.compare import cut_cg_share, first_time_below, summarise
+
+pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+
+
+def _compare(dataset, out, *args, ranks=2):
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
+           "mpinewton.compare", "--set", f"data.path={json.dumps(str(dataset))}",
+           "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
+           "--set", "objective.micro_batch=16", "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_compare_races_variants_from_the_same_weights(dataset, tmp_path):
+    out = tmp_path / "race.json"
+    proc = _compare(dataset, out, "--max-iters", "3", "--reference", "gd",
+                    "--reference-iters", "2",
+                    "--variant", "gd=gd,learning_rate=0.5",
+                    "--variant", "hf=newton,curvature=gauss_newton,"
+                                 "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
+                    "--variant", "lbfgs=lbfgs")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    results = {r["label"]: r for r in report["results"]}
+    assert list(results) == ["gd", "hf", "lbfgs"]
+    starts = {r["trace"][0]["loss"] for r in results.values()}
+    assert len(starts) == 1 and report["start_loss"] in starts  # one starting point
+    for r in results.values():
+        assert [p["iter"] for p in r["trace"]] == [0, 1, 2, 3]
+        assert r["trace"][0]["seconds"] == pytest.approx(0, abs=1.0)
+        assert all(a["seconds"] <= b["seconds"] and a["passes"] <= b["passes"]
+                   for a, b in zip(r["trace"], r["trace"][1:], strict=False))
+        assert len(r["steps"]) == 3
+    assert results["hf"]["optimizer"]["curvature_fraction"] == 0.5
+    assert all(s["curvature"] == "gauss_newton" for s in results["hf"]["steps"])
+    summary = report["summary"]
+    assert summary["target"] == {"loss": results["gd"]["trace"][2]["loss"], "reference": "gd",
+                                 "reference_iters": 2}
+    assert summary["to_target"]["gd"]["iter"] == 2
+    assert "hf" in summary["cut_cg_share"] and "gd" not in summary["cut_cg_share"]
+    assert "target loss" in proc.stdout
+
+
+def test_a_bad_variant_is_an_error_on_every_rank(dataset, tmp_path):
+    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=newton,dampin=1")
+    assert proc.returncode == 2 and "did you mean optimizer.damping" in proc.stderr
+    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd", "--variant", "a=adam")
+    assert proc.returncode == 2 and "labels must differ" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_summary_bookkeeping():
+    trace_a = [{"iter": i, "seconds": float(i), "passes": 2.0 * i, "loss": 1.0 / (i + 1)}
+               for i in range(5)]
+    trace_b = [{"iter": i, "seconds": 3.0 * i, "passes": float(i), "loss": 1.0 - 0.1 * i}
+               for i in range(5)]
+    results = [{"label": "a", "trace": trace_a, "steps": []},
+               {"label": "b", "trace": trace_b,
+                "steps": [{"cg_iters": 10, "step_size": 1.0}, {"cg_iters": 30, "step_size": 0.125},
+                          {"cg_iters": 0, "step_size": 0.0}]}]
+    assert first_time_below(trace_a, 0.3)["iter"] == 3
+    assert first_time_below(trace_b, 0.1) is None
+    summary = summarise(results, "b", 2)
+    assert summary["target"]["loss"] == pytest.approx(0.8)
+    assert summary["to_target"]["a"]["seconds"] == 1.0  # 1/2 <= 0.8 at iteration 1
+    assert summary["to_target"]["b"]["seconds"] == 6.0
+    assert summary["speedup_vs_reference"]["a"] == 6.0
+    assert cut_cg_share(results[1]["steps"]) == {"cg_iters": 40, "cut": 30, "share": 0.75}
+    assert summary["best_loss"] == {"a": 0.2, "b": pytest.approx(0.6)}
