@@ -27,6 +27,7 @@ DTYPES = ("float32", "float64")
 LOSSES = ("categorical_crossentropy", "mean_squared_error")
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 PREPROCESSES = ("scale", "caffe")
+BATCH_GROWTH = ("none", "norm_test")
 
 #: The job that runs when ``python -m mpinewton.train`` gets no JOB argument.
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "mnist_cnn.toml"
@@ -116,6 +117,9 @@ class OptimizerConfig:
     pretrain_lr: float = 1.0  # learning rate of pre-training
     gtol: float = 0.0  # stop once |g| <= gtol (on the batch, with mini-batches); 0 = never
     curvature_fraction: float = 1.0  # part of the batch the curvature products use, in (0, 1]
+    batch_growth: str = "none"  # "norm_test": grow mini-batches by the norm test (BBN 2018)
+    batch_theta: float = 0.9  # the norm test's theta > 0: smaller grows batches sooner
+    batch_max: int = 0  # batches grow to at most this many samples; 0 = all of them
     params: Any = None  # the method's configuration (its config_class); None = its defaults
 
     def __post_init__(self) -> None:
@@ -129,6 +133,13 @@ class OptimizerConfig:
         if self.curvature_fraction > 1:
             raise ParameterError("OptimizerConfig", "curvature_fraction", self.curvature_fraction,
                                  "a number in (0, 1]")
+        require(self, "batch_growth", "choice", choices=BATCH_GROWTH)
+        require(self, "batch_theta", "> 0")
+        require(self, "batch_max", "int >= 0")
+        if self.batch_growth != "none" and self.batch_size == 0:
+            raise ParameterError("OptimizerConfig", "batch_growth", self.batch_growth,
+                                 "'none' for full-batch runs (optimizer.batch_size = 0)",
+                                 BATCH_GROWTH)
         config_class = METHODS[self.method].config_class
         if self.params is None:
             object.__setattr__(self, "params", config_class())

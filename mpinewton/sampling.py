@@ -67,6 +67,16 @@ class MiniBatchSampler:
         self.position += self.batch_size
         return np.sort(batch)
 
+    def grow(self, batch_size: int) -> int:
+        """Use batches of ``batch_size`` (at most all samples) from the next one on.
+
+        Batches only grow (progressive batching); the epoch goes on, and the
+        next batch opens a new epoch when fewer samples than that are left.
+        Returns the batch size now in use.
+        """
+        self.batch_size = max(self.batch_size, min(int(batch_size), self.num_samples))
+        return self.batch_size
+
     def state(self) -> dict[str, Any]:
         """Plain dict for a checkpoint."""
         return {"mode": "mini_batch", "num_samples": self.num_samples,
@@ -75,14 +85,20 @@ class MiniBatchSampler:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], *, num_samples: int,
-                   batch_size: int) -> MiniBatchSampler:
-        """Restore from :meth:`state`; the data set and the batch size must be the same."""
-        if int(state["num_samples"]) != num_samples or int(state["batch_size"]) != batch_size:
+                   batch_size: int, growing: bool = False) -> MiniBatchSampler:
+        """Restore from :meth:`state`; the data set and the batch size must be the same.
+
+        With ``growing`` (progressive batches) the saved batch size may exceed
+        the job's: the run had grown it.
+        """
+        saved = int(state["batch_size"])
+        if int(state["num_samples"]) != num_samples or not (
+                saved == batch_size or (growing and saved > batch_size)):
             raise ValueError(
                 f"the checkpoint drew batches of {state['batch_size']} from "
                 f"{state['num_samples']} samples; this job draws {batch_size} from "
                 f"{num_samples}: resuming would not continue the same run")
-        return cls(num_samples, batch_size, seed=int(state["seed"]), epoch=int(state["epoch"]),
+        return cls(num_samples, saved, seed=int(state["seed"]), epoch=int(state["epoch"]),
                    position=int(state["position"]))
 
 
@@ -109,3 +125,23 @@ def curvature_rows(batch_size: int, fraction: float, seed: int, iteration: int) 
         return np.arange(batch_size)
     rng = np.random.default_rng([seed, 2, iteration])
     return np.sort(rng.choice(batch_size, m, replace=False))
+
+
+def norm_test(batch_size: int, mean_squares: float, grad_norm_sq: float,
+              theta: float) -> int | None:
+    """The batch size the norm test asks for, or None when the batch passes it.
+
+    Bollapragada, Byrd & Nocedal (2018), "Adaptive sampling strategies for
+    stochastic optimization", eq. (2.6): with the batch gradient ``g`` (mean
+    of the b per-sample gradients ``g_i``) and their sample variance
+    ``V = b / (b - 1) (mean_i |g_i|^2 - |g|^2)``, the step is mostly signal
+    when ``V / b <= theta^2 |g|^2``; otherwise the next batch should hold
+    ``ceil(V / (theta^2 |g|^2))`` samples. ``mean_squares`` is
+    ``mean_i |g_i|^2`` (the sum of the empirical Fisher diagonal).
+    """
+    if batch_size < 2 or not grad_norm_sq > 0 or not math.isfinite(mean_squares):
+        return None
+    variance = max(0.0, mean_squares - grad_norm_sq) * batch_size / (batch_size - 1)
+    if variance / batch_size <= theta**2 * grad_norm_sq:
+        return None
+    return math.ceil(variance / (theta**2 * grad_norm_sq))

@@ -85,3 +85,32 @@ def test_the_ranks_curvature_rows_add_up_to_the_subset():
             assert m == whole.size and np.all((rows >= 0) & (rows < hi - lo))
             parts.append(rows + lo)
         np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_norm_test_against_hand_computed_sizes():
+    from mpinewton.sampling import norm_test
+
+    # b = 10, mean |g_i|^2 = 5, |g|^2 = 1: V = 10/9 * 4 = 40/9; V/b = 0.444 <= 0.81 passes
+    assert norm_test(10, 5.0, 1.0, 0.9) is None
+    # theta = 0.5: 0.444 > 0.25 fails; the next batch needs ceil(V / 0.25) = ceil(17.78) = 18
+    assert norm_test(10, 5.0, 1.0, 0.5) == 18
+    # no variance (every g_i equal) always passes; a zero gradient or b < 2 never decides
+    assert norm_test(100, 1.0, 1.0, 0.1) is None
+    assert norm_test(100, 1.0, 0.0, 0.1) is None and norm_test(1, 9.0, 1.0, 0.1) is None
+
+
+def test_sampler_grows_and_restores_a_grown_size():
+    s = MiniBatchSampler(50, 5, seed=1)
+    s.next()
+    assert s.grow(3) == 5 and s.grow(12) == 12 and s.grow(500) == 50
+    s = MiniBatchSampler(50, 5, seed=1)
+    s.next()
+    s.grow(12)
+    batch = s.next()
+    assert batch.size == 12
+    state = s.state()
+    with pytest.raises(ValueError, match="resuming would not continue"):
+        MiniBatchSampler.from_state(state, num_samples=50, batch_size=5)
+    restored = MiniBatchSampler.from_state(state, num_samples=50, batch_size=5, growing=True)
+    assert restored.batch_size == 12
+    np.testing.assert_array_equal(restored.next(), s.next())

@@ -20,8 +20,11 @@ BATCH = 23  # not a multiple of 2 or 3: the ranks' parts differ in size
 
 
 def _args(dataset, *extra):
+    # Progressive batches (norm test, capped at 60 samples) grow the batch of 23 on the way.
     return small_job(dataset, "--set", f"optimizer.batch_size={BATCH}",
-                     "--set", "objective.micro_batch=5", *extra)
+                     "--set", "objective.micro_batch=5", "--set", "optimizer.batch_growth="
+                     "'norm_test'", "--set", "optimizer.batch_theta=0.5",
+                     "--set", "optimizer.batch_max=60", *extra)
 
 
 def _weights(run_dir):
@@ -45,10 +48,17 @@ def test_same_batches_and_losses_on_1_2_3_ranks(runs):
     ref = read_metrics(runs[1])
     total = json.loads((runs[1] / "summary.json").read_text())["train_samples"]
     sampler = MiniBatchSampler(total, BATCH, seed=0)
-    expected = [hashlib.sha256(sampler.next().astype("<i8").tobytes()).hexdigest()
-                for _ in ref]
+    expected = []
+    for r in ref:  # the batches, replayed with the sizes the norm test chose
+        batch = sampler.next()
+        assert r["batch_size"] == batch.size
+        expected.append(hashlib.sha256(batch.astype("<i8").tobytes()).hexdigest())
+        if r.get("next_batch_size"):
+            sampler.grow(r["next_batch_size"])
     assert [r["batch_sha256"] for r in ref] == expected
-    assert all(r["batch_size"] == BATCH for r in ref)
+    sizes = [r["batch_size"] for r in ref]
+    assert sizes[0] == BATCH and BATCH < max(sizes) <= 60, sizes  # it grew, within the cap
+    assert all(r["batch_size"] == BATCH for r in ref if r["phase"] == "pretrain")
     for ranks in (2, 3):
         records = read_metrics(runs[ranks])
         assert [r["batch_sha256"] for r in records] == expected

@@ -119,7 +119,8 @@ def format_line(rec: dict[str, Any]) -> str:
     return (f"{rec['phase']:<8} {rec['iter']:4d}  loss {rec['loss']:.6e}  "
             f"|g| {rec['grad_norm']:.3e}"
             f"  cg {cg}  step {rec['step_size']:.3g}{' FALLBACK' if rec['fallback'] else ''}"
-            f"  {rec['iter_seconds']:6.2f}s  t={rec['wall_time']:7.1f}s")
+            f"  {rec['iter_seconds']:6.2f}s  t={rec['wall_time']:7.1f}s"
+            + (f"  batch -> {rec['next_batch_size']}" if rec.get("next_batch_size") else ""))
 
 
 class TrainingHooks(LoopHooks):
@@ -136,7 +137,7 @@ class TrainingHooks(LoopHooks):
         self.progress["wall_time"] = 0.0
         if session.resume is not None:
             saved = dict(session.resume.state["progress"])
-            if "newton_iters" in saved:  # checkpoints written before 0.3
+            if "newton_iters" in saved:  # checkpoints written before 0.2
                 saved["method_iters"] = saved.pop("newton_iters")
             self.progress.update(saved)
         if session.sampler is None:
@@ -181,6 +182,9 @@ class TrainingHooks(LoopHooks):
                                    limit=job.data.limit or None, **self.session.data_checks)
         self.objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
         self._set_curvature_rows(k, phase, x_part, y_part, lo, hi, batch.size)
+        if job.optimizer.batch_growth != "none" and phase.name != "pretrain":
+            # mean_i |g_i|^2 on this batch at the step's weights, for the norm test
+            self.mean_squares = float(np.sum(self.objective.grad_squares(self.w)))
         self.record.update(batch_size=batch.size, epoch=sampler.epoch)
         if self.sync:  # the parts the ranks read, together: the batch (same on any size)
             rows = np.concatenate(comm.allgather(batch[lo:hi]))
@@ -221,6 +225,7 @@ class TrainingHooks(LoopHooks):
         if phase.name != "pretrain":
             self.progress["cg_iters"] += record["cg_iters"] or 0
             self.progress["method_iters"] += 1
+            self._grow_batch(record, info)
         self.out.log(record)
         self.out.check_lock()
         self.say(format_line(record), flush=True)
@@ -234,6 +239,24 @@ class TrainingHooks(LoopHooks):
         if every and k % every == 0 and k < self.total:
             self.save(k)
         return w, False
+
+    def _grow_batch(self, record: dict[str, Any], info: StepRecord) -> None:
+        """Progressive batches: the norm test on this step's batch sets the next size.
+
+        ``info.grad_norm`` is |g| on the batch at the step's weights, where
+        :meth:`before_step` took ``mean_i |g_i|^2``; both are reduced over all
+        ranks, so every rank decides alike.
+        """
+        opt, sampler = self.session.job.optimizer, self.session.sampler
+        if sampler is None or opt.batch_growth == "none":
+            return
+        from mpinewton.sampling import norm_test
+
+        wanted = norm_test(sampler.batch_size, self.mean_squares, info.grad_norm ** 2,
+                           opt.batch_theta)
+        cap = opt.batch_max or sampler.num_samples
+        if wanted is not None and sampler.batch_size < cap:
+            record["next_batch_size"] = sampler.grow(min(wanted, cap))
 
     def save(self, iteration: int) -> None:
         """Write a checkpoint of the weights and every state at ``iteration`` (rank 0)."""

@@ -187,7 +187,9 @@ def _make_sampler(job: JobConfig, total: int, resume: Resume | None) -> Any:
     saved = (resume.state if resume else {}).get("schedule", {}).get("sampling")
     if saved is not None and saved.get("mode") == "mini_batch":
         try:
-            return MiniBatchSampler.from_state(saved, num_samples=total, batch_size=b)
+            return MiniBatchSampler.from_state(
+                saved, num_samples=total, batch_size=b,
+                growing=job.optimizer.batch_growth != "none")
         except ValueError as exc:
             raise ConfigError(f"--resume {resume.path}: {exc}") from None  # type: ignore[union-attr]
     if resume is not None and resume.iteration > 0:

@@ -20,7 +20,11 @@ from mpinewton.sampling import curvature_rows
 
 
 class SplitProblem:
-    """Values and gradients from ``full``; curvature products from ``curvature``."""
+    """Values and gradients from ``full``; curvature from ``curvature``.
+
+    Curvature means the Hessian and Gauss-Newton products and the Fisher
+    diagonal of a preconditioner.
+    """
 
     def __init__(self, full: Any, curvature: Any) -> None:
         self.full, self.curvature = full, curvature
@@ -43,7 +47,8 @@ class SplitProblem:
         return self.full.value_and_grad(w)
 
     def grad_squares(self, w: np.ndarray) -> np.ndarray:
-        return self.full.grad_squares(w)
+        """The Fisher diagonal is curvature: it comes from the sub-sample too (Martens 2010)."""
+        return self.curvature.grad_squares(w)
 
     def accuracy(self, w: np.ndarray) -> float:
         return self.full.accuracy(w)
