@@ -6,4 +6,4 @@ layer (:mod:`mpinewton.comm`) knows no TensorFlow, and only the training driver
 (:mod:`mpinewton.train`) sees the whole flow.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

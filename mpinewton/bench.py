@@ -3,7 +3,8 @@
 Prints figures and writes them as JSON (``--out``), for ``docs/benchmarks.md``.
 Speed and memory targets are checked here, never by timed unit tests.
 
-``products``  HVP time / gradient time, thesis CNN, float64, b = 10,000 and 50,000.
+``products``  HVP time / gradient time, thesis CNN, float64, b = 10,000 and 50,000, and
+              one Gauss-Newton product against one HVP (GN/HVP).
 ``table``     one HVP at b = 1 ... 10,000 beside the thesis' table 14.2.
 ``ranks``     one Newton iteration on 2 ranks x 1 thread against 1 rank x 2 threads
               (launches mpirun itself), and the share of time inside Allreduce.
@@ -130,8 +131,13 @@ def bench_products(args: argparse.Namespace) -> dict[str, Any]:
         hvp_s = _best_of(lambda local=local, w=w, v=v: local.hvp_sum(w, v), args.repeats)
         key = f"b={b} {mode}{'' if jit else ' (no XLA)'}"
         out[key] = {"grad_s": grad_s, "hvp_s": hvp_s, "ratio": hvp_s / grad_s}
-        print(f"{key:<46} gradient {grad_s:7.3f}s  HVP {hvp_s:7.3f}s  "
-              f"HVP/gradient {hvp_s / grad_s:5.2f}", flush=True)
+        line = (f"{key:<46} gradient {grad_s:7.3f}s  HVP {hvp_s:7.3f}s  "
+                f"HVP/gradient {hvp_s / grad_s:5.2f}")
+        if mode == "reverse_over_reverse":  # the Gauss-Newton product has one mode
+            gn_s = _best_of(lambda local=local, w=w, v=v: local.gnvp_sum(w, v), args.repeats)
+            out[key].update(gnvp_s=gn_s, gnvp_over_hvp=gn_s / hvp_s, gnvp_over_grad=gn_s / grad_s)
+            line += f"  GN {gn_s:7.3f}s  GN/HVP {gn_s / hvp_s:5.2f}"
+        print(line, flush=True)
     return out
 
 

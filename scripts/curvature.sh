@@ -19,7 +19,8 @@ run=runs/curvature
 mpi() { bash scripts/mpirun.sh -n "$ranks" "$@"; }
 
 if [ ! -f "$run/checkpoints/ckpt-00000080.h5" ]; then
-    mpi python -m mpinewton.train --run-dir "$run" --overwrite --set checkpoint.every=60
+    mpi python -m mpinewton.train jobs/mnist_cnn_thesis.toml --run-dir "$run" --overwrite \
+        --set checkpoint.every=60
 fi
 declare -A weights=([start]="" [pretrained]="--checkpoint $run/checkpoints/ckpt-00000060.h5"
                     [newton]="--checkpoint $run/checkpoints/ckpt-00000080.h5")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The thesis' figure 14.2 experiment on the 50,000 MNIST training images: after the
-# same 60 gradient-descent pre-training iterations, 20 Newton-CG iterations (the
-# default job) against 20 gradient-descent iterations for each learning rate of a
+# same 60 gradient-descent pre-training iterations, 20 Newton-CG iterations of the
+# thesis (jobs/mnist_cnn_thesis.toml) against 20 gradient-descent iterations for each rate of a
 # small sweep, and against gradient descent with the best rate given as much wall
 # time as the 20 Newton-CG iterations took. Writes runs/fig14_2/*,
 # runs/fig14_2/table.md and docs/fig14_2.png, and prints the table.
@@ -18,7 +18,7 @@ run() {
     bash scripts/mpirun.sh -n "$ranks" python -m mpinewton.train --overwrite "$@" >/dev/null
 }
 
-run jobs/mnist_cnn.toml --run-dir "$out/newton"
+run jobs/mnist_cnn_thesis.toml --run-dir "$out/newton"
 for lr in $rates; do
     run jobs/mnist_cnn_gd.toml --set "optimizer.learning_rate=$lr" --run-dir "$out/gd_lr$lr"
 done

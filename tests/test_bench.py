@@ -50,11 +50,16 @@ def test_products(tmp_path):
     assert set(products) == {f"b={b} {mode}" for b in (10, 20) for mode in modes} | {
         "b=10 reverse_over_reverse (no XLA)"}
     for key, figures in products.items():
-        assert set(figures) == {"grad_s", "hvp_s", "ratio"}, key
+        gn = {"gnvp_s", "gnvp_over_hvp", "gnvp_over_grad"} \
+            if key.split()[1] == "reverse_over_reverse" else set()
+        assert set(figures) == {"grad_s", "hvp_s", "ratio"} | gn, key
         assert all(_positive(x) for x in figures.values()), (key, figures)
         assert figures["ratio"] == pytest.approx(figures["hvp_s"] / figures["grad_s"])
+        if gn:
+            assert figures["gnvp_over_hvp"] == pytest.approx(figures["gnvp_s"] / figures["hvp_s"])
         assert key in stdout
     assert stdout.count("HVP/gradient") == len(products)
+    assert stdout.count("GN/HVP") == 3
 
 
 @pytest.mark.slow

@@ -3,16 +3,28 @@
 import pytest
 
 from mpinewton.config import DEFAULT_JOB, ConfigError, JobConfig, build_job, load_job
+from mpinewton.solvers import NewtonConfig
 
 
-def test_default_job_is_the_thesis_experiment():
+def test_default_job_is_the_thesis_cnn_with_the_measured_best_newton():
     job = load_job(None)
     assert DEFAULT_JOB.name == "mnist_cnn.toml"
     assert job.model.name == "thesis_cnn" and job.model.dtype == "float64"
-    assert job.optimizer.pretrain_iters == 60 and job.optimizer.iters == 20
-    assert job.optimizer.params.warm_start == "weights"
-    assert job.optimizer.params.step_rule == "armijo"
+    assert job.optimizer.pretrain_iters == 60 and job.optimizer.method == "newton"
+    params = job.optimizer.params
+    assert (params.curvature, params.damping_rule, params.preconditioner) == (
+        "gauss_newton", "levenberg_marquardt", "fisher")
+    assert job.optimizer.curvature_fraction == 0.05 and params.step_rule == "armijo"
     assert job.data.train_splits == ("train",) and job.data.limit == 0
+
+
+def test_thesis_job_is_the_thesis_experiment():
+    job = load_job(DEFAULT_JOB.parent / "mnist_cnn_thesis.toml")
+    assert job.model.name == "thesis_cnn" and job.model.dtype == "float64"
+    assert job.optimizer.pretrain_iters == 60 and job.optimizer.iters == 20
+    assert job.optimizer.curvature_fraction == 1.0
+    assert job.optimizer.params == NewtonConfig(damping=1e-3, warm_start="weights",
+                                                cg_scale_tol_sqrt_n=True)
 
 
 def test_toml_round_trip(tmp_path):
@@ -95,13 +107,14 @@ def test_optimizer_section_is_the_solvers_dataclass():
     job = load_job(None, ["optimizer.method='gd'", "optimizer.learning_rate=2.0"])
     assert job.optimizer.params == GDConfig(learning_rate=2.0)
     assert load_job(None).optimizer.params == NewtonConfig(
-        damping=1e-3, warm_start="weights", cg_scale_tol_sqrt_n=True)
+        curvature="gauss_newton", damping_rule="levenberg_marquardt", damping=1e-2,
+        preconditioner="fisher", warm_start="previous", cg_rtol=0.1)
 
 
 def test_a_parameter_of_another_method_is_left_out_with_a_note():
     job = load_job(None, ["optimizer.method='gd'"])  # the default job sets damping
-    assert job.notes == ("optimizer.damping, warm_start, cg_rtol, cg_scale_tol_sqrt_n, "
-                         "cg_max_iter, step_rule, armijo_beta, armijo_gamma belong to another "
+    assert job.notes == ("optimizer.curvature, damping_rule, damping, preconditioner, "
+                         "warm_start, cg_rtol, cg_max_iter, step_rule belong to another "
                          "method than 'gd' (optimizer.method) and are ignored",)
     assert "damping" not in job.to_dict()["optimizer"]
     with pytest.raises(ConfigError, match="wrong type"):  # still checked
@@ -124,3 +137,14 @@ def test_curvature_fraction_is_a_schedule_key_in_0_1():
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(ConfigError, match="curvature_fraction"):
             load_job(None, [f"optimizer.curvature_fraction={bad}"])
+
+
+def test_batch_growth_needs_mini_batches_and_sane_values():
+    job = load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='norm_test'"])
+    assert job.optimizer.batch_growth == "norm_test" and job.optimizer.batch_theta == 0.9
+    with pytest.raises(ConfigError, match="full-batch"):
+        load_job(None, ["optimizer.batch_growth='norm_test'"])
+    with pytest.raises(ConfigError, match="did you mean 'norm_test'"):
+        load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='norm'"])
+    with pytest.raises(ConfigError, match="batch_theta"):
+        load_job(None, ["optimizer.batch_size=100", "optimizer.batch_theta=0"])

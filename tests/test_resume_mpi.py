@@ -128,3 +128,28 @@ def test_corrupt_latest_falls_back_to_older_checkpoint(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert newest.name in proc.stdout and "skipped checkpoint" in proc.stdout
     assert f"resuming from {checkpoints[-2]}" in proc.stdout
+
+
+@pytest.mark.parametrize("method", [
+    ["optimizer.method='lbfgs'"],
+    ["optimizer.curvature='gauss_newton'", "optimizer.damping_rule='levenberg_marquardt'",
+     "optimizer.preconditioner='fisher'", "optimizer.forcing='eisenstat_walker'",
+     "optimizer.warm_start='previous'"],
+], ids=["lbfgs", "newton-gauss-newton-lm"])
+def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
+    """The L-BFGS memory and gradient cache, the LM damping and forcing state resume exactly."""
+    sets = [arg for item in method for arg in ("--set", item)]
+    straight = tmp_path / "straight"
+    proc = run_job(2, *small_job(dataset), *sets, "--run-dir", str(straight))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "resumed"
+    proc = run_job(2, *small_job(dataset), *sets, "--set", "optimizer.iters=2",
+                   "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_job(2, *small_job(dataset), *sets, "--run-dir", str(run_dir), "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming from" in proc.stdout
+    np.testing.assert_array_equal(_weights(run_dir), _weights(straight))
+    drop = TIMING | {"weights_sha256"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(run_dir)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(straight)]
