@@ -200,10 +200,15 @@ def summarise(results: list[dict[str, Any]], reference: str | None,
     to get there.
     """
     out: dict[str, Any] = {}
-    ref = next((r for r in results if r["label"] == reference), None)
-    if ref is not None:
-        points = [p for p in ref["trace"] if p["iter"] <= reference_iters]
-        target = points[-1]["loss"]
+    # Several references (comma-separated): the target is the best of them.
+    names = [] if reference is None else [n.strip() for n in reference.split(",")]
+    candidates = []
+    for r in results:
+        if r["label"] in names:
+            points = [p for p in r["trace"] if p["iter"] <= reference_iters]
+            candidates.append((points[-1]["loss"], r["label"], points))
+    if candidates:
+        target, reference, points = min(candidates)
         out["target"] = {"loss": target, "reference": reference,
                          "reference_iters": points[-1]["iter"]}
         times = {}
@@ -221,9 +226,9 @@ def summarise(results: list[dict[str, Any]], reference: str | None,
                            if any(s.get("cg_iters") for s in r["steps"])}
     best = {r["label"]: min(p["loss"] for p in r["trace"]) for r in results}
     out["best_loss"] = best
-    levels = sorted({round(x, 3) for x in np.geomspace(
-        min(best.values()), max(r["trace"][0]["loss"] for r in results), 12)})
-    out["seconds_to_loss"] = {f"{lv:.3f}": {r["label"]: (hit["seconds"] if (
+    # A ladder of 12 losses from the common start down to the best any variant reached.
+    levels = np.geomspace(min(best.values()), max(r["trace"][0]["loss"] for r in results), 12)
+    out["seconds_to_loss"] = {f"{lv:.6f}": {r["label"]: (hit["seconds"] if (
         hit := first_time_below(r["trace"], lv)) else None) for r in results} for lv in levels}
     return out
 
@@ -255,6 +260,42 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The tables of ``docs/results.md`` from a race's JSON (``--report FILE``)."""
+    summary, results = report["summary"], report["results"]
+    lines = []
+    target = summary.get("target")
+    if target:
+        ref = summary["to_target"][target["reference"]]
+        lines += [f"Target: loss {target['loss']:.6f}, reached by {target['reference']} "
+                  f"after {target['reference_iters']} iterations.", "",
+                  "| method | iterations in the time limit | final loss | seconds to target "
+                  "| passes to target | x sooner than the reference | CG iterations cut "
+                  "below 1/4 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in results:
+            hit = summary["to_target"][r["label"]]
+            cut = cut_cg_share(r["steps"]) if any(x.get("cg_iters") for x in r["steps"]) \
+                else None
+            share = "-" if not cut or cut["share"] is None else \
+                f"{100 * cut['share']:.1f} % ({cut['cut']} of {cut['cg_iters']})"
+            speed = "-" if hit is None or not ref else f"{ref['seconds'] / hit['seconds']:.1f}"
+            lines.append(
+                f"| {r['label']} | {r['trace'][-1]['iter']} | {r['trace'][-1]['loss']:.4f} | "
+                + ("not reached | - | - " if hit is None else
+                   f"{hit['seconds']:.1f} | {hit['passes']:.1f} | {speed} ")
+                + f"| {share} |")
+    levels = summary["seconds_to_loss"]
+    labels = [r["label"] for r in results]
+    lines += ["", "Seconds to reach each loss (first iterate at or below it; - = not within "
+              "the time limit):", "",
+              "| loss | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+    for level in sorted(levels, key=float):
+        row = levels[level]
+        lines.append(f"| {float(level):.4f} | " + " | ".join(
+            "-" if row[k] is None else f"{row[k]:.1f}" for k in labels) + " |")
+    return "\n".join(lines)
 
 
 def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int]) -> None:
@@ -289,15 +330,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-iters", type=int, default=100_000,
                         help="iterations per variant (default: no limit but time)")
     parser.add_argument("--reference", default=None,
-                        help="label whose loss after --reference-iters sets the target")
+                        help="label(s), comma-separated, whose best loss after "
+                        "--reference-iters iterations sets the target")
     parser.add_argument("--reference-iters", type=int, default=200)
-    parser.add_argument("--out", required=True, help="JSON results (and a PNG beside it)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="JSON results (and a PNG beside it)")
+    parser.add_argument("--report", default=None, metavar="FILE.json",
+                        help="print the markdown tables of an earlier race and exit")
+    args = parser.parse_args(argv)
+    if args.report is None and args.out is None:
+        parser.error("--out is required (or --report FILE.json)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
+    if args.report is not None:
+        report = json.loads(Path(args.report).read_text())
+        if args.reference is not None:  # the summary again, with these references
+            report["summary"] = summarise(report["results"], args.reference,
+                                          args.reference_iters)
+        print(markdown(report))
+        return 0
     comm = world()
     install_abort_handler(comm)
     say = print if comm.is_root else (lambda *a, **k: None)

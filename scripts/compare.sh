@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL=2
 ranks=${1:-2}
 limit=${2:-300}
 bash scripts/mpirun.sh -n "$ranks" python -m mpinewton.compare --time-limit "$limit" \
-    --reference gd-lr2 --reference-iters 200 \
+    --reference gd-lr1,gd-lr2,gd-lr4 --reference-iters 200 \
     --variant "newton=newton" \
     --variant "newton-thesis=newton,curvature=hessian,damping_rule=fixed,damping=1e-3,preconditioner=none,warm_start=weights,cg_rtol=1e-2,cg_scale_tol_sqrt_n=true,curvature_fraction=1.0" \
     --variant "trust-region=trust_region,curvature=gauss_newton,cg_rtol=0.1,curvature_fraction=0.05" \

@@ -13,7 +13,7 @@ import sys
 import pytest
 from mpijobs import MPIRUN, ROOT, mpi_env
 
-from mpinewton.compare import cut_cg_share, first_time_below, summarise
+from mpinewton.compare import cut_cg_share, first_time_below, markdown, summarise
 
 pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
 
@@ -84,3 +84,6 @@ def test_summary_bookkeeping():
     assert summary["speedup_vs_reference"]["a"] == 6.0
     assert cut_cg_share(results[1]["steps"]) == {"cg_iters": 40, "cut": 30, "share": 0.75}
     assert summary["best_loss"] == {"a": 0.2, "b": pytest.approx(0.6)}
+    table = markdown({"summary": summary, "results": results})
+    assert "| a | 4 | 0.2000 | 1.0 | 2.0 | 6.0 | - |" in table
+    assert "| b | 4 | 0.6000 | 6.0 | 2.0 | 1.0 | 75.0 % (30 of 40) |" in table
