@@ -14,6 +14,8 @@ from mpinewton.data import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIRUN = shutil.which("mpirun")
+#: The thesis' Newton-CG job (the default job before 0.2).
+THESIS_JOB = str(ROOT / "jobs" / "mnist_cnn_thesis.toml")
 
 
 def mpi_env(**extra):

@@ -181,6 +181,7 @@ class TrainingHooks(LoopHooks):
         x_part, y_part = read_rows(job.data.path, list(job.data.train_splits), batch[lo:hi],
                                    limit=job.data.limit or None, **self.session.data_checks)
         self.objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
+        self.objective.total_samples = batch.size  # batches may grow (optimizer.batch_growth)
         self._set_curvature_rows(k, phase, x_part, y_part, lo, hi, batch.size)
         if job.optimizer.batch_growth != "none" and phase.name != "pretrain":
             # mean_i |g_i|^2 on this batch at the step's weights, for the norm test
@@ -208,6 +209,7 @@ class TrainingHooks(LoopHooks):
                                        k, lo, hi)
         self.curvature.local.set_samples(x[rows], y[rows],
                                          pad_to=max(1, -(-5 * m // (4 * comm.size))))
+        self.curvature.total_samples = m  # batches may grow (optimizer.batch_growth)
         self.record["curvature_samples"] = m
 
     def after_step(self, k: int, phase: Phase, w: np.ndarray, state: SolverState,
