@@ -633,6 +633,10 @@ class LocalObjective:
         (k = 64, micro-batch 1000: 400 MB a tensor for this CNN), so choose
         ``micro_batch * k`` for the memory at hand.
         """
+        return self._sum_many(self._hvp_many_fn, w, v)
+
+    def _sum_many(self, fn: Callable, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Sum over the micro-batches of ``fn``'s k products (rows) -> (n, k) columns."""
         tw = self._w(w)
         v = np.asarray(v)
         if v.ndim != 2 or v.shape[0] != self.layout.size:
@@ -644,7 +648,7 @@ class LocalObjective:
             return np.ascontiguousarray(out.T)
         tv = tf.constant(np.ascontiguousarray(v.T), dtype=self.dtype)
         for x, y, n in self._chunks:
-            out += self._hvp_many_fn(tw, tv, x, y, n).numpy()
+            out += fn(tw, tv, x, y, n).numpy()
         return np.ascontiguousarray(out.T)
 
     @property
@@ -720,19 +724,7 @@ class LocalObjective:
         :meth:`hvp_sum_many`: k tangents of every activation of a micro-batch.
         """
         self._check_split()
-        tw = self._w(w)
-        v = np.asarray(v)
-        if v.ndim != 2 or v.shape[0] != self.layout.size:
-            raise ValueError(f"direction matrix has shape {v.shape}, expected "
-                             f"({self.layout.size}, k)")
-        k = v.shape[1]
-        out = np.zeros((k, self.layout.size), dtype=np.float64)
-        if k == 0 or not self._chunks:
-            return np.ascontiguousarray(out.T)
-        tv = tf.constant(np.ascontiguousarray(v.T), dtype=self.dtype)
-        for x, y, n in self._chunks:
-            out += self._gnvp_many_fn(tw, tv, x, y, n).numpy()
-        return np.ascontiguousarray(out.T)
+        return self._sum_many(self._gnvp_many_fn, w, v)
 
     def grad_squares_sum(self, w: np.ndarray) -> np.ndarray:
         """``sum_i g_i * g_i`` (elementwise) of the per-sample loss gradients over the shard.

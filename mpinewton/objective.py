@@ -14,6 +14,7 @@ the same order (design invariant 2).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,18 +97,7 @@ class DistributedObjective:
         contiguous buffer of n * k values (one Allreduce, whatever k); column j
         equals ``hvp(w, v[:, j])`` to rounding. Counts k products.
         """
-        v = np.asarray(v)
-        if v.ndim != 2 or v.shape[0] != np.shape(w)[0]:
-            raise ValueError(f"hvp_many: direction matrix has shape {v.shape}, expected "
-                             f"({np.shape(w)[0]}, k)")
-        start = time.perf_counter()
-        local = np.ascontiguousarray(self.local.hvp_sum_many(w, v), dtype=np.float64)
-        if local.shape != v.shape:
-            raise ValueError(f"hvp_many: local products have shape {local.shape}, "
-                             f"expected {v.shape}")
-        self.stats.compute_seconds += time.perf_counter() - start
-        self.stats.hvps += v.shape[1]
-        return self._reduce(local.reshape(-1)).reshape(v.shape)
+        return self._many("hvp_many", self.local.hvp_sum_many, w, v, "hvps")
 
     def gnvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Exact global generalised Gauss-Newton product G(w) v = (1/N) sum_i J_i^T H_L,i J_i v.
@@ -128,17 +118,25 @@ class DistributedObjective:
         One Allreduce of n * k values, as :meth:`hvp_many`; column j equals
         ``gnvp(w, v[:, j])`` to rounding. Counts k products.
         """
+        return self._many("gnvp_many", self.local.gnvp_sum_many, w, v, "gnvps")
+
+    def _many(self, name: str, local_many: Callable[[np.ndarray, np.ndarray], np.ndarray],
+              w: np.ndarray, v: np.ndarray, counter: str) -> np.ndarray:
+        """The local products of the k columns of ``v`` in one batch, one Allreduce of n * k values.
+
+        Shapes are checked (errors prefixed ``name``); ``stats.<counter>`` grows by k.
+        """
         v = np.asarray(v)
         if v.ndim != 2 or v.shape[0] != np.shape(w)[0]:
-            raise ValueError(f"gnvp_many: direction matrix has shape {v.shape}, expected "
+            raise ValueError(f"{name}: direction matrix has shape {v.shape}, expected "
                              f"({np.shape(w)[0]}, k)")
         start = time.perf_counter()
-        local = np.ascontiguousarray(self.local.gnvp_sum_many(w, v), dtype=np.float64)
+        local = np.ascontiguousarray(local_many(w, v), dtype=np.float64)
         if local.shape != v.shape:
-            raise ValueError(f"gnvp_many: local products have shape {local.shape}, "
+            raise ValueError(f"{name}: local products have shape {local.shape}, "
                              f"expected {v.shape}")
         self.stats.compute_seconds += time.perf_counter() - start
-        self.stats.gnvps += v.shape[1]
+        setattr(self.stats, counter, getattr(self.stats, counter) + v.shape[1])
         return self._reduce(local.reshape(-1)).reshape(v.shape)
 
     def grad_squares(self, w: np.ndarray) -> np.ndarray:

@@ -17,12 +17,12 @@ First-order baseline on the shared method interface
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from .base import ParameterError, Problem, SolverState, check_value_and_grad, is_real, require
-from .momentum import _check_counter, _float_array
+from .momentum import FixedStepInfo, _check_counter, _float_array
 
 __all__ = ["Adam", "AdamConfig", "AdamInfo", "AdamState"]
 
@@ -70,30 +70,10 @@ class AdamState(SolverState):
 
 
 @dataclass(frozen=True)
-class AdamInfo:
-    """What one Adam step did (loss and ``|g|`` at the old weights)."""
+class AdamInfo(FixedStepInfo):
+    """What one Adam step did (``step_size`` is the learning rate alpha)."""
 
-    loss: float
-    grad_norm: float
-    step_size: float  # the learning rate alpha
     update_norm: float  # |w_new - w|
-
-    @property
-    def new_loss(self) -> None:
-        """A fixed-rate step does not evaluate the loss at the new weights."""
-        return None
-
-    @property
-    def stalled(self) -> bool:
-        """A fixed step never stalls: it always moves (or raises on NaN/Inf)."""
-        return False
-
-    def record(self) -> dict[str, Any]:
-        """Metrics of this step, in the same fields as a Newton step's."""
-        return {"loss": self.loss, "new_loss": None, "grad_norm": self.grad_norm,
-                "cg_iters": 0, "cg_reason": None, "step_size": self.step_size,
-                "fallback": False, "linesearch_trials": 0, "damping": None,
-                "update_norm": self.update_norm}
 
 
 class Adam:

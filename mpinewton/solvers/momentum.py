@@ -19,7 +19,7 @@ The velocity starts at zero, so the first step is ``-lr g`` (heavy ball) or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -88,13 +88,16 @@ class MomentumState(SolverState):
 
 
 @dataclass(frozen=True)
-class MomentumInfo:
-    """What one momentum step did (loss and ``|g|`` at the old weights)."""
+class FixedStepInfo:
+    """What one fixed-rate step did (loss and ``|g|`` at the old weights).
+
+    Subclasses add their own diagnostics as fields; :meth:`record` appends them
+    to the fields every method's step writes.
+    """
 
     loss: float
     grad_norm: float
     step_size: float  # the learning rate
-    velocity_norm: float  # |v| after the step
 
     @property
     def new_loss(self) -> None:
@@ -107,11 +110,19 @@ class MomentumInfo:
         return False
 
     def record(self) -> dict[str, Any]:
-        """Metrics of this step, in the same fields as a Newton step's."""
+        """Metrics of this step, in the same fields as a Newton step's, then its own."""
+        own = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("loss", "grad_norm", "step_size")}
         return {"loss": self.loss, "new_loss": None, "grad_norm": self.grad_norm,
                 "cg_iters": 0, "cg_reason": None, "step_size": self.step_size,
-                "fallback": False, "linesearch_trials": 0, "damping": None,
-                "velocity_norm": self.velocity_norm}
+                "fallback": False, "linesearch_trials": 0, "damping": None, **own}
+
+
+@dataclass(frozen=True)
+class MomentumInfo(FixedStepInfo):
+    """What one momentum step did."""
+
+    velocity_norm: float  # |v| after the step
 
 
 class Momentum:
