@@ -24,7 +24,10 @@ from mpinewton.solvers.base import require
 #: job loader all take them from here.
 MODEL_NAMES = ("thesis_cnn", "mlp", "resnet50", "resnet_mini")
 DTYPES = ("float32", "float64")
-LOSSES = ("categorical_crossentropy", "mean_squared_error")
+LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy", "binary_crossentropy",
+          "mean_squared_error")
+#: Prefix of ``objective.loss`` for any other Keras loss, e.g. ``"keras:huber"``.
+KERAS_LOSS_PREFIX = "keras:"
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 PREPROCESSES = ("scale", "caffe")
 BATCH_GROWTH = ("none", "norm_test")
@@ -44,6 +47,13 @@ class RunConfig:
     name: str = "run"  # run name; the default run directory is runs/<name>
     seed: int = 0  # seed of weight initialisation and every other random choice
     run_dir: str = ""  # run directory; empty means runs/<name>
+    tensorboard: bool = True  # write TensorBoard event files to DIR/tensorboard
+    max_loss_ratio: float = 1e3  # stop when the loss exceeds this times the start loss (0 = off)
+    progress_seconds: float = 5.0  # iterations longer than this show CG progress (0 = never)
+
+    def __post_init__(self) -> None:
+        require(self, "max_loss_ratio", ">= 0")
+        require(self, "progress_seconds", ">= 0")
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,8 @@ class DataConfig:
     train_splits: tuple[str, ...] = ("train",)  # splits trained on, concatenated
     eval_splits: tuple[str, ...] = ("validation",)  # splits whose accuracy is reported
     limit: int = 0  # use only the first `limit` training samples (0 = all)
-    pixel_scale: float = 255.0  # inputs are uint8 / pixel_scale (thesis section 10.1)
-    preprocess: str = "scale"  # scale: x / pixel_scale | caffe: Keras' ResNet50 preprocessing
+    pixel_scale: float = 255.0  # uint8 inputs are x / pixel_scale (thesis 10.1); floats as stored
+    preprocess: str = "scale"  # scale: uint8 x / pixel_scale | caffe: Keras' ResNet50 preprocessing
     eval_limit: int = 0  # final accuracies on at most this many samples per split (0 = all)
 
     def __post_init__(self) -> None:
@@ -69,16 +79,22 @@ class DataConfig:
 class ModelConfig:
     """Which network to build (see mpinewton.models)."""
 
-    name: str = "thesis_cnn"  # thesis_cnn | mlp | resnet50 | resnet_mini
+    name: str = "thesis_cnn"  # thesis_cnn | mlp | resnet50 | resnet_mini (unused with factory)
+    factory: str = ""  # "package.module:function" building the model from [model.args]
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
     dtype: str = "float64"  # float32 | float64
-    input_shape: tuple[int, ...] = (28, 28, 1)  # sample shape the model takes (H, W, C)
+    input_shape: tuple[int, ...] = (28, 28, 1)  # sample shape of the built-in models (H, W, C)
     hidden: tuple[int, ...] = (32,)  # hidden layer widths for the mlp model
-    num_classes: int = 10  # number of output classes
+    num_classes: int = 10  # output classes of the built-in models
     weights: str = ""  # start from these weights (Keras .weights.h5 or mpinewton weights.h5)
     perturb_std: float = 0.0  # thesis 15.3: start from w * p, p ~ N(1, perturb_std) elementwise
 
     def __post_init__(self) -> None:
         require(self, "name", "choice", choices=MODEL_NAMES)
+        if self.factory and (self.factory.count(":") != 1 or not all(
+                part.strip() for part in self.factory.split(":"))):
+            raise ParameterError("ModelConfig", "factory", self.factory,
+                                 'a "package.module:function" path')
         require(self, "dtype", "choice", choices=DTYPES)
         require(self, "num_classes", "int >= 1")
         require(self, "perturb_std", ">= 0")
@@ -88,13 +104,16 @@ class ModelConfig:
 class ObjectiveConfig:
     """How the per-rank sums are computed (see mpinewton.local)."""
 
-    loss: str = "categorical_crossentropy"  # categorical_crossentropy | mean_squared_error
+    loss: str = "categorical_crossentropy"  # one of LOSSES, or "keras:<name>" for any Keras loss
+    from_logits: bool = False  # the model outputs logits (the numerically stable cross-entropy)
     micro_batch: int = 2000  # samples per compiled call; bounds per-rank memory
     jit: bool = True  # compile with XLA (measured faster on CPU, docs/benchmarks.md)
     hvp: str = "reverse_over_reverse"  # reverse_over_reverse | forward_over_reverse
 
     def __post_init__(self) -> None:
-        require(self, "loss", "choice", choices=LOSSES)
+        if not self.loss.removeprefix(KERAS_LOSS_PREFIX) or self.loss == self.loss.removeprefix(
+                KERAS_LOSS_PREFIX):
+            require(self, "loss", "choice", choices=LOSSES)
         require(self, "micro_batch", "int >= 1")
         require(self, "hvp", "choice", choices=HVP_MODES)
 
@@ -154,6 +173,22 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Validation during training: loss and metrics every few iterations, best weights."""
+
+    every: int = 0  # evaluate on eval.split every `every` iterations (0 = only at the end)
+    split: str = ""  # the validation split; empty = the first of data.eval_splits
+    patience: int = 0  # stop after this many evaluations without improvement (0 = never)
+    min_delta: float = 0.0  # an improvement lowers the best validation loss by more than this
+    keep_best: bool = True  # keep the weights of the best validation loss in DIR/best
+
+    def __post_init__(self) -> None:
+        require(self, "every", "int >= 0")
+        require(self, "patience", "int >= 0")
+        require(self, "min_delta", ">= 0")
+
+
+@dataclass(frozen=True)
 class ThreadsConfig:
     """TensorFlow thread pools per rank, set before TensorFlow starts."""
 
@@ -186,6 +221,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     #: What loading left out (keys of another method), for rank 0 to print; not part of the job.
@@ -204,8 +240,14 @@ class JobConfig:
         lines: list[str] = []
         for section, table in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items()
+                         if not isinstance(value, dict))
             lines.append("")
+            for key, value in table.items():  # sub-tables ([model.args]) after the keys
+                if isinstance(value, dict):
+                    lines.append(f"[{section}.{key}]")
+                    lines.extend(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+                    lines.append("")
         return "\n".join(lines)
 
     def digest(self) -> str:
@@ -215,6 +257,9 @@ class JobConfig:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
@@ -260,6 +305,9 @@ def _coerce(section: str, key: str, value: Any, default: Any, where: str) -> Any
             item_type = type(default[0]) if default else str
             ok = all(isinstance(v, item_type) and not isinstance(v, bool) for v in value)
             value = tuple(value)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+        value = dict(value) if ok else value
     else:
         ok = isinstance(value, expected)
     if not ok:
@@ -379,5 +427,12 @@ def load_job(path: str | Path | None = None,
         tables.setdefault(section, {})
         if not isinstance(tables[section], dict):
             raise ConfigError(f"--set {item!r}: [{section}] is not a table")
-        tables[section][key] = value
+        table, *subkeys = key.split(".")
+        if subkeys:  # model.args.units=64: a key of the [model.args] sub-table
+            sub = tables[section].setdefault(table, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"--set {item!r}: {section}.{table} is not a table")
+            sub[".".join(subkeys)] = value
+        else:
+            tables[section][key] = value
     return build_job(tables, where=str(job_path))

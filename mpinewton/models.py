@@ -10,12 +10,16 @@ for fast tests. Section 15.3: start from given weights, perturbed elementwise.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
 import random
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import h5py
 import keras
@@ -207,6 +211,88 @@ def build_model(name: str, *, dtype: str, seed: int, input_shape: tuple[int, ...
         return resnet_mini(dtype=dtype, seed=seed, input_shape=input_shape,  # type: ignore[arg-type]
                            hidden=hidden, num_classes=num_classes)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
+class FactoryError(ValueError):
+    """``model.factory`` does not name a function that builds a Keras model."""
+
+
+def resolve_factory(path: str) -> Any:
+    """The function named by ``"package.module:function"`` (the current directory importable)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise FactoryError(f'model.factory = {path!r}: expected "package.module:function"')
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+        raise FactoryError(f"model.factory = {path!r}: cannot import {module_name!r}: "
+                           f"{type(exc).__name__}: {exc} (is its package on PYTHONPATH or in "
+                           "the current directory?)") from None
+    fn: Any = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise FactoryError(f"model.factory = {path!r}: module {module_name!r} has no "
+                               f"attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise FactoryError(f"model.factory = {path!r}: {attr!r} is not callable")
+    return fn
+
+
+def check_user_model(model: Any, *, dtype: str, where: str) -> keras.Model:
+    """A built Keras model with trainable float weights in ``dtype``, or a clear error."""
+    if not isinstance(model, keras.Model):
+        raise FactoryError(f"{where}: expected a keras.Model, got {type(model).__name__}")
+    if not model.built or not model.trainable_variables:
+        raise FactoryError(
+            f"{where}: the model {model.name!r} has no weights yet; build it before training "
+            "(start it from keras.Input(shape) or call it once on a batch of inputs)")
+    dtypes = sorted({str(v.dtype) for v in model.trainable_variables})
+    if dtypes != [dtype]:
+        raise FactoryError(
+            f"{where}: the model {model.name!r} has {'/'.join(dtypes)} weights, but model.dtype "
+            f"is {dtype!r}; build it under keras.config.set_floatx({dtype!r}) (or "
+            f"dtype={dtype!r} on its layers), or set model.dtype")
+    return model
+
+
+def from_factory(path: str, args: Mapping[str, Any], *, dtype: str, seed: int) -> keras.Model:
+    """Build the user's model: ``function(**args)`` from ``model.factory``.
+
+    The factory runs with Keras' default dtype policy set to ``dtype`` and
+    Keras' random seed set to ``seed`` (so its initial weights do not depend on
+    the rank; rank 0's are broadcast anyway); it receives ``seed`` and
+    ``dtype`` as keyword arguments too where its signature takes them and
+    ``[model.args]`` does not set them.
+    """
+    fn = resolve_factory(path)
+    kwargs = dict(args)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name, value in (("seed", seed), ("dtype", dtype)):
+        if name in params and name not in kwargs:
+            kwargs[name] = value
+    keras.utils.set_random_seed(seed)
+    with _global_dtype_policy(dtype):
+        try:
+            model = fn(**kwargs)
+        except TypeError as exc:
+            raise FactoryError(f"model.factory = {path!r} with [model.args] "
+                               f"{sorted(kwargs)}: {exc}") from None
+    return check_user_model(model, dtype=dtype, where=f"model.factory = {path!r}")
+
+
+def model_from_job(model_config: Any, seed: int) -> keras.Model:
+    """The model a job's ``[model]`` table describes: its factory's, or a built-in one."""
+    m = model_config
+    if m.factory:
+        return from_factory(m.factory, m.args, dtype=m.dtype, seed=seed)
+    return build_model(m.name, dtype=m.dtype, seed=seed, input_shape=tuple(m.input_shape),
+                       num_classes=m.num_classes, hidden=m.hidden)
 
 
 # -- start weights (thesis section 15.3) -----------------------------------------------
