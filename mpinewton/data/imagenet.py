@@ -43,6 +43,7 @@ import numpy as np
 from mpinewton.comm import Comm, DistributedError
 from mpinewton.data.hdf5 import _CHUNK_BYTES, DataError, DatasetWriter, shard_bounds
 from mpinewton.durable import atomic_open
+from mpinewton.progress import Progress
 
 __all__ = [
     "COMPRESSIONS",
@@ -536,22 +537,13 @@ def _agreed(comm: Comm, step: Callable[[], T], what: str) -> T:
         raise DataError(str(e)) from e
 
 
-class _Progress:
-    """Concise progress lines on rank 0: done / total and images per second."""
+def _progress(what: str, total: int, enabled: bool) -> Progress:
+    """Progress lines (images done / total, time, eta) on stderr, where logging shows INFO.
 
-    def __init__(self, what: str, total: int, enabled: bool) -> None:
-        self.what, self.total, self.enabled = what, total, enabled
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int, *, final: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < _PROGRESS_SECONDS):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        pct = 100.0 * done / self.total if self.total else 100.0
-        log.info("%s: %s/%s images (%.0f%%), %.0f images/s", self.what, f"{done:,d}",
-                 f"{self.total:,d}", pct, rate)
+    So they appear under the CLI on rank 0, not with ``--quiet`` nor in library use.
+    """
+    return Progress(total, what, min_interval=_PROGRESS_SECONDS, unit="images",
+                    enabled=enabled and log.isEnabledFor(logging.INFO))
 
 
 # --------------------------------------------------------------------------- conversion
@@ -610,7 +602,7 @@ def _part_path(out: Path, token: str, rank: int) -> Path:
 
 def _decode_block(
     root: Path, paths: list[str], part: Path, size: int, resize: str, accept_truncated: bool,
-    progress: _Progress,
+    progress: Progress,
 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:  # fmt: skip
     """Decode this rank's files into the part ``part``; (local index, reason / note) lists."""
     bad: list[tuple[int, str]] = []
@@ -626,11 +618,12 @@ def _decode_block(
                                              accept_truncated=accept_truncated)
             except ImageReadError as e:
                 bad.append((i, e.reason))
+                progress.update(1)
                 continue
             if note is not None:
                 notes.append((i, note))
-            progress.update(i + 1)
-        progress.update(len(paths), final=True)
+            progress.update(1)
+        progress.close()
         rows.flush()
     finally:
         del rows
@@ -687,8 +680,7 @@ def _merge(
     labels = np.array([label for _, _, label in items], dtype=np.int64)
     shape = (size, size, 3)
     counts: dict[str, int] = {}
-    progress = _Progress("write", int(good.sum()), enabled=True)
-    done = 0
+    progress = _progress("write", int(good.sum()), enabled=True)
     with _Writer(out, num_classes=len(tree.class_names), source=source,
                  class_names=list(tree.class_names),
                  compression=None if compression == "none" else compression) as writer:
@@ -713,12 +705,11 @@ def _merge(
                     stop = min(e, start + rows)
                     mask = good[start:stop]
                     blocks.add(part[start - lo : stop - lo][mask], labels[start:stop][mask])
-                    done += int(mask.sum())
-                    progress.update(done)
+                    progress.update(int(mask.sum()))
                 del part
             blocks.flush()
             a = b
-    progress.update(done, final=True)
+    progress.close()
     return counts
 
 
@@ -808,7 +799,7 @@ def convert_imagenet(
     try:
         with _quiet_opencv():
             what = "decode" if comm.size == 1 else f"decode (rank 0 of {comm.size})"
-            progress = _Progress(what, hi - lo, comm.is_root)
+            progress = _progress(what, hi - lo, comm.is_root)
             local = _agreed(
                 comm,
                 lambda: _decode_block(root, paths, part, size, resize, accept_truncated, progress),

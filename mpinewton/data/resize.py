@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mpinewton.data.hdf5 import DataError, DatasetWriter, inspect_dataset, read_shard
+from mpinewton.progress import Progress
 
 #: OpenCV interpolation flags by name; "linear" is ``cv2.resize``'s default.  The values
 #: of OpenCV's stable ``cv::InterpolationFlags`` (``cv2.INTER_NEAREST`` ... ``INTER_LANCZOS4``),
@@ -74,12 +75,14 @@ def resize_images(x: np.ndarray, size: tuple[int, int], *, channels: int | None 
 
 def resize_dataset(src: PathLike, out: PathLike, size: tuple[int, int] = (224, 224), *,
                    channels: int | None = 3, interpolation: str = "linear",
-                   force: bool = False) -> None:
+                   force: bool = False, progress: bool = False) -> None:
     """Write ``out``: the dataset ``src`` with every image resized to ``size`` (H, W).
 
     See :func:`resize_images` for ``channels``. The new file's ``source``
     attribute names ``src`` and the operation. ``out`` must differ from
-    ``src``; an existing ``out`` is only replaced with ``force``.
+    ``src``; an existing ``out`` is only replaced with ``force``.  Only uint8
+    images (N, H, W, C) can be resized; targets are copied as they are.
+    ``progress`` prints progress lines (images done) on stderr.
     """
     src, out = Path(src), Path(out)
     h, w = (int(s) for s in size)
@@ -91,6 +94,9 @@ def resize_dataset(src: PathLike, out: PathLike, size: tuple[int, int] = (224, 2
         raise DataError(f"resize: unknown interpolation {interpolation!r}; known: "
                         f"{', '.join(INTERPOLATIONS)}")
     info = inspect_dataset(src)
+    if info.x_dtype != "uint8" or len(info.sample_shape) != 3:
+        raise DataError(f"resize: {src} holds samples of shape {info.sample_shape} "
+                        f"{info.x_dtype}; only uint8 images (H, W, C) can be resized")
     c_in = info.sample_shape[-1]
     if c_in not in (1, 3) and channels not in (None, c_in):
         raise DataError(f"resize: {src} has {c_in} channels; only 1 <-> 3 can be converted")
@@ -103,15 +109,18 @@ def resize_dataset(src: PathLike, out: PathLike, size: tuple[int, int] = (224, 2
                  + (f", {c_in} -> {c_out} channels" if c_out != c_in else ""))
     source = f"{src.name} ({info.source}) | mpinewton.data.resize: {operation}"
     rows = max(1, _BLOCK_BYTES // (h * w * c_out))
-    with DatasetWriter(out, num_classes=info.num_classes, source=source,
-                       class_names=info.class_names) as writer:
+    with Progress(sum(info.splits.values()), "resize", unit="images", enabled=progress) as bar, \
+            DatasetWriter(out, num_classes=info.num_classes, source=source,
+                          class_names=info.class_names, task=info.task) as writer:
         for split, n in info.splits.items():
-            writer.add_split(split, n, (h, w, c_out))
+            writer.add_split(split, n, (h, w, c_out), y_dtype=info.y_dtype,
+                             target_shape=info.target_shape)
             blocks = -(-n // rows)
             for block in range(blocks):
                 shard = read_shard(src, split, block, blocks)  # contiguous rows of this block
                 writer.write_rows(split, shard.lo, resize_images(
                     shard.x, (h, w), channels=c_out, interpolation=interpolation), shard.y)
+                bar.update(len(shard))
 
 
 def add_resize_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -133,7 +142,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     """Run the ``resize`` command and print the new file's description."""
     start = time.perf_counter()
     resize_dataset(args.src, args.out, tuple(args.size), channels=args.channels,
-                   interpolation=args.interpolation, force=args.force)
+                   interpolation=args.interpolation, force=args.force,
+                   progress=not getattr(args, "quiet", False))
     print(inspect_dataset(args.out))
     print(f"  file size    {args.out.stat().st_size / 2**20:.1f} MiB, "
           f"written in {time.perf_counter() - start:.1f} s")

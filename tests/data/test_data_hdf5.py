@@ -58,6 +58,7 @@ def raw_dataset(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) ->
     with h5py.File(path, "w") as f:
         f.attrs["format"] = hdf5.FORMAT
         f.attrs["format_version"] = hdf5.FORMAT_VERSION
+        f.attrs["task"] = "classification"
         f.attrs["num_classes"] = NUM_CLASSES
         f.attrs["source"] = "raw"
         for name, (x, y) in splits.items():
@@ -268,14 +269,17 @@ def test_failed_rename_keeps_the_previous_file(
 @pytest.mark.parametrize(
     ("splits", "kwargs", "message"),
     [
-        ({"train": (np.zeros((2, 4, 5, 1), np.float32), np.zeros(2, int))}, {}, "uint8"),
-        ({"train": (np.zeros((2, 4, 5), np.uint8), np.zeros(2, int))}, {}, r"\(N, H, W, C\)"),
+        ({"train": (np.zeros((2, 4, 5, 1), np.int16), np.zeros(2, int))}, {},
+         "x has dtype int16; a dataset holds uint8"),
+        ({"train": (np.zeros(2, np.uint8), np.zeros(2, int))}, {}, r"use x\[:, None\]"),
         (
             {"train": (np.zeros((3, 4, 5, 1), np.uint8), np.zeros(2, int))},
             {},
-            "3 samples but y has 2",
+            "x has 3 rows but y has 2",
         ),
-        ({"train": (np.zeros((2, 4, 5, 1), np.uint8), np.zeros(2))}, {}, "integer"),
+        ({"train": (np.zeros((2, 4, 5, 1), np.uint8), np.zeros(2))}, {},
+         r"float targets \(regression\) but num_classes=7"),
+        ({"train": (np.zeros((2, 4, 5, 1), np.uint8), np.zeros(2, bool))}, {}, "dtype bool"),
         ({"a/b": make_split(2)}, {}, "invalid split name"),
         ({"a+b": make_split(2)}, {}, "invalid split name"),
         ({}, {}, "no splits"),
@@ -403,8 +407,8 @@ def test_length_mismatch(tmp_path: Path) -> None:
     path = tmp_path / "bad.h5"
     x, y = make_split(10)
     raw_dataset(path, {"train": (x, y[:7])})
-    with pytest.raises(DataError, match="x has 10 samples but y has 7 labels") as err:
+    with pytest.raises(DataError, match="x has 10 rows but y has 7") as err:
         read_shard(path, "train", 0, 1)
     assert str(path) in str(err.value)
-    with pytest.raises(DataError, match="x has 10 samples but y has 7 labels"):
+    with pytest.raises(DataError, match="x has 10 rows but y has 7"):
         inspect_dataset(path)

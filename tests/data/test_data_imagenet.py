@@ -396,5 +396,8 @@ def test_cli_one_process(tree: Path, tmp_path: Path) -> None:
                      "--resize", "shorter", "--max-bad-fraction", "0.2")
     assert result.returncode == 0, result.stderr
     assert "skipped 3 unreadable file(s)" in result.stdout
+    # progress lines (mpinewton.progress) on stderr: files decoded, then images written
+    assert "decode: 23/23 images (100%)" in result.stderr, result.stderr
+    assert "write: 20/20 images (100%)" in result.stderr, result.stderr
     assert json.loads(manifest_path(out).read_text())["options"]["crop"] == "center"
     assert inspect_dataset(out).sample_shape == (8, 8, 3)

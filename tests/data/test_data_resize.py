@@ -98,3 +98,23 @@ def test_cli(grey: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "written in" in capsys.readouterr().out
     assert main([str(grey), "--out", str(out), "--size", "32", "32"]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+def test_progress_lines_and_regression_files(grey: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    resize_dataset(grey, tmp_path / "p.h5", (4, 4), progress=True)
+    assert "resize: 42/42 images (100%)" in capsys.readouterr().err
+    resize_dataset(grey, tmp_path / "q.h5", (4, 4))  # library default: no progress lines
+    assert capsys.readouterr().err == ""
+    images = tmp_path / "reg.h5"  # image regression: targets are copied unchanged
+    x, _ = _split(6, (5, 5, 1), 3)
+    y = np.linspace(0, 1, 12).reshape(6, 2)
+    write_dataset(images, {"train": (x, y)}, source="t")
+    resize_dataset(images, tmp_path / "reg8.h5", (8, 8), channels=None)
+    info = inspect_dataset(tmp_path / "reg8.h5")
+    assert info.task == "regression" and info.target_shape == (2,)
+    np.testing.assert_array_equal(read_shard(tmp_path / "reg8.h5", "train", 0, 1).y, y)
+    features = tmp_path / "f.h5"
+    write_dataset(features, {"train": (np.zeros((3, 4), np.float32), np.zeros(3))}, source="t")
+    with pytest.raises(DataError, match=r"samples of shape \(4,\) float32; only uint8 images"):
+        resize_dataset(features, tmp_path / "f8.h5", (8, 8))
