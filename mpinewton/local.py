@@ -1,4 +1,4 @@
-"""Per-rank sums over a shard: loss, gradient, exact Hessian-vector product.
+"""Per-rank sums over a shard: loss, gradient, exact Hessian-vector product, metric.
 
 Everything here is a *sum* over the rank's samples (design invariant 1, batch
 additivity, thesis Definition 9.1): the distributed objective adds the sums of
@@ -25,10 +25,21 @@ a softmax output, ``z`` is the logits and the loss the matching softmax
 cross-entropy, so ``H_L = diag(p) - p p^T`` and ``G`` is positive semi-definite
 (see :meth:`LocalObjective.gnvp_sum`). ``grad_squares_sum`` gives the sum of the
 squared per-sample gradients (the empirical Fisher diagonal times the count).
+
+Users' own models and data: samples of any shape (uint8 images preprocessed
+here, float features as they are), integer class labels (classification) or
+float targets (regression), the losses of :class:`LocalObjective` (Keras'
+definitions: per sample, the mean over the outputs), ``from_logits``, any Keras
+loss by name, a batch-additive metric (:meth:`LocalObjective.metric_sum`:
+accuracy or the mean absolute error) and the model's outputs for prediction
+(:meth:`LocalObjective.outputs`). Data, model and loss that do not fit are
+refused at construction with an :class:`ObjectiveError` that says what and why.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -40,10 +51,12 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
-from mpinewton.config import HVP_MODES, LOSSES, PREPROCESSES
+from mpinewton.config import HVP_MODES, KERAS_LOSS_PREFIX, LOSSES, PREPROCESSES
+from mpinewton.objective import ObjectiveError
 from mpinewton.params import ParamLayout, get_flat
 
-__all__ = ["GAUSS_NEWTON_SPLITS", "HVP_MODES", "LOSSES", "PREPROCESSES", "LocalObjective"]
+__all__ = ["GAUSS_NEWTON_SPLITS", "HVP_MODES", "LOSSES", "METRICS", "PREPROCESSES",
+           "SOFTMAX_LOSSES", "LocalObjective", "ObjectiveError"]
 
 #: Where a Gauss-Newton product splits the net from the loss (``gauss_newton_split``).
 GAUSS_NEWTON_SPLITS = ("logits", "output")
@@ -239,21 +252,96 @@ def _batched_conv_rules() -> Iterator[None]:
             registry.update(old)
 
 
-def _per_sample_loss(name: str, num_classes: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Per-sample loss of integer labels and model outputs, shape (b,)."""
-    if name == "categorical_crossentropy":
-        def cce(y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
-            return keras.losses.categorical_crossentropy(
-                tf.one_hot(y, num_classes, dtype=out.dtype), out)
-        return cce
-    if name == "mean_squared_error":
-        def mse(y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
-            return keras.losses.mean_squared_error(tf.one_hot(y, num_classes, dtype=out.dtype), out)
-        return mse
-    raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+# -- losses ----------------------------------------------------------------------------
+#
+# Every loss is a per-sample function ``loss(y, out) -> (b,)`` of the stored
+# targets y and the model's outputs (or the split variable z, flattened to
+# (b, -1)): sums over samples are then batch additive (design invariant 1).
+# Integer labels are class indices (classification), float targets are values
+# (regression); see :class:`LocalObjective` for what each loss accepts.
+
+#: Softmax cross-entropy of integer labels (the two names are one loss here).
+SOFTMAX_LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy")
+#: What ``LocalObjective.metric_sum`` sums, by task.
+METRICS = ("accuracy", "mae")
 
 
-# -- the Gauss-Newton split: logits of a softmax output ---------------------------------
+def _size(shape: tuple[int | None, ...]) -> int | None:
+    """Number of values of a per-sample shape, None where a dimension is unknown."""
+    return None if None in shape else int(np.prod(shape, dtype=np.int64))
+
+
+def _fits(targets: tuple[int | None, ...], outputs: tuple[int | None, ...]) -> bool:
+    """Whether per-sample targets match outputs value for value (dimensions of 1 aside)."""
+    if targets == outputs:
+        return True
+    squeeze = [tuple(d for d in s if d != 1) for s in (targets, outputs)]
+    return None not in squeeze[0] + squeeze[1] and squeeze[0] == squeeze[1]
+
+
+def _flat(t: tf.Tensor) -> tf.Tensor:
+    """(b, ...) -> (b, m): per-sample values in one row."""
+    return tf.reshape(t, [tf.shape(t)[0], -1])
+
+
+def _model_output_shape(model: keras.Model, sample_shape: tuple[int, ...],
+                        input_dtype: str) -> tuple[int | None, ...]:
+    """Per-sample shape of the model's one output.
+
+    From the model's own ``output_shape`` (functional, sequential), else traced
+    symbolically (``compute_output_spec``, a subclassed model), else from one
+    call on a zero sample.
+    """
+    shape: Any = None
+    with suppress(AttributeError, ValueError, TypeError):
+        shape = model.output_shape
+    if shape is None:
+        with suppress(AttributeError, ValueError, TypeError, NotImplementedError, RuntimeError):
+            spec = model.compute_output_spec(keras.KerasTensor((None, *sample_shape),
+                                                               dtype=input_dtype))
+            shape = [s.shape for s in spec] if isinstance(spec, list | tuple) else spec.shape
+    if shape is None:
+        out = model(np.zeros((1, *sample_shape), dtype=input_dtype), training=False)
+        shape = [o.shape for o in out] if isinstance(out, list | tuple) else out.shape
+    if isinstance(shape, list) and shape and not isinstance(shape[0], int | None):
+        if len(shape) != 1:
+            raise ObjectiveError(f"model {model.name!r} has {len(shape)} outputs; the objective "
+                                 "takes a model with one output")
+        shape = shape[0]
+    return tuple(None if d is None else int(d) for d in tuple(shape)[1:])
+
+
+def _keras_loss(name: str, from_logits: bool) -> Callable[..., tf.Tensor]:
+    """Keras loss ``name`` as an unreduced function of (targets, outputs).
+
+    ``keras.losses.get`` gives a function (``"huber"``) or a ``Loss`` object
+    (``"Huber"``); an object's ``call`` is its unreduced loss. ``from_logits``
+    goes to the losses that take it and is an error for the others.
+    """
+    try:
+        found = keras.losses.get(name)
+    except (ValueError, TypeError) as err:
+        raise ObjectiveError(f"loss {KERAS_LOSS_PREFIX}{name}: Keras knows no loss {name!r} "
+                             f"({err})") from err
+    if found is None:
+        raise ObjectiveError(f"loss {KERAS_LOSS_PREFIX}{name}: Keras knows no loss {name!r}")
+    if isinstance(found, keras.losses.Loss):
+        if from_logits:
+            config = found.get_config()
+            if "from_logits" not in config:
+                raise ObjectiveError(f"loss {KERAS_LOSS_PREFIX}{name} takes no from_logits; "
+                                     "set from_logits = false")
+            found = type(found).from_config({**config, "from_logits": True})
+        return found.call
+    if from_logits:
+        if "from_logits" not in inspect.signature(found).parameters:
+            raise ObjectiveError(f"loss {KERAS_LOSS_PREFIX}{name} takes no from_logits; "
+                                 "set from_logits = false")
+        return functools.partial(found, from_logits=True)
+    return found
+
+
+# -- the Gauss-Newton split: logits of a softmax (sigmoid) output ---------------------
 #
 # The GGN of cross-entropy is positive semi-definite only when the loss is
 # convex in the split variable (Schraudolph 2002, matching loss functions;
@@ -265,27 +353,29 @@ def _per_sample_loss(name: str, num_classes: int) -> Callable[[tf.Tensor, tf.Ten
 # with an ``activation`` applies last in its ``call``. The compiled graph then
 # holds the logits; nothing changes outside graph building. On first use the
 # split is checked numerically (softmax(logits) == output on one sample) and
-# falls back to the output where it fails.
+# falls back to the output where it fails. Binary cross-entropy on a sigmoid
+# output is split the same way (the matching loss of the logistic function:
+# H_L = diag(s (1 - s)) / k). A model that outputs logits itself
+# (``from_logits``) is split at its output with these same closed forms.
 
 _HEAD_LOCK = threading.RLock()
 
 
-def _is_softmax(activation: Any) -> bool:
-    return activation is keras.activations.softmax or (
-        callable(activation) and getattr(activation, "__name__", None) == "softmax")
+def _is_activation(activation: Any, name: str) -> bool:
+    return activation is getattr(keras.activations, name) or (
+        callable(activation) and getattr(activation, "__name__", None) == name)
 
 
-def _softmax_head(model: keras.Model) -> keras.layers.Layer | None:
-    """The layer whose softmax activation makes the model's one output, or None.
+def _output_layer(model: keras.Model) -> Any:
+    """The layer that makes the model's one output, or None where that is not known.
 
     Follows the output's Keras history (functional and sequential models, also
-    nested ones); a subclassed model, several outputs or a last layer without a
-    softmax ``activation`` give None.
+    nested ones); a subclassed model or several outputs give None.
     """
     layer: Any = model
     for _ in range(32):  # nested models: follow the one that makes the output
         if not isinstance(layer, keras.Model):
-            break
+            return layer
         try:
             outputs = layer.outputs
         except (AttributeError, ValueError):
@@ -296,7 +386,18 @@ def _softmax_head(model: keras.Model) -> keras.layers.Layer | None:
         if history is None:
             return None
         layer = history.operation
-    return layer if _is_softmax(getattr(layer, "activation", None)) else None
+    return None
+
+
+def _activation_head(model: keras.Model, name: str) -> keras.layers.Layer | None:
+    """The layer whose ``name`` activation ("softmax", "sigmoid") makes the output, or None."""
+    layer = _output_layer(model)
+    return layer if _is_activation(getattr(layer, "activation", None), name) else None
+
+
+def _softmax_head(model: keras.Model) -> keras.layers.Layer | None:
+    """The layer whose softmax activation makes the model's one output, or None."""
+    return _activation_head(model, "softmax")
 
 
 @contextmanager
@@ -315,40 +416,80 @@ def _linear_head(layer: keras.layers.Layer | None) -> Iterator[None]:
 
 
 class LocalObjective:
-    """Loss, gradient and HVP sums of one model over one rank's shard.
+    """Loss, gradient, curvature and metric sums of one model over one rank's shard.
 
-    ``x`` holds raw uint8 samples (converted to ``dtype`` and divided by
-    ``pixel_scale`` inside the compiled functions, so the resident shard stays
-    small); ``y`` holds integer labels.
+    Samples ``x`` have any shape. uint8 samples are images: converted to the
+    model's dtype and divided by ``pixel_scale`` (or ``caffe``-preprocessed)
+    inside the compiled functions, so the resident shard stays small; float
+    samples are cast to the model's dtype and used as they are; other integer
+    samples (token ids for an embedding) reach the model unchanged.
+
+    Targets ``y`` say the task: integer class labels (classification) or float
+    targets (regression). Losses (``loss``; ``from_logits`` where the model
+    outputs logits rather than probabilities):
+
+    - ``categorical_crossentropy``, ``sparse_categorical_crossentropy`` (one
+      loss here): one integer label per sample, below the output width K > 1.
+      On probabilities Keras' cross-entropy of the one-hot labels (the
+      thesis' loss); from logits the stable
+      ``tf.nn.softmax_cross_entropy_with_logits`` of the one-hot labels (the
+      sparse op has no second derivative in TensorFlow).
+    - ``binary_crossentropy``: one target per output (width 1, or k
+      independent outputs): labels 0/1 or float targets in [0, 1]; the mean
+      over the outputs (Keras), from logits by
+      ``tf.nn.sigmoid_cross_entropy_with_logits``.
+    - ``mean_squared_error``: integer labels against their one-hot vectors
+      (thesis chapter 6), or float targets: the mean over the outputs (Keras).
+    - ``keras:<name>``: any Keras loss (``keras.losses.get``), per sample, of
+      (targets, outputs): float targets shaped like the outputs, integer labels
+      as given; checked once to give one value per sample.
+
+    Float targets of shape (N,) go with an output of width 1 (and any targets
+    with outputs that hold the same values, dimensions of 1 aside).
+    ``num_classes`` (None: the model's output width) must equal the width
+    where labels become one-hot vectors. Data and model that do not fit raise
+    :class:`ObjectiveError` here, before anything is compiled.
     """
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, *,
-                 loss: str = "categorical_crossentropy", num_classes: int = 10,
-                 micro_batch: int = 10000, jit: bool = True,
+                 loss: str = "categorical_crossentropy", from_logits: bool = False,
+                 num_classes: int | None = None, micro_batch: int = 10000, jit: bool = True,
                  hvp: str = "reverse_over_reverse", pixel_scale: float = 255.0,
                  preprocess: str = "scale") -> None:
+        self._where = where = f"model {model.name!r}, loss {loss!r}"
+        x, y = np.asarray(x), np.asarray(y)
         if len(x) != len(y):
-            raise ValueError(f"shard has {len(x)} samples but {len(y)} labels")
+            raise ObjectiveError(f"{where}: shard has {len(x)} samples but {len(y)} labels")
         if micro_batch <= 0:
-            raise ValueError(f"micro_batch must be > 0, got {micro_batch}")
+            raise ObjectiveError(f"micro_batch must be > 0, got {micro_batch}")
         if hvp not in HVP_MODES:
-            raise ValueError(f"unknown hvp mode {hvp!r}; known: {', '.join(HVP_MODES)}")
+            raise ObjectiveError(f"unknown hvp mode {hvp!r}; known: {', '.join(HVP_MODES)}")
+        if preprocess not in PREPROCESSES:
+            raise ObjectiveError(f"unknown preprocess {preprocess!r}; known: "
+                                 f"{', '.join(PREPROCESSES)}")
         self.model = model
         self.layout = ParamLayout.of(model)
         self.dtype = tf.as_dtype(self.layout.dtype)
         self.micro_batch = micro_batch
         self._pixel_scale = pixel_scale
-        if preprocess not in PREPROCESSES:
-            raise ValueError(f"unknown preprocess {preprocess!r}; known: {', '.join(PREPROCESSES)}")
         self.preprocess = preprocess
-        self._loss = _per_sample_loss(loss, num_classes)
-        self._num_classes = num_classes
-        head = _softmax_head(model) if loss == "categorical_crossentropy" else None
-        self._head: keras.layers.Layer | None = head
-        self._split = "logits" if head is not None else "output"
-        self._split_checked = head is None
+        self.loss_name = loss
+        self.from_logits = bool(from_logits)
+        self._sample_shape = tuple(x.shape[1:])
+        self._check_inputs(x)
+        if y.dtype.kind in "iub":
+            self.task = "classification"
+        elif y.dtype.kind == "f":
+            self.task = "regression"
+        else:
+            raise ObjectiveError(f"{where}: targets y must be integer class labels or float "
+                                 f"values, got dtype {y.dtype}")
+        self._out_shape = _model_output_shape(model, self._sample_shape, self._input_dtype(x))
+        self._setup_loss(y, num_classes)
         self._non_trainable = [v.value for v in model.non_trainable_variables]
         self.set_samples(x, y)
+        if self.loss_name.startswith(KERAS_LOSS_PREFIX):
+            self._probe_loss()
         def compile_(f: Callable) -> Callable:
             return tf.function(f, jit_compile=jit, reduce_retracing=True)
 
@@ -358,10 +499,227 @@ class LocalObjective:
         self._hvp_fn = compile_(self._hvp_rr_graph if rr else self._hvp_fr_graph)
         self._hvp_many_fn = compile_(self._hvp_many_rr_graph if rr else self._hvp_many_fr_graph)
         self._correct_fn = compile_(self._correct_graph)
+        self._metric_fn = compile_(self._metric_graph)
+        self._outputs_fn = compile_(self._outputs)
         self._gnvp_fn = compile_(self._gnvp_graph)
         self._gnvp_many_fn = compile_(self._gnvp_many_graph)
         self._split_loss_fn = compile_(self._split_loss_graph)
         self._grad_squares_fn = compile_(self._grad_squares_graph)
+
+    # -- what the data and the loss ask of each other (checked before compiling) -----
+
+    def _input_dtype(self, x: np.ndarray) -> str:
+        """The dtype the model sees: the model's for uint8 and float samples, else x's own."""
+        return self.dtype.name if x.dtype == np.uint8 or x.dtype.kind == "f" else x.dtype.name
+
+    def _check_inputs(self, x: np.ndarray) -> None:
+        if x.dtype.kind not in "biuf":
+            raise ObjectiveError(f"{self._where}: samples x must be numbers, got dtype {x.dtype}")
+        if tuple(x.shape[1:]) != self._sample_shape:
+            raise ObjectiveError(f"{self._where}: samples of shape {tuple(x.shape[1:])}, the "
+                                 f"objective was built for {self._sample_shape}")
+        if x.dtype == np.uint8 and self.preprocess == "caffe" and (
+                x.ndim < 2 or x.shape[-1] != 3):
+            raise ObjectiveError(f"{self._where}: caffe preprocessing needs RGB images "
+                                 f"(..., 3), got samples of shape {tuple(x.shape[1:])}")
+
+    def _setup_loss(self, y: np.ndarray, num_classes: int | None) -> None:
+        """The per-sample loss, target layout, curvature split and metric of ``loss_name``."""
+        where, loss, logits = self._where, self.loss_name, self.from_logits
+        out = self._out_shape or (1,)  # an output (b,) is one value a sample: (b, 1)
+        known = None not in out
+        width = out[-1]
+        ty = tuple(y.shape[1:])
+        classify = self.task == "classification"
+        shown_y, shown_out = f"y of shape {(len(y), *ty)}", f"outputs of shape {(None, *out)}"
+        self._num_classes: int | None = None  # labels are class indices below this
+        self._binary_targets = False
+        self._target_shape: tuple[int | None, ...] | None = None  # y rows reshaped to this
+        self._head: keras.layers.Layer | None = None
+        curvature = "loss"
+        if loss.startswith(KERAS_LOSS_PREFIX):
+            fn = _keras_loss(loss.removeprefix(KERAS_LOSS_PREFIX), logits)
+            if not classify and known and _fits(ty, out):
+                self._target_shape = out
+            elif classify and _size(ty) == 1 and len(out) == 1 and width is not None and width > 1:
+                self._num_classes = width
+
+            def keras_loss(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+                return fn(y, tf.reshape(z, [tf.shape(z)[0], *out]) if known else z)
+            self._loss = keras_loss
+        elif loss not in LOSSES:
+            raise ObjectiveError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}, or "
+                                 f"{KERAS_LOSS_PREFIX}<name> for any Keras loss")
+        elif loss in SOFTMAX_LOSSES or (loss == "mean_squared_error" and classify):
+            if not classify:
+                raise ObjectiveError(
+                    f"{where}: a classification loss needs integer class labels, but y holds "
+                    f"float targets ({y.dtype}); for regression use mean_squared_error or a "
+                    f"{KERAS_LOSS_PREFIX}<name> loss, for probability targets "
+                    f"{KERAS_LOSS_PREFIX}categorical_crossentropy")
+            if len(out) != 1 or width is None:
+                raise ObjectiveError(f"{where}: class labels need model outputs of shape "
+                                     f"(batch, K), the model has {shown_out}")
+            if _size(ty) != 1:
+                raise ObjectiveError(f"{where}: needs one class label a sample, got {shown_y}")
+            if width == 1:
+                fix = ("use binary_crossentropy for two classes on one output, or an output of "
+                       "width K for K classes" if loss in SOFTMAX_LOSSES else
+                       "pass float targets (y.astype('float32')) for regression on one output")
+                raise ObjectiveError(f"{where}: the model has one output a sample, and labels "
+                                     f"against one-hot vectors of width 1 say nothing; {fix}")
+            if num_classes is not None and num_classes != width:
+                raise ObjectiveError(f"{where}: num_classes={num_classes}, but the model outputs "
+                                     f"{width} values a sample (labels are one-hot vectors of the "
+                                     "output width; leave num_classes out for your own model)")
+            self._num_classes, self._target_shape = width, ()
+            if loss == "mean_squared_error":
+                if logits:
+                    raise ObjectiveError(f"{where}: from_logits applies to cross-entropy losses")
+                self._loss, curvature = self._mse_one_hot, "mse"
+            elif logits:
+                self._loss, curvature = self._cce_logits, "softmax"
+            else:
+                self._loss = self._cce
+                self._head = _activation_head(self.model, "softmax")
+                curvature = "softmax" if self._head is not None else "loss"
+        elif loss == "binary_crossentropy":
+            if not _fits(ty, out):
+                hint = (f"; for {width} classes use sparse_categorical_crossentropy"
+                        if classify and _size(ty) == 1 and width is not None and width > 1 else "")
+                raise ObjectiveError(f"{where}: binary cross-entropy takes one target an output, "
+                                     f"got {shown_y} for {shown_out}{hint}")
+            self._target_shape = out if known else ty
+            self._binary_targets = True
+            if logits:
+                self._loss, curvature = self._bce_logits, "sigmoid"
+            else:
+                self._loss = self._bce
+                self._head = _activation_head(self.model, "sigmoid")
+                curvature = "sigmoid" if self._head is not None else "loss"
+        else:  # mean squared error of float targets: regression
+            if logits:
+                raise ObjectiveError(f"{where}: from_logits applies to cross-entropy losses")
+            if not _fits(ty, out):
+                raise ObjectiveError(f"{where}: targets do not match the model's outputs: "
+                                     f"{shown_y} for {shown_out}")
+            self._target_shape = out if known else ty
+            self._loss, curvature = self._mse, "mse"
+        if loss in (*SOFTMAX_LOSSES, "binary_crossentropy"):
+            self._check_activation()
+        self._curvature = curvature
+        self._split = "logits" if curvature in ("softmax", "sigmoid") else "output"
+        self._split_checked = self._head is None
+        if loss == "binary_crossentropy":
+            self._metric: str | None = "threshold"
+        elif classify:
+            self._metric = ("argmax" if _size(ty) == 1 and len(out) == 1 and width is not None
+                            and width > 1 else "threshold" if _fits(ty, out) else None)
+        else:
+            self._metric = "mae" if _fits(ty, out) else None
+        self._threshold = 0.0 if logits else 0.5
+
+    def _check_activation(self) -> None:
+        """Cross-entropy: logits from a model without a probability head, and the reverse."""
+        if self.from_logits:
+            for name in ("softmax", "sigmoid"):
+                layer = _activation_head(self.model, name)
+                if layer is not None:
+                    raise ObjectiveError(
+                        f"{self._where}: from_logits is set, but the output layer "
+                        f"{layer.name!r} applies {name}: its outputs are probabilities, not "
+                        "logits; set from_logits = false, or give the layer no activation")
+            return
+        layer = _output_layer(self.model)
+        if layer is not None and _is_activation(getattr(layer, "activation", None), "linear"):
+            logging.getLogger(__name__).warning(
+                "%s: the output layer %r has a linear activation, but the loss takes "
+                "probabilities; if the model outputs logits, set from_logits = true",
+                self._where, layer.name)
+
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        """``y`` in the layout the loss reads (checked against the model's outputs)."""
+        where = self._where
+        kind = "classification" if y.dtype.kind in "iub" else "regression"
+        if y.dtype.kind not in "iubf" or kind != self.task:
+            raise ObjectiveError(f"{where}: targets of dtype {y.dtype}, but the objective was "
+                                 f"built for {self.task}")
+        if self._target_shape is not None and None not in self._target_shape:
+            if _size(y.shape[1:]) != _size(self._target_shape):
+                raise ObjectiveError(f"{where}: targets of shape {y.shape} do not match the "
+                                     f"model's outputs {(None, *self._target_shape)}")
+            y = y.reshape((len(y), *self._target_shape))
+        if self.task == "classification" and self._target_shape is not None and (
+                y.dtype not in (np.int32, np.int64)):
+            y = y.astype(np.int64)  # tf.one_hot takes int32/int64 indices
+        if not y.size:
+            return y
+        if self._num_classes is not None and (y.min() < 0 or y.max() >= self._num_classes):
+            raise ObjectiveError(
+                f"{where}: labels must be class indices in [0, {self._num_classes}) for the "
+                f"model's {self._num_classes} outputs, y holds labels from {y.min()} to "
+                f"{y.max()}")
+        if self._binary_targets and (self.task == "classification" and (
+                y.min() < 0 or y.max() > 1)):
+            raise ObjectiveError(
+                f"{where}: binary cross-entropy needs labels 0 or 1, y holds labels from "
+                f"{y.min()} to {y.max()}; for K classes use sparse_categorical_crossentropy "
+                "with an output of width K")
+        if self.task == "regression":
+            if not np.isfinite(y).all():
+                raise ObjectiveError(f"{where}: targets y hold NaN or Inf")
+            if self._binary_targets and (y.min() < 0 or y.max() > 1):
+                raise ObjectiveError(f"{where}: binary cross-entropy needs targets in [0, 1], "
+                                     f"y holds targets from {y.min()} to {y.max()}")
+        return y
+
+    def _probe_loss(self) -> None:
+        """A Keras loss must give one value a sample: checked once, on two samples."""
+        if None in (self._out_shape or (1,)):
+            return
+        out = tf.fill([2, *(self._out_shape or (1,))], tf.constant(0.5, self.dtype))
+        y = tf.zeros([2, *self._stored_target_shape], self._target_dtype)
+        try:
+            value = self._loss(y, out)
+        except (ValueError, TypeError, tf.errors.OpError) as err:
+            raise ObjectiveError(f"{self._where}: the Keras loss fails on targets of shape "
+                                 f"{tuple(y.shape)} and outputs of shape {tuple(out.shape)}: "
+                                 f"{err}") from err
+        if tuple(value.shape) != (2,):
+            raise ObjectiveError(f"{self._where}: the Keras loss gives shape "
+                                 f"{tuple(value.shape)} for 2 samples, not one value a sample")
+
+    # -- per-sample losses (b,) of stored targets and outputs (or the split variable) ----
+
+    def _cce(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        """Keras' cross-entropy of probabilities and one-hot labels (the thesis' loss)."""
+        return keras.losses.categorical_crossentropy(
+            tf.one_hot(y, self._num_classes, dtype=out.dtype), out)
+
+    def _cce_logits(self, y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+        """Softmax cross-entropy of logits, stable and twice differentiable."""
+        return tf.nn.softmax_cross_entropy_with_logits(
+            labels=tf.one_hot(y, self._num_classes, dtype=z.dtype), logits=_flat(z))
+
+    def _mse_one_hot(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        """Mean squared error against one-hot labels (thesis chapter 6)."""
+        return keras.losses.mean_squared_error(
+            tf.one_hot(y, self._num_classes, dtype=out.dtype), out)
+
+    def _mse(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        """Mean over the sample's outputs of the squared errors (Keras' definition)."""
+        return keras.losses.mean_squared_error(tf.cast(_flat(y), out.dtype), _flat(out))
+
+    def _bce(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        """Keras' binary cross-entropy of probabilities, the mean over the outputs."""
+        if out.shape.rank != 2:
+            y, out = _flat(y), _flat(out)
+        return keras.losses.binary_crossentropy(tf.cast(y, out.dtype), out)
+
+    def _bce_logits(self, y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+        """Binary cross-entropy of logits (stable), the mean over the outputs."""
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=tf.cast(_flat(y), z.dtype), logits=_flat(z)), axis=-1)
 
     def set_samples(self, x: np.ndarray, y: np.ndarray, *, pad_to: int = 0) -> None:
         """Replace the samples the sums run over (a new mini-batch part, thesis 8.2).
@@ -369,10 +727,16 @@ class LocalObjective:
         With ``pad_to > 0`` every micro-batch has exactly ``min(micro_batch,
         pad_to)`` rows: the last one is filled with zero samples that a mask
         leaves out of every sum, so parts of size up to ``pad_to`` reuse one
-        compiled graph instead of compiling a new one per size.
+        compiled graph instead of compiling a new one per size. Targets are
+        checked as at construction (labels below the output width, ...).
         """
+        x, y = np.asarray(x), np.asarray(y)
         if len(x) != len(y):
-            raise ValueError(f"shard has {len(x)} samples but {len(y)} labels")
+            raise ObjectiveError(f"{self._where}: shard has {len(x)} samples but {len(y)} "
+                                 "labels")
+        self._check_inputs(x)
+        y = self._targets(y)
+        self._stored_target_shape, self._target_dtype = tuple(y.shape[1:]), y.dtype
         self.num_samples = len(x)
         mb = min(self.micro_batch, pad_to) if pad_to > 0 else self.micro_batch
         self._chunks = []
@@ -381,7 +745,7 @@ class LocalObjective:
             n = len(xc)
             if pad_to > 0 and n < mb:
                 xc = np.concatenate([xc, np.zeros((mb - n, *x.shape[1:]), dtype=x.dtype)])
-                yc = np.concatenate([yc, np.zeros(mb - n, dtype=y.dtype)])
+                yc = np.concatenate([yc, np.zeros((mb - n, *y.shape[1:]), dtype=y.dtype)])
             self._chunks.append((tf.constant(xc), tf.constant(yc), tf.constant(n, tf.int32)))
 
     # -- graphs (traced once per micro-batch shape) --------------------------------
@@ -391,14 +755,24 @@ class LocalObjective:
         return [tf.reshape(p, s) for p, s in zip(parts, self.layout.shapes, strict=True)]
 
     def _outputs(self, w: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-        """Model outputs of raw uint8 samples, preprocessed here (the shard stays uint8)."""
-        inputs = tf.cast(x, self.dtype)
-        if self.preprocess == "caffe":  # RGB -> BGR, minus the ImageNet means, no scaling
-            if x.shape[-1] != 3:
-                raise ValueError(f"caffe preprocessing needs RGB images, got shape {x.shape}")
-            inputs = inputs[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, self.dtype)
+        """Model outputs of raw samples, preprocessed here (the shard stays as it came).
+
+        uint8 images: cast, then divided by ``pixel_scale`` or ``caffe``; float
+        samples: cast to the model's dtype; other integers: unchanged.
+        """
+        if x.dtype == tf.uint8:
+            inputs = tf.cast(x, self.dtype)
+            if self.preprocess == "caffe":  # RGB -> BGR, minus the ImageNet means, no scaling
+                if x.shape[-1] != 3:
+                    raise ObjectiveError(f"caffe preprocessing needs RGB images, got shape "
+                                         f"{x.shape}")
+                inputs = inputs[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, self.dtype)
+            else:
+                inputs = inputs / tf.constant(self._pixel_scale, self.dtype)
+        elif x.dtype.is_floating:
+            inputs = tf.cast(x, self.dtype)
         else:
-            inputs = inputs / tf.constant(self._pixel_scale, self.dtype)
+            inputs = x
         out, _ = self.model.stateless_call(self._unflatten(w), self._non_trainable, inputs,
                                            training=False)
         return out
@@ -471,29 +845,38 @@ class LocalObjective:
     # -- Gauss-Newton graphs ------------------------------------------------------
 
     def _split_outputs(self, w: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-        """The split variable z: the logits (softmax head made linear) or the output."""
-        with _linear_head(self._head if self._split == "logits" else None):
+        """The split variable z: the logits (probability head made linear) or the output."""
+        with _linear_head(self._head):
             return self._outputs(w, x)
 
     def _split_losses(self, y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
-        """Per-sample loss as a function of z: softmax cross-entropy of logits, or the loss."""
-        if self._split == "logits":
-            labels = tf.one_hot(y, self._num_classes, dtype=z.dtype)
-            return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=z)
+        """Per-sample loss as a function of z: cross-entropy of logits, or the loss itself."""
+        if self._curvature == "softmax":
+            return self._cce_logits(y, z)
+        if self._curvature == "sigmoid":
+            return self._bce_logits(y, z)
         return self._loss(y, z)
 
     def _loss_hessian_product(self, y: tf.Tensor, z: tf.Tensor, u: tf.Tensor,
                               mask: tf.Tensor) -> tf.Tensor:
-        """Rows ``H_L,i u_i`` (masked) of the per-sample loss Hessians w.r.t. z.
+        """Rows ``H_L,i u_i`` (masked) of the per-sample loss Hessians w.r.t. z (b, K).
 
-        Logits: ``diag(p) u - p (p . u)``, p = softmax(z) (Schraudolph 2002).
-        Output: double backpropagation through the loss of the (b, K) tensor z
-        only (for mean squared error, ``2/K u``).
+        Closed forms (Schraudolph 2002): softmax cross-entropy of logits
+        ``diag(p) u - p (p . u)``, p = softmax(z); binary cross-entropy of
+        logits, the mean over K outputs, ``s (1 - s) u / K``, s = sigmoid(z);
+        mean squared error over K outputs ``2/K u``. Any other loss: double
+        backpropagation through the loss of the tensor z only (exact).
         """
         z = tf.stop_gradient(z)
-        if self._split == "logits":
+        k = tf.cast(tf.shape(z)[-1], z.dtype)
+        if self._curvature == "softmax":
             p = tf.nn.softmax(z)
             hu = p * u - p * tf.reduce_sum(p * u, axis=-1, keepdims=True)
+        elif self._curvature == "sigmoid":
+            s = tf.math.sigmoid(z)
+            hu = s * (1 - s) * u / k
+        elif self._curvature == "mse":
+            hu = 2 * u / k
         else:
             with tf.GradientTape() as outer:
                 outer.watch(z)
@@ -570,11 +953,29 @@ class LocalObjective:
             rows = tf.vectorized_map(squared_gradient, (x, y, self._mask(y, n, self.dtype)))
         return tf.reduce_sum(rows, axis=0)
 
+    def _hits(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        """(b, m) booleans: arg-max equals the label (m = 1), or each thresholded output."""
+        if self._metric == "argmax":
+            predicted = tf.argmax(_flat(out), axis=-1, output_type=tf.int64)
+            return tf.equal(predicted, tf.cast(tf.reshape(y, [-1]), tf.int64))[:, None]
+        truth = tf.cast(_flat(y), tf.float64) > 0.5
+        return tf.equal(_flat(out) > tf.constant(self._threshold, out.dtype), truth)
+
     def _correct_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
                        n: tf.Tensor) -> tf.Tensor:
-        predicted = tf.argmax(self._outputs(w, x), axis=-1, output_type=y.dtype)
-        hits = tf.cast(tf.equal(predicted, y), tf.int64)
+        hits = tf.cast(tf.reduce_all(self._hits(y, self._outputs(w, x)), axis=-1), tf.int64)
         return tf.reduce_sum(hits * self._mask(y, n, tf.int64))
+
+    def _metric_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                      n: tf.Tensor) -> tf.Tensor:
+        """Sum over the samples of the metric (float64): hits, or mean absolute errors."""
+        out = self._outputs(w, x)
+        if self._metric == "mae":
+            values = tf.reduce_mean(tf.abs(tf.cast(_flat(out), tf.float64)
+                                           - tf.cast(_flat(y), tf.float64)), axis=-1)
+        else:
+            values = tf.reduce_mean(tf.cast(self._hits(y, out), tf.float64), axis=-1)
+        return tf.reduce_sum(values * self._mask(y, n, tf.float64))
 
     # -- numpy interface ------------------------------------------------------------
 
@@ -655,15 +1056,16 @@ class LocalObjective:
     def gauss_newton_split(self) -> str:
         """Where Gauss-Newton products split net and loss: "logits" or "output".
 
-        "logits" where the loss is cross-entropy and the model's output layer
-        has a softmax activation (checked numerically on the first sample once
-        there are samples); "output" otherwise.
+        "logits" where the loss is cross-entropy of logits: ``from_logits``
+        (the output is the logits), or a softmax (binary: sigmoid) output layer
+        whose pre-activation is taken (checked numerically on the first sample
+        once there are samples); "output" otherwise.
         """
         self._check_split()
         return self._split
 
     def _check_split(self) -> None:
-        """Check once that softmax(logits) is the model's output; else split at the output."""
+        """Check once that softmax (sigmoid) of the logits is the output; else split there."""
         if self._split_checked or not self._chunks:
             return
         x = self._chunks[0][0][:1]
@@ -671,22 +1073,26 @@ class LocalObjective:
         out = self._outputs(w, x).numpy()
         with _linear_head(self._head):
             logits = self._outputs(w, x)
-        probs = tf.nn.softmax(tf.reshape(logits, [1, -1])).numpy().reshape(out.shape)
+        if self._curvature == "softmax":
+            probs = tf.nn.softmax(tf.reshape(logits, [1, -1])).numpy().reshape(out.shape)
+        else:
+            probs = tf.math.sigmoid(logits).numpy()
         tol = 1e3 * float(np.finfo(out.dtype).eps)
         if out.shape != tuple(logits.shape) or not np.allclose(probs, out, rtol=tol, atol=tol):
             logging.getLogger(__name__).warning(
-                "%s: the output layer %r has a softmax activation, but softmax of its "
-                "pre-activation is not the model's output; Gauss-Newton products split at "
-                "the output", self.model.name, getattr(self._head, "name", "?"))
-            self._split, self._head = "output", None
+                "%s: the output layer %r has a %s activation, but %s of its pre-activation "
+                "is not the model's output; Gauss-Newton products split at the output",
+                self.model.name, getattr(self._head, "name", "?"), self._curvature,
+                self._curvature)
+            self._split, self._head, self._curvature = "output", None, "loss"
         self._split_checked = True
 
     def split_loss_sum(self, w: np.ndarray) -> float:
         """Sum of the per-sample losses as a function of the split variable z.
 
-        With the "logits" split, the softmax cross-entropy of the logits (no
-        probability clipping: equal to :meth:`loss_sum` where Keras clips no
-        probability); with the "output" split, :meth:`loss_sum` itself.
+        With the "logits" split, the softmax (binary) cross-entropy of the
+        logits (no probability clipping: equal to :meth:`loss_sum` where Keras
+        clips no probability); with the "output" split, :meth:`loss_sum` itself.
         """
         self._check_split()
         tw = self._w(w)
@@ -698,11 +1104,13 @@ class LocalObjective:
         Schraudolph 2002, Martens 2010 (sec. 4.2), Martens & Sutskever 2012:
         ``J_i`` is the Jacobian of the split variable z of sample
         i w.r.t. the weights and ``H_L,i`` the Hessian of its loss w.r.t. z
-        (:attr:`gauss_newton_split`). With the "logits" split (cross-entropy on
-        a softmax output) ``H_L = diag(p) - p p^T`` and the product is that of
-        a positive semi-definite matrix; with the "output" split ``H_L`` is the
-        loss's own Hessian (mean squared error: ``2/K I``, PSD; cross-entropy
-        on a non-softmax output: not PSD in general). One compiled call per
+        (:attr:`gauss_newton_split`). With the "logits" split (cross-entropy of
+        logits: a softmax output or ``from_logits``) ``H_L = diag(p) - p p^T``,
+        binary cross-entropy of logits ``diag(s (1 - s)) / K``, and the product
+        is that of a positive semi-definite matrix; with the "output" split
+        ``H_L`` is the loss's own Hessian (mean squared error: ``2/K I``, PSD;
+        any other loss by double backpropagation in z: cross-entropy on a
+        non-softmax output is not PSD in general). One compiled call per
         micro-batch: ``J v`` by the double-VJP trick (two reverse passes over
         the net, J never formed), ``H_L`` on the (b, K) tensor z, ``J^T`` by a
         third reverse pass. Thesis CNN, float64, XLA, b = 1000: about 1.4 times
@@ -741,9 +1149,57 @@ class LocalObjective:
         return out
 
     def correct_count(self, w: np.ndarray) -> int:
-        """Number of shard samples whose arg-max prediction equals the label."""
+        """Number of shard samples classified correctly (classification only).
+
+        Arg-max of the outputs equal to the label (width > 1); for binary
+        outputs, every output thresholded (0.5 on probabilities, 0 on logits)
+        equal to its target.
+        """
+        if self.metric_name != "accuracy":
+            raise ObjectiveError(f"{self._where}: correct_count counts classified samples, "
+                                 f"but the metric of these targets is {self.metric_name!r}")
         tw = self._w(w)
         return sum(int(self._correct_fn(tw, x, y, n)) for x, y, n in self._chunks)
+
+    @property
+    def metric_name(self) -> str | None:
+        """What :meth:`metric_sum` sums: "accuracy", "mae" (float targets) or None."""
+        return {"argmax": "accuracy", "threshold": "accuracy", "mae": "mae"}.get(
+            self._metric or "")
+
+    def metric_sum(self, w: np.ndarray) -> float:
+        """Sum over the shard of the per-sample metric (batch additive: divide by N).
+
+        Accuracy (Keras ``accuracy`` / ``binary_accuracy``): 1 where the arg-max
+        of the outputs is the label (width > 1); for binary outputs the
+        fraction of the sample's outputs that, thresholded at 0.5 (0 for
+        logits), equal their targets (thresholded at 0.5). MAE: the mean over
+        the sample's outputs of the absolute errors (Keras ``mae``).
+        """
+        if self._metric is None:
+            raise ObjectiveError(f"{self._where}: no metric for targets of shape "
+                                 f"{(None, *self._stored_target_shape)} and outputs "
+                                 f"{(None, *self._out_shape)}")
+        tw = self._w(w)
+        return sum(float(self._metric_fn(tw, x, y, n)) for x, y, n in self._chunks)
+
+    def outputs(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The model's outputs at ``w`` for rows ``x`` (prediction), (len(x), *output shape).
+
+        Preprocessed like the training samples, dropout off (``training=False``),
+        in compiled micro-batches of ``micro_batch`` rows.
+        """
+        x = np.asarray(x)
+        if tuple(x.shape[1:]) != self._sample_shape or x.dtype.kind not in "biuf":
+            raise ObjectiveError(f"{self._where}: outputs of rows of shape {tuple(x.shape[1:])} "
+                                 f"({x.dtype}); the model takes samples of shape "
+                                 f"{self._sample_shape}")
+        tw = self._w(w)
+        parts = [self._outputs_fn(tw, tf.constant(x[i:i + self.micro_batch])).numpy()
+                 for i in range(0, len(x), self.micro_batch)]
+        if parts:
+            return np.concatenate(parts)
+        return np.zeros((0, *(d or 0 for d in self._out_shape)), dtype=self.dtype.as_numpy_dtype)
 
     def hessian_sum(self, w: np.ndarray) -> np.ndarray:
         """Explicit Hessian of the loss sum (n x n): small models only (thesis 9.1)."""

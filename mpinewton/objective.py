@@ -8,7 +8,9 @@ Gauss-Newton products; Schraudolph 2002, Martens 2010) and ``grad_squares``
 ranks (thesis Corollary 9.2), because every rank contributes sums over its own
 samples and the result is divided by the global sample count. Each call issues
 exactly one ``Allreduce`` of one contiguous float64 buffer, on every rank in
-the same order (design invariant 2).
+the same order (design invariant 2). ``metric`` and ``evaluate`` (loss and
+metric in one buffer) report accuracy (classification) or the mean absolute
+error (regression) the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import numpy as np
 from mpinewton.comm import Comm
 
 
+class ObjectiveError(ValueError):
+    """Data, model and loss that do not fit together; the message says what, where and why."""
+
+
 class LocalSums(Protocol):
     """What a rank computes over its shard (implemented by ``mpinewton.local``)."""
 
@@ -34,6 +40,9 @@ class LocalSums(Protocol):
     def gnvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
     def grad_squares_sum(self, w: np.ndarray) -> np.ndarray: ...
     def correct_count(self, w: np.ndarray) -> int: ...
+    def metric_sum(self, w: np.ndarray) -> float: ...
+    @property
+    def metric_name(self) -> str | None: ...
 
 
 @dataclass
@@ -151,7 +160,46 @@ class DistributedObjective:
         self.stats.grad_squares += 1
         return self._reduce(local)
 
+    @property
+    def metric_name(self) -> str | None:
+        """The local sums' metric: "accuracy" (classification), "mae" (regression) or None."""
+        return getattr(self.local, "metric_name", "accuracy")
+
+    def metric(self, w: np.ndarray) -> float:
+        """Global mean of the per-sample metric (:attr:`metric_name`); one Allreduce."""
+        if self.metric_name is None:
+            raise ObjectiveError("metric: no metric fits these targets and outputs")
+        local = np.array([self.local.metric_sum(w)], dtype=np.float64)
+        return float(self._reduce(local)[0])
+
+    def evaluate(self, w: np.ndarray) -> dict[str, float]:
+        """``{"loss": mean loss, <metric_name>: mean metric}`` from one Allreduce of both sums.
+
+        Without a metric (:attr:`metric_name` None) only the loss.
+        """
+        name = self.metric_name
+        start = time.perf_counter()
+        local = np.array([self.local.loss_sum(w),
+                          self.local.metric_sum(w) if name is not None else 0.0],
+                         dtype=np.float64)
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.values += 1
+        loss, metric = self._reduce(local)
+        return {"loss": float(loss)} if name is None else {"loss": float(loss),
+                                                             name: float(metric)}
+
     def accuracy(self, w: np.ndarray) -> float:
-        """Fraction of all samples classified correctly (arg-max of the output)."""
+        """Fraction of all samples classified correctly (classification only).
+
+        The accuracy of :meth:`metric` where the local sums offer a metric
+        (arg-max for several outputs, thresholded binary outputs), else the
+        count of ``correct_count``. One Allreduce.
+        """
+        name = self.metric_name
+        if name != "accuracy":
+            raise ObjectiveError(f"accuracy: the objective's metric is {name!r}, not accuracy "
+                                 "(float targets: regression); use metric() or evaluate()")
+        if hasattr(self.local, "metric_sum"):
+            return self.metric(w)
         local = np.array([float(self.local.correct_count(w))], dtype=np.float64)
         return float(self._reduce(local)[0])

@@ -102,3 +102,38 @@ def test_hvp_many_without_columns_still_reduces_once(setup):
     calls = comm.stats.allreduce_calls
     assert objective.hvp_many(w, np.zeros((w.size, 0))).shape == (w.size, 0)
     assert comm.stats.allreduce_calls - calls == 1
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """Float features and float targets (regression, mean squared error) across the ranks."""
+    import keras
+
+    comm = world()
+    rng = np.random.default_rng(1)
+    x, t = rng.standard_normal((N, 4)), rng.standard_normal((N, 2))
+    init = keras.initializers.GlorotUniform  # seeded: the same weights on every rank
+    model = keras.Sequential([keras.Input((4,), dtype="float64"),
+                              keras.layers.Dense(3, activation="tanh", dtype="float64",
+                                                 kernel_initializer=init(1)),
+                              keras.layers.Dense(2, dtype="float64", kernel_initializer=init(2))])
+    lo, hi = shard_bounds(N, comm.rank, comm.size)
+    shard = LocalObjective(model, x[lo:hi], t[lo:hi], loss="mean_squared_error", micro_batch=4,
+                           jit=False)
+    whole = LocalObjective(model, x, t, loss="mean_squared_error", micro_batch=N, jit=False)
+    return comm, DistributedObjective(shard, comm, N), whole, get_flat(model)
+
+
+@pytest.mark.parametrize("case", ["setup", "regression"])
+def test_evaluate_and_metric_match_serial_in_one_allreduce(request, case):
+    comm, objective, whole, w = request.getfixturevalue(case)
+    name = "accuracy" if case == "setup" else "mae"
+    calls = comm.stats.allreduce_calls
+    result = objective.evaluate(w)
+    assert comm.stats.allreduce_calls - calls == 1
+    assert objective.metric_name == name and set(result) == {"loss", name}
+    assert result["loss"] == pytest.approx(whole.loss_sum(w) / N, rel=1e-13)
+    assert result[name] == pytest.approx(whole.metric_sum(w) / N, rel=1e-13)
+    assert objective.metric(w) == pytest.approx(result[name], rel=1e-13)
+    digests = comm.allgather(np.array([result["loss"], result[name]]).tobytes())
+    assert all(d == digests[0] for d in digests)
