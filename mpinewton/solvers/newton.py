@@ -22,7 +22,11 @@ their defaults a step is bitwise the thesis algorithm):
 - ``cg_backtracking``: the best of CG's kept iterates (Martens 2010, 4.6);
 - ``negative_curvature="direction"``: step along the direction of negative
   curvature CG met (Royer, O'Neill & Wright 2020, "A Newton-CG algorithm
-  with complexity guarantees for smooth unconstrained optimization").
+  with complexity guarantees for smooth unconstrained optimization");
+- ``cg_reorthogonalize``: CG with full reorthogonalization of its residuals
+  (:func:`.cg.cg`), which keeps the iterates those of exact CG to rounding,
+  so that the step does not depend on the summation order of the products
+  (the number of MPI ranks) beyond rounding, however many iterations CG runs.
 
 The objective enters only through the :class:`Problem` callables on numpy
 vectors, so the same code runs on one process or, with the callables
@@ -145,6 +149,7 @@ class NewtonConfig:
     forcing_alpha: float = 2.0  # Eisenstat-Walker alpha in (1, 2]
     cg_backtracking: bool = False  # pick the best kept CG iterate (Martens 2010, 4.6)
     negative_curvature: str = "discard"  # "discard" (thesis) or "direction" (Royer et al. 2020)
+    cg_reorthogonalize: bool = False  # CG keeps its residuals M^-1-orthogonal (rank invariance)
 
     def __post_init__(self) -> None:
         for name in ("damping", "cg_rtol", "cg_atol"):
@@ -184,6 +189,7 @@ class NewtonConfig:
                "a number in (1, 2]")
         require(self, "cg_backtracking", "bool")
         require(self, "negative_curvature", "choice", choices=NEGATIVE_CURVATURE_RULES)
+        require(self, "cg_reorthogonalize", "bool")
 
 
 def _optional_float(name: str, value: Any, low: float, high: float) -> float | None:
@@ -362,7 +368,8 @@ def uses_hessian_free_options(config: NewtonConfig) -> bool:
     """True when any option beyond thesis Algorithm 4 is switched on."""
     return (config.curvature != "hessian" or config.damping_rule != "fixed"
             or config.preconditioner != "none" or config.forcing != "fixed"
-            or config.cg_backtracking or config.negative_curvature != "discard")
+            or config.cg_backtracking or config.negative_curvature != "discard"
+            or config.cg_reorthogonalize)
 
 
 def current_damping(state: NewtonState, config: NewtonConfig) -> float:
@@ -530,6 +537,7 @@ def newton_step(
         scale_tol_sqrt_n=config.cg_scale_tol_sqrt_n,
         preconditioner=pre,
         keep_iterates=config.cg_backtracking,
+        reorthogonalize=config.cg_reorthogonalize,
     )
 
     def descends(dot: float) -> bool:
