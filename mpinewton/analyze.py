@@ -44,6 +44,12 @@ import numpy as np
 from mpinewton.comm import Comm, DistributedError, install_abort_handler, world
 from mpinewton.config import ConfigError, JobConfig, load_job
 from mpinewton.durable import atomic_path, atomic_write_text
+from mpinewton.weights_source import (
+    WeightsSource,
+    agreed_weights,
+    objective_session,
+    read_weights,
+)
 
 EXIT_BAD_INPUT = 2
 COMMANDS = ("hessian", "eigen", "trace", "spectrum", "taylor", "surface")
@@ -103,36 +109,16 @@ class Setup:
             print(*args, flush=True)
 
 
-def _weights(args: argparse.Namespace, model: Any, layout: Any, w0: np.ndarray) -> tuple[
-        np.ndarray, str]:
-    """The weights to analyse and where they came from (rank 0 reads, all get them)."""
-    from mpinewton import checkpoint
-    from mpinewton.models import load_initial_weights
-    from mpinewton.params import get_flat
-
+def _source(args: argparse.Namespace) -> WeightsSource | None:
+    """The weights the options name (None: the job's start weights)."""
     if args.checkpoint:
-        try:
-            ckpt = checkpoint.load_checkpoint(Path(args.checkpoint), expected=layout)
-        except checkpoint.CheckpointError as exc:
-            raise ConfigError(f"--checkpoint {args.checkpoint}: {exc}") from None
-        return layout.flatten(ckpt.weights), str(ckpt.path)
-    if args.run_dir:
-        folder = Path(args.run_dir) / "checkpoints"
-        found, _ = checkpoint.find_latest_valid(folder, expected=layout) if folder.is_dir() \
-            else (None, [])
-        if found is not None:
-            return layout.flatten(found.weights), str(found.path)
-        args.weights = str(Path(args.run_dir) / "weights.h5")
-        if not Path(args.weights).is_file():
-            raise ConfigError(f"--run-dir {args.run_dir}: no valid checkpoint and no "
-                              "weights.h5 there")
+        return WeightsSource("checkpoint", Path(args.checkpoint), label="--checkpoint")
+    if args.run_dir:  # its newest valid checkpoint, else its final weights.h5
+        return WeightsSource("run_dir", Path(args.run_dir), prefer="checkpoint",
+                             label="--run-dir")
     if args.weights:
-        try:
-            load_initial_weights(model, args.weights)
-        except ValueError as exc:
-            raise ConfigError(f"--weights: {exc}") from None
-        return get_flat(model), args.weights
-    return w0, "the job's start weights"
+        return WeightsSource("weights", Path(args.weights), label="--weights")
+    return None
 
 
 def setup(args: argparse.Namespace, comm: Comm) -> Setup:
@@ -146,26 +132,23 @@ def setup(args: argparse.Namespace, comm: Comm) -> Setup:
     from mpinewton.data import read_shard
     from mpinewton.models import build_model
     from mpinewton.params import ParamLayout, get_flat
-    from mpinewton.train.session import Session
 
     model = comm.run_agreed(lambda: build_model(
         job.model.name, dtype=job.model.dtype, seed=job.run.seed,
         input_shape=tuple(job.model.input_shape), num_classes=job.model.num_classes,
         hidden=job.model.hidden), "building the model")
     layout = ParamLayout.of(model)
-    w, source = comm.run_agreed(lambda: _weights(args, model, layout, get_flat(model))
-                                if comm.is_root else (None, None), "loading the weights")
-    w = comm.bcast_array(w.astype(layout.dtype) if comm.is_root else
-                         np.empty(layout.size, layout.dtype))
-    source = comm.bcast(source)
+    src = _source(args)
+    w, source = agreed_weights(comm, model, layout, lambda: (
+        read_weights(src, model, layout, job=job) if src is not None
+        else (get_flat(model), "the job's start weights")))
     limit = args.batch or job.data.limit or None
     checks = {"num_classes": job.model.num_classes,
               "expected_sample_shape": tuple(job.model.input_shape)}
     shard = comm.run_agreed(lambda: read_shard(job.data.path, list(job.data.train_splits),
                                                comm.rank, comm.size, limit=limit, **checks),
                             "loading data")
-    session = Session(job=job, comm=comm, threads=(0, 0), model=model, layout=layout,
-                      shard=shard, eval_shards=[], sampler=None, w0=w, resume=None)
+    session = objective_session(job, comm, model, layout, w)
     out = Path(args.out) if args.out else (Path(args.run_dir) / "analysis" if args.run_dir
                                            else Path("analysis") / job.run.name)
     objective = session.objective(shard.x, shard.y, shard.total)

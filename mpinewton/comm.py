@@ -154,6 +154,41 @@ class Comm:
             return [obj]
         return self._comm.gather(obj, root=root)
 
+    def gather_rows(self, array: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Stack every rank's rows (axis 0) on ``root`` in rank order (``MPI_Gatherv``).
+
+        Ranks may give different numbers of rows, zero included; the other
+        dimensions and the dtype must agree. Returns the stacked array on
+        ``root``, None elsewhere. Shapes are compared through one allgather
+        first, so a mismatch raises ValueError on *every* rank.
+        """
+        array = np.asarray(array)
+        metas = self.allgather((array.shape, array.dtype.str))
+        problem = None
+        if not 0 <= root < self.size:
+            problem = f"gather_rows: root {root} is not a rank of this {self.size}-rank job"
+        elif any(len(shape) == 0 for shape, _ in metas):
+            bad = next(r for r, (shape, _) in enumerate(metas) if len(shape) == 0)
+            problem = f"gather_rows: rank {bad} gave a scalar; every rank must give rows"
+        elif len({(shape[1:], dtype) for shape, dtype in metas}) > 1:
+            described = ", ".join(f"rank {r}: rows of {shape[1:]} {np.dtype(dtype).name}"
+                                  for r, (shape, dtype) in enumerate(metas))
+            problem = f"gather_rows: the ranks' rows differ ({described})"
+        if problem is not None:
+            raise ValueError(problem)
+        if self._comm is None or self.size == 1:
+            return array.copy()
+        array = np.ascontiguousarray(array)
+        counts = [int(np.prod(shape, dtype=np.int64)) for shape, _ in metas]
+        out = None
+        recv = None
+        if self.rank == root:
+            rows = sum(shape[0] for shape, _ in metas)
+            out = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+            recv = [out.reshape(-1), counts]
+        self._comm.Gatherv(array.reshape(-1), recv, root=root)
+        return out
+
     def allgather(self, obj: T) -> list[T]:
         """Gather one small object from every rank onto every rank."""
         if self._comm is None or self.size == 1:

@@ -203,3 +203,42 @@ def test_one_process_comm_needs_no_mpi():
     out[0] = 9  # a new array, not a view of the input
     assert x[0] == 0
     assert solo.allgather("x") == ["x"] and solo.bcast("y") == "y"
+
+
+# --------------------------------------------------------------------------- Gatherv
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_gather_rows_stacks_every_ranks_rows_in_rank_order(comm, where):
+    root = 0 if where == "first" else comm.size - 1
+    # rank r gives r + 1 rows (rank 1 none, to test empty parts) of shape (2, 3)
+    rows = 0 if comm.rank == 1 else comm.rank + 1
+    mine = np.full((rows, 2, 3), comm.rank, dtype=np.float64) + np.arange(6).reshape(2, 3)
+    got = comm.gather_rows(mine, root=root)
+    if comm.rank != root:
+        assert got is None
+        return
+    expected = np.concatenate([np.full((0 if r == 1 else r + 1, 2, 3), r, dtype=np.float64)
+                               + np.arange(6).reshape(2, 3) for r in range(comm.size)])
+    assert got.dtype == np.float64 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_gather_rows_keeps_integer_dtypes(comm):
+    got = comm.gather_rows(np.arange(comm.rank * 10, comm.rank * 10 + 3, dtype=np.int64))
+    if comm.is_root:
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, [r * 10 + i for r in range(comm.size)
+                                            for i in range(3)])
+
+
+def test_gather_rows_with_different_row_shapes_fails_on_every_rank(comm):
+    width = 4 if comm.rank == comm.size - 1 and comm.size > 1 else 3
+    mine = np.zeros((2, width), dtype=np.float32 if comm.size == 1 else np.float64)
+    if comm.size == 1:
+        mine = np.float64(1.0)  # one process: a scalar is the mistake to catch
+    with pytest.raises(DistributedError) as info:
+        comm.run_agreed(lambda: comm.gather_rows(mine), "gathering outputs")
+    assert info.value.ranks == list(range(comm.size))
+    assert "gather_rows:" in str(info.value)
+    assert comm.allgather(comm.rank) == list(range(comm.size))  # still in lockstep
