@@ -32,6 +32,15 @@ HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 PREPROCESSES = ("scale", "caffe")
 BATCH_GROWTH = ("none", "norm_test")
 
+#: The Newton-CG settings measured fastest (docs/results.md): what ``mpinewton.fit`` uses
+#: when no job is given. ``jobs/mnist_cnn.toml`` spells out the same (a test checks it), with
+#: the thesis' 60 pre-training iterations, which a user's model may not survive at lr 1.
+RECOMMENDED_OPTIMIZER: dict[str, Any] = {
+    "method": "newton", "pretrain_iters": 0, "iters": 100, "curvature": "gauss_newton",
+    "damping_rule": "levenberg_marquardt", "damping": 1e-2, "preconditioner": "fisher",
+    "warm_start": "previous", "cg_rtol": 0.1, "cg_max_iter": 50, "cg_reorthogonalize": True,
+    "step_rule": "armijo"}
+
 #: The job that runs when ``python -m mpinewton.train`` gets no JOB argument.
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "mnist_cnn.toml"
 

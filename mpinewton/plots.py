@@ -19,11 +19,12 @@ from mpinewton.durable import atomic_path
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``."""
+    """The iteration records of a run's ``metrics.jsonl`` (validation records left out)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r.get("phase") != "eval"]
 
 
 def curve(records: list[dict[str, Any]], *, skip_pretrain: bool,

@@ -17,7 +17,11 @@
 #  4. On exit code 75 the job requeues itself (`scontrol requeue`) while
 #     SLURM_RESTART_COUNT < MPINEWTON_MAX_RESTARTS; the requeued job runs this
 #     script again, which resumes. Exit codes: 0 finished, 2 bad input (never
-#     requeued), 75 checkpointed (requeued unless the cap is reached), others failure.
+#     requeued), 3 diverged (never requeued: the job needs a lower learning rate or
+#     more damping), 75 checkpointed (requeued unless the cap is reached), others failure.
+#  5. Before the launch, a warning when the job's mini-batch (optimizer.batch_size in
+#     the job file, or a --set optimizer.batch_size=N argument) is smaller than the
+#     number of ranks: the ranks beyond the batch get no samples (the trainer warns too).
 #
 # Environment variables (all optional; docs/cluster.md):
 #   MPINEWTON_ROOT          repository root (default: the directory sbatch ran in)
@@ -42,6 +46,42 @@ mpinewton_log() {
 mpinewton_die() {
     mpinewton_log "error: $*" >&2
     exit 2
+}
+
+# The job's mini-batch size: the last optimizer.batch_size of the job file's
+# [optimizer] table, or of a `optimizer.batch_size=N` trainer argument (later
+# ones win, as in the trainer); 0 (the whole training set) when none is given.
+mpinewton_batch_size() {
+    local job=$1 arg batch
+    shift
+    batch=$(awk '
+        /^[[:space:]]*\[/ { section = $0; gsub(/[[:space:]]|#.*/, "", section); next }
+        section == "[optimizer]" && /^[[:space:]]*batch_size[[:space:]]*=/ {
+            value = $0; sub(/^[^=]*=[[:space:]]*/, "", value); sub(/[[:space:]#].*/, "", value)
+            print value
+        }' "$job" 2>/dev/null | tail -n 1)
+    for arg in "$@"; do
+        if [[ $arg =~ optimizer\.batch_size[[:space:]]*=[[:space:]]*([0-9]+) ]]; then
+            batch=${BASH_REMATCH[1]}
+        fi
+    done
+    echo "${batch:-0}"
+}
+
+# Warn when a mini-batch of b samples on n > b ranks leaves n - b ranks idle:
+# mpinewton_check_batch NTASKS JOB TRAINER_ARGS...
+mpinewton_check_batch() {
+    local ntasks=$1 job=$2 batch
+    shift 2
+    batch=$(mpinewton_batch_size "$job" "$@")
+    if [[ $batch =~ ^[0-9]+$ ]] && [[ $ntasks =~ ^[0-9]+$ ]] && [ "$batch" -gt 0 ] &&
+            [ "$batch" -lt "$ntasks" ]; then
+        mpinewton_log "warning: optimizer.batch_size = $batch (from $job and the trainer \
+arguments) on $ntasks ranks leaves $((ntasks - batch)) of the $ntasks ranks without samples in \
+every iteration (they only wait); raise it to at least $ntasks (--set \
+optimizer.batch_size=$ntasks after the script name, or in MPINEWTON_EXTRA_ARGS) or ask for at \
+most $batch tasks"
+    fi
 }
 
 # Set by the trap (the signal's name) and by mpinewton_wait (the launcher's exit code).
@@ -136,6 +176,7 @@ an existing job file, e.g. MPINEWTON_JOB=jobs/mnist_cnn.toml"
     mpinewton_log "job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-}) restart $restarts of at most \
 $max; nodes ${SLURM_JOB_NODELIST:-$(hostname -s)}; $ntasks ranks x $threads thread(s)"
     mpinewton_log "run directory $run_dir"
+    mpinewton_check_batch "$ntasks" "$job" "${trainer_extra[@]}" "$@"
     mpinewton_log "running: ${cmd[*]}"
 
     trap '_mpinewton_forward USR1' USR1
@@ -149,7 +190,8 @@ $max; nodes ${SLURM_JOB_NODELIST:-$(hostname -s)}; $ntasks ranks x $threads thre
     local requeue=""
     if [ "$status" -eq 75 ]; then
         requeue="checkpointed, not finished"
-    elif [ -n "$_mpinewton_caught" ] && [ "$status" -ne 0 ] && [ "$status" -ne 2 ]; then
+    elif [ -n "$_mpinewton_caught" ] && [ "$status" -ne 0 ] && [ "$status" -ne 2 ] &&
+            [ "$status" -ne 3 ]; then
         # The signal came before the trainer could handle it (e.g. while TensorFlow
         # was loading): the latest checkpoint on disk is still valid, so resume from it.
         requeue="stopped by SIG$_mpinewton_caught before a checkpoint"

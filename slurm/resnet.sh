@@ -16,6 +16,10 @@
 # requeued job continues from the checkpoint. All variables and exit codes:
 # slurm/common.sh, docs/cluster.md.
 #
+# The job's mini-batch (optimizer.batch_size = 16) is smaller than the 112 ranks:
+# 96 ranks get no samples and only wait, and the log says so before the launch.
+# Raise it with the ranks: sbatch slurm/resnet.sh --set optimizer.batch_size=112
+#
 # ntasks-per-node x cpus-per-task = 28 cores; --hint=nomultithread: one rank per
 # physical core; --exclusive: whole nodes. --signal=B:USR1@900: SIGUSR1 to this
 # batch shell 900 s before the time limit. The ranks stop only at an iteration

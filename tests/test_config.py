@@ -108,14 +108,14 @@ def test_optimizer_section_is_the_solvers_dataclass():
     assert job.optimizer.params == GDConfig(learning_rate=2.0)
     assert load_job(None).optimizer.params == NewtonConfig(
         curvature="gauss_newton", damping_rule="levenberg_marquardt", damping=1e-2,
-        preconditioner="fisher", warm_start="previous", cg_rtol=0.1)
+        preconditioner="fisher", warm_start="previous", cg_rtol=0.1, cg_reorthogonalize=True)
 
 
 def test_a_parameter_of_another_method_is_left_out_with_a_note():
     job = load_job(None, ["optimizer.method='gd'"])  # the default job sets damping
     assert job.notes == ("optimizer.curvature, damping_rule, damping, preconditioner, "
-                         "warm_start, cg_rtol, cg_max_iter, step_rule belong to another "
-                         "method than 'gd' (optimizer.method) and are ignored",)
+                         "warm_start, cg_rtol, cg_max_iter, cg_reorthogonalize, step_rule "
+                         "belong to another method than 'gd' (optimizer.method) and are ignored",)
     assert "damping" not in job.to_dict()["optimizer"]
     with pytest.raises(ConfigError, match="wrong type"):  # still checked
         load_job(None, ["optimizer.method='gd'", "optimizer.damping='big'"])
@@ -148,3 +148,39 @@ def test_batch_growth_needs_mini_batches_and_sane_values():
         load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='norm'"])
     with pytest.raises(ConfigError, match="batch_theta"):
         load_job(None, ["optimizer.batch_size=100", "optimizer.batch_theta=0"])
+
+
+def test_recommended_optimizer_is_the_default_jobs():
+    """mpinewton.fit's default Newton-CG is the default job's, but for pre-training and length."""
+    from mpinewton.config import RECOMMENDED_OPTIMIZER
+
+    table = load_job().optimizer.table()
+    differ = {k: (v, table[k]) for k, v in RECOMMENDED_OPTIMIZER.items()
+              if k not in ("pretrain_iters", "iters") and table[k] != v}
+    assert differ == {}
+    assert RECOMMENDED_OPTIMIZER["pretrain_iters"] == 0
+
+
+def test_model_args_subtable_and_dotted_override(tmp_path):
+    job = load_job(None, ["model.factory=pkg.mod:make", "model.args.units=64",
+                          "model.args.name=x", "eval.every=5", "objective.loss=keras:huber"])
+    assert job.model.args == {"units": 64, "name": "x"}
+    assert job.objective.loss == "keras:huber"
+    text = job.to_toml()
+    assert "[model.args]" in text
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    again = load_job(path)
+    assert again == job and again.digest() == job.digest()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.factory=nocolon", '"package.module:function"'),
+    ("objective.loss=keras:", "objective.loss"),
+    ("model.args=3", "model.args"),
+    ("eval.every=-1", "eval.every"),
+    ("run.max_loss_ratio=-2", "run.max_loss_ratio"),
+])
+def test_new_keys_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace('"', '.')):
+        load_job(None, [override])

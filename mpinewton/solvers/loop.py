@@ -11,7 +11,9 @@ Stopping rules, checked in this order at each iteration ``k``:
 
 1. ``|g| <= gtol`` (only when ``gtol`` is given) -> ``CONVERGED``.
 2. The step's new weights hold NaN/Inf -> ``FloatingPointError`` (never accepted).
-3. ``hooks.after_step`` asks to stop (a signal, a callback) -> ``STOPPED``.
+3. ``hooks.after_step`` asks to stop: ``True`` (a signal, a callback) -> ``STOPPED``
+   (interrupted, to be continued); a :class:`LoopReason` -> that reason, e.g.
+   ``EARLY_STOPPED`` (validation no longer improves: a finished run).
 4. The step *stalled*: its line search failed, the weights were kept, and the
    next step from the same weights would repeat it exactly (no warm start left
    to drop) -> ``STALLED``, unless every step draws a fresh batch
@@ -42,7 +44,8 @@ class LoopReason(enum.StrEnum):
     COMPLETED = "completed"  # every iteration of every phase ran
     CONVERGED = "converged"  # |g| <= gtol
     STALLED = "stalled"  # a failed line search would repeat itself
-    STOPPED = "stopped"  # a hook asked to stop
+    STOPPED = "stopped"  # a hook asked to stop (a signal): interrupted, not finished
+    EARLY_STOPPED = "early_stopped"  # a hook ended the run as finished (validation, patience)
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,11 @@ class LoopHooks:
         """Called before step ``k`` (1-based, counted over all phases)."""
 
     def after_step(self, k: int, phase: Phase, w: np.ndarray, state: SolverState,
-                   info: StepRecord) -> tuple[np.ndarray, bool]:
-        """Called after step ``k``; returns the weights to go on with and whether to stop."""
+                   info: StepRecord) -> tuple[np.ndarray, bool | LoopReason]:
+        """Called after step ``k``; returns the weights to go on with and whether to stop.
+
+        ``True`` stops with ``STOPPED``; a :class:`LoopReason` stops with that reason.
+        """
         return w, False
 
 
@@ -143,7 +149,9 @@ def run(
                                          "lower the learning rate or raise the damping")
             w, stop = hooks.after_step(k, phase, w_new, now[phase.name], info)
             if stop:
-                return LoopResult(w, now, k, LoopReason.STOPPED, f"stopped after iteration {k}")
+                reason = stop if isinstance(stop, LoopReason) else LoopReason.STOPPED
+                return LoopResult(w, now, k, reason, f"{reason.value.replace('_', ' ')} after "
+                                  f"iteration {k}")
             if info.stalled and not fresh_batches:
                 return LoopResult(w, now, k, LoopReason.STALLED,
                                   f"line search failed at iteration {k} ({phase.name}) with "

@@ -2,10 +2,15 @@
 
 The command line: arguments, the launch check, exit codes.
 
-Exit codes: 0 finished; 2 bad input (job, data, model, checkpoint, run
-directory, a run directory in use by another job), reported by every rank;
-75 checkpointed, not finished (SIGTERM or SIGUSR1 received: rerun with
-``--resume``); anything else a failure.
+Exit codes: 0 finished (also stopped early: converged, stalled, or no
+validation improvement for ``eval.patience`` evaluations); 2 bad input (job,
+data, model, checkpoint, run directory, a run directory in use by another
+job), reported by every rank; 3 diverged (the loss became NaN/Inf or exceeded
+``run.max_loss_ratio`` times its start: no checkpoint or weights file holds
+the diverged weights; lower the learning rate or raise the damping, then
+rerun, or ``--resume`` from the last checkpoint); 75 checkpointed, not
+finished (SIGTERM or SIGUSR1 received: rerun with ``--resume``); anything
+else a failure.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from mpinewton.config import ConfigError, load_job
 
 #: Exit code of a job stopped by a bad input (config, data, model); see docs.
 EXIT_BAD_INPUT = 2
+#: Exit code of a job whose loss diverged (NaN/Inf, or above run.max_loss_ratio x the start).
+EXIT_DIVERGED = 3
 #: Exit code of a job that stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
 EXIT_CHECKPOINTED = 75
 
@@ -82,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     comm = world()
     install_abort_handler(comm)
+    from mpinewton.train.loop import RunDiverged
+
     try:
         comm.run_agreed(lambda: check_slurm_world(comm), "checking the launch")
         job = comm.run_agreed(lambda: load_job(args.job, args.overrides), "reading the job")
@@ -96,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if comm.is_root:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except RunDiverged as exc:
+        # Decided from reduced values: every rank raised it at the same iteration.
+        if comm.is_root:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     return 0 if summary is not None else EXIT_CHECKPOINTED
 
 

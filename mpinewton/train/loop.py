@@ -6,11 +6,30 @@ knows: this iteration's mini-batch, the broadcast of rank 0's weights (design
 section 2), ``--check-sync``, the metrics line, SIGTERM/SIGUSR1 and
 checkpoints.  :func:`train` wires a session, the run directory and the loop,
 and writes the summary.
+
+Around the steps the driver also
+
+- evaluates the validation split every ``eval.every`` iterations and after
+  the last (:class:`Validation`): a ``phase = "eval"`` record in
+  ``metrics.jsonl``, the best weights in ``DIR/best`` (``eval.keep_best``)
+  and early stopping after ``eval.patience`` evaluations without an
+  improvement by more than ``eval.min_delta`` (``LoopReason.EARLY_STOPPED``:
+  a finished run);
+- stops a run whose loss becomes NaN/Inf or exceeds ``run.max_loss_ratio``
+  times the loss of the run's first iteration (:class:`RunDiverged`, exit
+  code 3), and checks the training loss at any weights before they are
+  saved, so that no checkpoint or weights file holds diverged weights;
+- writes TensorBoard events (``run.tensorboard``, :mod:`.tensorboard`).
+
+Every decision that changes the control flow (divergence, early stopping,
+a signal) is taken from globally reduced values or agreed by a collective,
+so every rank takes it in the same iteration (design section 2).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import time
@@ -22,7 +41,7 @@ import numpy as np
 
 from mpinewton import __version__
 from mpinewton.comm import Comm
-from mpinewton.config import JobConfig
+from mpinewton.config import ConfigError, JobConfig
 from mpinewton.solvers import (
     METHODS,
     GDConfig,
@@ -36,10 +55,47 @@ from mpinewton.solvers import (
     run,
 )
 from mpinewton.train.rundir import RunDirectory
-from mpinewton.train.session import Session, open_session
+from mpinewton.train.session import Session, UserInputs, open_session
 
-#: Counters carried across a resume (checkpoint state "progress").
+#: Counters carried across a resume (checkpoint state "progress", beside ``start_loss``).
 PROGRESS_KEYS = ("wall_time", "cg_iters", "method_iters", "hvps", "gradients", "loss_evaluations")
+
+
+class RunDiverged(RuntimeError):
+    """The loss became NaN/Inf or grew past ``run.max_loss_ratio`` times its start.
+
+    Raised on every rank alike (it is decided from reduced values, the same on
+    every rank) before any checkpoint or weights file could hold the weights;
+    the trainer exits with code 3 (``EXIT_DIVERGED``).
+    """
+
+
+def divergence_hint(job: JobConfig, phase: str) -> str:
+    """What to change when ``phase`` diverged: its learning-rate, damping or radius key."""
+    opt = job.optimizer
+    if phase == "pretrain":
+        return f"lower optimizer.pretrain_lr (now {opt.pretrain_lr:g})"
+    params, hints = opt.params, []
+    if getattr(params, "step_rule", "fixed") == "fixed" and hasattr(params, "learning_rate"):
+        hints.append(f"lower optimizer.learning_rate (now {params.learning_rate:g})")
+    for key in ("damping", "initial_step", "max_radius"):
+        if hasattr(params, key):
+            verb = "raise" if key == "damping" else "lower"
+            hints.append(f"{verb} optimizer.{key} (now {getattr(params, key):g})")
+    return " or ".join(hints) or f"check the data and the model (method {opt.method!r})"
+
+
+def weights_file(session: Session, w: np.ndarray) -> dict[str, np.ndarray]:
+    """The datasets of a weights file (``DIR/weights.h5``, ``DIR/best/weights.h5``).
+
+    ``w`` flat, one dataset per trainable variable, and the batch-norm
+    statistics too (never trained here, but part of the model), so that
+    ``model.weights = "DIR/weights.h5"`` restarts exactly this network.
+    """
+    return {"w": w, **{f"variables/{name}": value
+                       for name, value in session.layout.as_dict(w).items()},
+            **{f"variables/{v.path}": np.asarray(v.numpy())
+               for v in session.model.non_trainable_variables}}
 
 
 class StopRequest:
@@ -157,13 +213,81 @@ class TrainingHooks(LoopHooks):
                                                curvature_count(batch, opt.curvature_fraction))
             self.problem = SplitProblem(self.objective, self.curvature)
         stats = self.objective.stats
-        stats.hvps, stats.grads = self.progress["hvps"], self.progress["gradients"]
+        self.products_before = self.progress["hvps"]  # curvature products of earlier runs
+        stats.grads = self.progress["gradients"]
         stats.values = self.progress["loss_evaluations"]
         self.start = time.perf_counter() - self.progress["wall_time"]
         self.record: dict[str, Any] = {}
+        # run.max_loss_ratio's reference: the loss of the run's first iteration
+        # (carried across a resume, so both runs stop alike).
+        self.start_loss: float | None = self.progress.pop("start_loss", None)
+        self.w = session.w0
+        self.w_loss: float | None = None  # the loss at self.w, where known
+        self.first_line = True  # the first iteration of this process compiles
+        self._evaluators: dict[int, Any] = {}
+        self.validation = Validation(self)
+
+    def eval_objective(self, index: int) -> Any:
+        """The objective of ``data.eval_splits[index]``, built (and compiled) once."""
+        if index not in self._evaluators:
+            shard = self.session.eval_shards[index]
+            self._evaluators[index] = self.session.objective(shard.x, shard.y, shard.total)
+        return self._evaluators[index]
+
+    def check_loss(self, k: int, phase: str, loss: float | None, what: str) -> None:
+        """Raise :class:`RunDiverged` if ``loss`` is NaN/Inf or above the ratio's limit.
+
+        ``loss`` is a reduced value, the same on every rank, so every rank raises.
+        """
+        ratio, start = self.session.job.run.max_loss_ratio, self.start_loss
+        if loss is None:
+            return
+        if math.isfinite(loss) and not (ratio and start is not None and start > 0
+                                        and loss > ratio * start):
+            return
+        problem = f"{what} {loss:.4g} is not finite" if not math.isfinite(loss) else (
+            f"{what} {loss:.4g} is more than {ratio:g} x the loss at the start of the run "
+            f"({start:.4g}; run.max_loss_ratio)")
+        raise RunDiverged(f"diverged at iteration {k} ({phase}): {problem}; "
+                          f"{divergence_hint(self.session.job, phase)}. No checkpoint or "
+                          "weights file holds these weights")
+
+    def verified_loss(self, k: int) -> float:
+        """The training loss at the weights about to be saved, checked (:meth:`check_loss`).
+
+        The step's own value where it computed one; otherwise one evaluation
+        (only on iterations that save weights), left out of the run's counts so
+        that an interrupted run counts what an uninterrupted one does.
+        """
+        if self.w_loss is None:
+            stats = self.objective.stats
+            values = stats.values
+            self.w_loss = float(self.objective.value(self.w))
+            stats.values = values
+        self.check_loss(k, self.record.get("phase", "start"), self.w_loss,
+                        "the loss at the weights to be saved")
+        return self.w_loss
+
+    def write_best(self, k: int, info: dict[str, Any]) -> None:
+        """Rank 0 writes the current weights to ``DIR/best`` (after checking their loss)."""
+        info = {**info, "train_loss": self.verified_loss(k)}
+        self.comm.run_agreed(lambda: self.out.write_best(weights_file(self.session, self.w),
+                                                         info) if self.comm.is_root else None,
+                             "writing the best weights")
+
+    def curvature_products(self) -> int:
+        """Hessian and Gauss-Newton products so far, on every sample or a subset, resumes included.
+
+        (``hvps`` in metrics.jsonl, the checkpoint's progress and summary.json.)
+        """
+        count = self.products_before
+        for objective in (self.objective, self.curvature):
+            if objective is not None:
+                count += objective.stats.hvps + objective.stats.gnvps
+        return count
 
     def before_step(self, k: int, phase: Phase) -> None:
-        self.t0, self.hvps0 = time.perf_counter(), self.objective.stats.hvps
+        self.t0, self.hvps0 = time.perf_counter(), self.curvature_products()
         _test_hooks(self.comm, k)
         self.record = {"iter": k, "phase": phase.name}
         sampler = self.session.sampler
@@ -173,13 +297,11 @@ class TrainingHooks(LoopHooks):
                                      self.session.shard.total)
             return
         from mpinewton.data import shard_bounds
-        from mpinewton.data.hdf5 import read_rows
 
         job, comm = self.session.job, self.comm
         batch = sampler.next()  # this iteration's batch; this rank reads its part
         lo, hi = shard_bounds(batch.size, comm.rank, comm.size)
-        x_part, y_part = read_rows(job.data.path, list(job.data.train_splits), batch[lo:hi],
-                                   limit=job.data.limit or None, **self.session.data_checks)
+        x_part, y_part = self.session.read_rows(batch[lo:hi])
         self.objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
         self.objective.total_samples = batch.size  # batches may grow (optimizer.batch_growth)
         self._set_curvature_rows(k, phase, x_part, y_part, lo, hi, batch.size)
@@ -213,15 +335,21 @@ class TrainingHooks(LoopHooks):
         self.record["curvature_samples"] = m
 
     def after_step(self, k: int, phase: Phase, w: np.ndarray, state: SolverState,
-                   info: StepRecord) -> tuple[np.ndarray, bool]:
+                   info: StepRecord) -> tuple[np.ndarray, bool | LoopReason]:
         # Rank 0's step is authoritative (design section 2): broadcast its weights.
         w = self.comm.bcast_array(np.asarray(w, dtype=self.session.layout.dtype))
+        kept = np.array_equal(w, self.w)
         w = _test_diverge(self.comm, w, k)
         self.w, self.states[phase.name] = w, state
         record = {**self.record, **info.record()}
+        # The loss at the new weights: the step's start loss if it kept them,
+        # else its new_loss where it computed one (a rejected trial's is not).
+        self.w_loss = float(info.loss) if kept else record.get("new_loss")
+        if self.start_loss is None:
+            self.start_loss = float(info.loss)
         if self.sync:
             record["weights_sha256"] = check_sync(self.comm, w, k)
-        record.update(hvps=self.objective.stats.hvps - self.hvps0,
+        record.update(hvps=self.curvature_products() - self.hvps0,
                       iter_seconds=time.perf_counter() - self.t0,
                       wall_time=time.perf_counter() - self.start)
         if phase.name != "pretrain":
@@ -229,8 +357,16 @@ class TrainingHooks(LoopHooks):
             self.progress["method_iters"] += 1
             self._grow_batch(record, info)
         self.out.log(record)
+        if self.out.tensorboard is not None:
+            self.out.tensorboard.iteration(record)
         self.out.check_lock()
-        self.say(format_line(record), flush=True)
+        self.say(format_line(record) + ("  (includes compiling)" if self.first_line else ""),
+                 flush=True)
+        self.first_line = False
+        self.check_loss(k, phase.name, float(info.loss), "loss")
+        self.check_loss(k, phase.name, self.w_loss, "the loss after the step")
+        if self.validation.due(k) and self.validation.evaluate(k):
+            return w, LoopReason.EARLY_STOPPED  # a finished run: _run saves and summarises
         if self.stop.agreed(self.comm):
             self.save(k)
             self.comm.barrier()  # no rank exits before rank 0 has committed the checkpoint
@@ -264,12 +400,15 @@ class TrainingHooks(LoopHooks):
         """Write a checkpoint of the weights and every state at ``iteration`` (rank 0)."""
         from mpinewton.checkpoint import write_checkpoint
 
+        self.verified_loss(iteration)  # never a checkpoint of diverged weights
         stats, session, job = self.objective.stats, self.session, self.session.job
-        self.progress.update(wall_time=time.perf_counter() - self.start, hvps=stats.hvps,
+        self.progress.update(wall_time=time.perf_counter() - self.start,
+                             hvps=self.curvature_products(),
                              gradients=stats.grads, loss_evaluations=stats.values)
         state = {"optimizer": {name: s.to_dict() for name, s in self.states.items()},
-                 "progress": dict(self.progress),
-                 "schedule": self.schedule_state(iteration)}
+                 "progress": {**self.progress, "start_loss": self.start_loss},
+                 "schedule": self.schedule_state(iteration),
+                 "validation": dict(self.validation.state)}
         saved = self.comm.run_agreed(lambda: write_checkpoint(
             self.out.checkpoints, iteration=iteration,
             weights=session.layout.as_dict(self.w), state=state,
@@ -277,6 +416,8 @@ class TrainingHooks(LoopHooks):
             keep=job.checkpoint.keep) if self.comm.is_root else None, "writing a checkpoint")
         if saved is not None:
             self.say(f"checkpoint {saved}", flush=True)
+        if self.out.tensorboard is not None:
+            self.out.tensorboard.flush()
 
     def schedule_state(self, iteration: int) -> dict[str, Any]:
         """Where the run stands, for a checkpoint: phase, method, data position, seed.
@@ -295,6 +436,103 @@ class TrainingHooks(LoopHooks):
                 "phase": names[iteration - 1] if 0 < iteration <= len(names) else "start",
                 "next_phase": names[iteration] if iteration < len(names) else "done",
                 "method": job.optimizer.method, "sampling": sampling}
+
+
+class Validation:
+    """``[eval]``: validation loss and metric every ``eval.every`` iterations (module docstring).
+
+    Every rank evaluates (the objective is distributed) and decides alike from
+    the reduced values; rank 0 writes the record, the line and the best
+    weights.  :attr:`state` -- the best loss and its iteration, and the
+    evaluations since the last improvement by more than ``eval.min_delta`` --
+    travels in the checkpoint (``validation``), so that a resumed run stops
+    where an uninterrupted one stops.  The best weights are those of the
+    lowest validation loss (any improvement); patience counts improvements by
+    more than ``min_delta`` only (as Keras' ``EarlyStopping``).
+    """
+
+    def __init__(self, hooks: TrainingHooks) -> None:
+        job, session = hooks.session.job, hooks.session
+        cfg, splits = job.eval, list(job.data.eval_splits)
+        self.hooks, self.cfg = hooks, cfg
+        self.split = cfg.split or (splits[0] if splits else "")
+        self.index: int | None = None
+        self.message = ""
+        if cfg.every > 0:
+            if not splits and not cfg.split:
+                raise ConfigError(f"eval.every = {cfg.every} needs a validation split, but "
+                                  "data.eval_splits is empty; set data.eval_splits = "
+                                  "[\"validation\"] (a split of the data) or eval.every = 0")
+            if self.split not in splits:
+                raise ConfigError(f"eval.split = {self.split!r} is not one of data.eval_splits "
+                                  f"= {splits}; add it to data.eval_splits or choose one of "
+                                  "them")
+            self.index = splits.index(self.split)
+            if not session.eval_shards[self.index].total:
+                raise ConfigError(f"the validation split {self.split!r} of {job.data.path} "
+                                  "holds no samples; choose another eval.split or set "
+                                  "eval.every = 0")
+        elif cfg.patience:
+            hooks.say("note: eval.patience has no effect without eval.every > 0")
+        self.state: dict[str, Any] = {
+            "evaluations": 0, "last_iteration": 0, "best_iteration": None, "best_loss": None,
+            "best": {}, "anchor_loss": None, "stale": 0}
+        if session.resume is not None:
+            self.state.update(session.resume.state.get("validation", {}))
+            best = hooks.out.best_info() if hooks.comm.is_root and cfg.keep_best else None
+            if best is not None and best.get("iteration") != self.state["best_iteration"]:
+                hooks.say(f"note: {hooks.out.path}/best holds iteration {best.get('iteration')}"
+                          f", the checkpoint's best is iteration {self.state['best_iteration']}; "
+                          "it is replaced at the next improvement")
+
+    def due(self, k: int) -> bool:
+        """True when iteration ``k`` ends with an evaluation (every ``eval.every``)."""
+        return self.index is not None and k % self.cfg.every == 0
+
+    def evaluate(self, k: int) -> bool:
+        """Evaluate at the weights after iteration ``k``; True when patience has run out."""
+        hooks, cfg, st = self.hooks, self.cfg, self.state
+        t0 = time.perf_counter()
+        compiling = self.index not in hooks._evaluators  # the first evaluation compiles
+        objective = hooks.eval_objective(self.index)  # type: ignore[arg-type]
+        evaluate = getattr(objective, "evaluate", None)
+        values = evaluate(hooks.w) if evaluate is not None else {
+            "loss": objective.value(hooks.w), "accuracy": objective.accuracy(hooks.w)}
+        loss = float(values["loss"])
+        metrics = {f"val_{name}": float(value) for name, value in values.items()}
+        finite = math.isfinite(loss)
+        improved = finite and (st["best_loss"] is None or loss < st["best_loss"])
+        if finite and (st["anchor_loss"] is None or loss < st["anchor_loss"] - cfg.min_delta):
+            st["anchor_loss"], st["stale"] = loss, 0
+        else:
+            st["stale"] += 1
+        st["evaluations"] += 1
+        st["last_iteration"] = k
+        if improved:
+            st.update(best_loss=loss, best_iteration=k, best=dict(metrics))
+        record = {"iter": k, "phase": "eval", "split": self.split, **metrics,
+                  "best_val_loss": st["best_loss"], "best_iteration": st["best_iteration"],
+                  "eval_seconds": time.perf_counter() - t0,
+                  "wall_time": time.perf_counter() - hooks.start}
+        hooks.out.log(record)
+        if hooks.out.tensorboard is not None:
+            hooks.out.tensorboard.evaluation(record)
+        shown = "  ".join(f"{name.removeprefix('val_')} {value:.6g}"
+                          for name, value in metrics.items() if name != "val_loss")
+        best = f"{st['best_loss']:.6e} at {st['best_iteration']}" \
+            if st["best_loss"] is not None else "-"
+        hooks.say(f"{'eval':<8} {k:4d}  {self.split} loss {loss:.6e}  {shown}  best {best}"
+                  f"{'  (new best)' if improved else ''}  {record['eval_seconds']:.2f}s"
+                  f"{'  (includes compiling)' if compiling else ''}", flush=True)
+        if improved and cfg.keep_best:
+            hooks.write_best(k, {"iteration": k, "split": self.split, **metrics})
+        if cfg.patience and st["stale"] >= cfg.patience:
+            best = f"{st['best_loss']:.6e} at iteration {st['best_iteration']}" \
+                if st["best_loss"] is not None else "none finite"
+            self.message = (f"validation loss has not improved for {st['stale']} evaluations "
+                            f"(best {best})")
+            return True
+        return False
 
 
 def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], Any]:
@@ -317,7 +555,7 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
         "iterations": result.iteration, "pretrain_iters": opt.pretrain_iters,
         "method": opt.method, "final_loss": objective.value(w),
         "final_grad_norm": float(np.linalg.norm(objective.value_and_grad(w)[1])),
-        "train_accuracy": objective.accuracy(w), "wall_time": train_seconds,
+        "wall_time": train_seconds,
         "method_iters": method_iters,
         "mean_cg_iters": progress["cg_iters"] / method_iters if method_iters else None,
         "hvps": progress["hvps"], "gradients": progress["gradients"],
@@ -326,26 +564,33 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
         "allreduce_seconds": comm.stats.allreduce_seconds, "config_sha256": job.digest(),
         "resumed_from": session.resume.path if session.resume is not None else None,
         "stopped": result.reason.value,
+        "best_iteration": hooks.validation.state["best_iteration"],
+        "best_val_loss": hooks.validation.state["best_loss"],
     }
-    for split, eval_shard in zip(job.data.eval_splits, session.eval_shards, strict=True):
+    if objective.metric_name is not None:  # accuracy, or MAE for regression
+        summary[f"train_{objective.metric_name}"] = objective.metric(w)
+    for index, (split, eval_shard) in enumerate(zip(job.data.eval_splits, session.eval_shards,
+                                                    strict=True)):
         if eval_shard.total:
-            evaluator = session.objective(eval_shard.x, eval_shard.y, eval_shard.total)
-            summary[f"{split}_accuracy"] = evaluator.accuracy(w)
-            summary[f"{split}_loss"] = evaluator.value(w)
-    # Batch-norm statistics too (never trained here, but part of the model), so
-    # that model.weights = "DIR/weights.h5" restarts exactly this network.
-    weights = {"w": w, **{f"variables/{name}": value
-                          for name, value in session.layout.as_dict(w).items()},
-               **{f"variables/{v.path}": np.asarray(v.numpy())
-                  for v in session.model.non_trainable_variables}}
-    return summary, weights
+            evaluator = hooks.eval_objective(index)
+            values = evaluator.evaluate(w)  # loss and accuracy (or MAE), one Allreduce
+            summary.update({f"{split}_{name}": value for name, value in values.items()})
+    return summary, weights_file(session, w)
+
+
+def _model_name(session: Session) -> str:
+    """The built-in model's name, or the user's model's (mpinewton.fit, model.factory)."""
+    job = session.job
+    if session.inputs.model is not None:
+        return f"{session.model.name} (given to mpinewton.fit)"
+    return f"{session.model.name} ({job.model.factory})" if job.model.factory else job.model.name
 
 
 def _banner(session: Session, run_dir: Path) -> str:
     job, comm, sampler = session.job, session.comm, session.sampler
     intra, inter = session.threads
     return (f"mpinewton {__version__}: job {job.run.name!r}, {comm.size} rank(s) x {intra} "
-            f"thread(s) (inter-op {inter}); model {job.model.name} ({session.layout.size} "
+            f"thread(s) (inter-op {inter}); model {_model_name(session)} ({session.layout.size} "
             f"weights, {job.model.dtype}); {session.shard.total} training samples from "
             f"{job.data.path} [{'+'.join(job.data.train_splits)}]"
             f"{f', batches of {sampler.batch_size}' if sampler else ', full batch'}, "
@@ -353,8 +598,12 @@ def _banner(session: Session, run_dir: Path) -> str:
 
 
 def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
-          check_sync: bool = False, resume: str | None = None) -> dict[str, Any] | None:
-    """Run one job on this rank; returns the summary, or None if stopped by a signal."""
+          check_sync: bool = False, resume: str | None = None,
+          inputs: UserInputs | None = None) -> dict[str, Any] | None:
+    """Run one job on this rank; returns the summary, or None if stopped by a signal.
+
+    ``inputs``: the Python API's own model and arrays (``mpinewton.fit``).
+    """
     say = print if comm.is_root else (lambda *a, **k: None)
     for note in job.notes:
         say(f"note: {note}")
@@ -363,7 +612,7 @@ def train(job: JobConfig, comm: Comm, run_dir: Path, *, overwrite: bool = False,
         comm.run_agreed(lambda: out.prepare(job, overwrite=overwrite,
                                             resuming=resume is not None),
                         "preparing the run directory")
-        session = open_session(job, comm, out.checkpoints, resume, say)
+        session = open_session(job, comm, out.checkpoints, resume, say, inputs)
         return _run(session, out, run_dir, check_sync=check_sync, say=say)
     finally:
         out.close()
@@ -379,30 +628,54 @@ def _run(session: Session, out: RunDirectory, run_dir: Path, *, check_sync: bool
         if resume.config_sha256 != job.digest():
             say("note: the job differs from the checkpoint's; continuing with the job as given")
     out.open_metrics(done)
+    comm.run_agreed(lambda: (out.start_afresh() if done == 0 else None,
+                             out.open_tensorboard(job.run.tensorboard)),
+                    "preparing best/ and tensorboard/ in the run directory")
     phases = phases_of(job)
     hooks = TrainingHooks(session, out, phases, check_sync=check_sync, say=say)
     say(_banner(session, run_dir), flush=True)
     if session.sampler is not None and session.sampler.batch_size < comm.size:
-        say(f"warning: batches of {session.sampler.batch_size} leave "
-            f"{comm.size - session.sampler.batch_size} of {comm.size} ranks without samples "
-            "in every iteration; raise optimizer.batch_size with the number of ranks")
+        b = session.sampler.batch_size
+        say(f"warning: optimizer.batch_size = {b} on {comm.size} ranks leaves {comm.size - b} "
+            f"of the {comm.size} ranks without samples in every iteration (they only wait); "
+            f"raise optimizer.batch_size to at least {comm.size} or run on at most {b} ranks")
     states = resume.phase_states(job.optimizer.method) if resume is not None else {}
     hooks.states.update(states)
     hooks.w = session.w0
-    result = run(hooks.problem, session.w0, phases, states=states, start=done,
-                 gtol=job.optimizer.gtol or None, fresh_batches=session.sampler is not None,
-                 hooks=hooks)
+    if done < hooks.total:
+        say("the first iteration compiles the objective's functions ("
+            + ("XLA, objective.jit = true" if job.objective.jit else "tf.function")
+            + "), so it may take a minute longer than the others", flush=True)
+    try:
+        result = run(hooks.problem, session.w0, phases, states=states, start=done,
+                     gtol=job.optimizer.gtol or None, fresh_batches=session.sampler is not None,
+                     hooks=hooks)
+    except FloatingPointError as exc:  # raised alike on every rank: the same reduced values
+        k, phase = hooks.record.get("iter", done + 1), hooks.record.get("phase", "start")
+        raise RunDiverged(f"diverged at iteration {k} ({phase}): {exc}; "
+                          f"{divergence_hint(job, phase)}. No checkpoint or weights file "
+                          "holds these weights") from None
     if result.reason is LoopReason.STOPPED:
         return None
     hooks.states.update(result.states)
+    if result.loss is not None:
+        hooks.w_loss = result.loss
     if result.reason in (LoopReason.STALLED, LoopReason.CONVERGED):
         say(f"stopping early after iteration {result.iteration}: {result.message}", flush=True)
+    elif result.reason is LoopReason.EARLY_STOPPED:
+        say(f"stopping early after iteration {result.iteration}: {hooks.validation.message}",
+            flush=True)
+    validation = hooks.validation
+    if validation.index is not None and result.iteration > 0 and \
+            validation.state["last_iteration"] != result.iteration:
+        validation.evaluate(result.iteration)  # the final weights are candidates for best
     if result.iteration > done or hooks.total == 0:
         hooks.save(result.iteration)
     summary, weights = _summary(hooks, result)
     out.finish(summary, weights)
-    accs = "  ".join(f"{k.removesuffix('_accuracy')} accuracy {v:.4f}"
-                     for k, v in summary.items() if k.endswith("_accuracy"))
+    accs = "  ".join(f"{k.removesuffix(f'_{metric}')} {metric} {v:.4f}"
+                     for k, v in summary.items() for metric in ("accuracy", "mae")
+                     if k.endswith(f"_{metric}"))
     mean_cg = f", mean CG iterations {summary['mean_cg_iters']:.1f}" \
         if summary["method_iters"] and summary["mean_cg_iters"] else ""
     say(f"done: {result.iteration} iterations in {summary['wall_time']:.1f}s{mean_cg}; final "

@@ -22,8 +22,21 @@ from mpinewton.solvers import METHODS, GDState, SolverState
 
 
 def configure_threads(job: JobConfig) -> tuple[int, int]:
-    """Choose TensorFlow's thread pools before TensorFlow starts (one rank, one share)."""
-    intra = job.threads.intra_op
+    """Choose TensorFlow's thread pools before TensorFlow starts (one rank, one share).
+
+    Where TensorFlow already runs (a script that built its model before
+    ``mpinewton.fit``), its pools cannot change any more: they stay as they are
+    and the numbers returned are TensorFlow's (0 = its default, all cores);
+    ``mpinewton.configure_threads()`` at the top of the script avoids that.
+    """
+    return threads_for(job.threads.intra_op, job.threads.inter_op)
+
+
+def threads_for(intra: int = 0, inter: int = 1) -> tuple[int, int]:
+    """Set TensorFlow's intra-/inter-op pools; ``intra = 0``: the cores on the node / ranks on it.
+
+    Returns the pools in effect (TensorFlow's own where it had started already).
+    """
     if intra == 0:
         for var in ("MPINEWTON_INTRA_OP_THREADS", "OMP_NUM_THREADS"):
             if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
@@ -31,12 +44,15 @@ def configure_threads(job: JobConfig) -> tuple[int, int]:
                 break
         else:
             intra = max(1, (os.cpu_count() or 1) // local_size())
-    inter = job.threads.inter_op
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(intra)
-    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # TensorFlow has started: its pools are fixed
+        return (tf.config.threading.get_intra_op_parallelism_threads(),
+                tf.config.threading.get_inter_op_parallelism_threads())
     return intra, inter
 
 
@@ -60,6 +76,48 @@ class Resume:
                 if name in classes}
 
 
+#: Losses whose labels are class indices (float targets are refused with them).
+CLASSIFICATION_LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy")
+
+
+@dataclass
+class UserInputs:
+    """What the Python API (:func:`mpinewton.fit`) brings instead of the job's files.
+
+    ``model``: a built Keras model (None: the job's ``[model]`` table builds
+    one). ``arrays``: in-memory data, split name -> ``(x, y)``, the same on
+    every rank (None: the job's ``data.path``); with full batches each rank
+    keeps a copy of its own rows only.
+    """
+
+    model: Any = None
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def model_checks(job: JobConfig, model: Any) -> dict[str, Any]:
+    """What every read of the job's data checks, from the model and the loss.
+
+    The sample shape is the model's input shape (where the model knows it);
+    class labels must be below the output width (2 for binary cross-entropy
+    on one output); a cross-entropy loss asks for class labels.
+    """
+    shape: tuple[int, ...] | None = None
+    width: int | None = None
+    try:
+        dims = tuple(model.input_shape[1:])
+        shape = dims if all(isinstance(d, int) for d in dims) else None
+    except (AttributeError, ValueError, TypeError):
+        pass
+    try:
+        width = int(model.output_shape[-1])
+    except (AttributeError, ValueError, TypeError):
+        width = None
+    loss = job.objective.loss
+    num_classes = 2 if loss == "binary_crossentropy" and width == 1 else width
+    task = "classification" if loss in CLASSIFICATION_LOSSES else None
+    return {"num_classes": num_classes, "expected_sample_shape": shape, "task": task}
+
+
 @dataclass
 class Session:
     """Everything a training loop needs, the same on every rank but the data shard."""
@@ -74,6 +132,8 @@ class Session:
     sampler: Any  # mpinewton.sampling.MiniBatchSampler, or None for the full batch
     w0: np.ndarray
     resume: Resume | None
+    checks: dict[str, Any]  # model_checks: what every read of the data checks
+    inputs: UserInputs
 
     def objective(self, x: np.ndarray, y: np.ndarray, total: int) -> Any:
         """The distributed objective of this model over samples ``x, y`` (``total`` in all)."""
@@ -81,8 +141,10 @@ class Session:
         from mpinewton.objective import DistributedObjective
 
         job = self.job
+        builtin = self.inputs.model is None and not job.model.factory
         local = LocalObjective(self.model, x, y, loss=job.objective.loss,
-                               num_classes=job.model.num_classes,
+                               from_logits=job.objective.from_logits,
+                               num_classes=job.model.num_classes if builtin else None,
                                micro_batch=job.objective.micro_batch, jit=job.objective.jit,
                                hvp=job.objective.hvp, pixel_scale=job.data.pixel_scale,
                                preprocess=job.data.preprocess)
@@ -90,44 +152,95 @@ class Session:
 
     @property
     def data_checks(self) -> dict[str, Any]:
-        """What every read of the job's data checks (labels, sample shape)."""
-        return {"num_classes": self.job.model.num_classes,
-                "expected_sample_shape": tuple(self.job.model.input_shape)}
+        """What every read of the job's data checks (labels, sample shape, task)."""
+        return dict(self.checks)
 
     def read_training_set(self, limit: int | None) -> Any:
         """Read this rank's shard of the training splits (first ``limit`` samples)."""
+        return _read_shard(self.job, self.inputs, list(self.job.data.train_splits),
+                           self.comm, limit, self.checks)
+
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``rows`` (global positions) of the training splits, for a mini-batch."""
+        job = self.job
+        if self.inputs.arrays is None:
+            from mpinewton.data.hdf5 import read_rows
+
+            return read_rows(job.data.path, list(job.data.train_splits), rows,
+                             limit=job.data.limit or None, **self.checks)
+        x, y = _train_arrays(job, self.inputs.arrays)
+        return x[rows], y[rows]
+
+
+def _where(job: JobConfig, inputs: UserInputs) -> str:
+    """The data's name in messages: the file, or the in-memory arrays."""
+    return "the arrays given to mpinewton.fit" if inputs.arrays is not None else job.data.path
+
+
+def _split_arrays(arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+                  name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name not in arrays:
+        raise ConfigError(f"split {name!r} is not among the arrays given to mpinewton.fit "
+                          f"(splits: {', '.join(arrays) or 'none'})")
+    return arrays[name]
+
+
+def _train_arrays(job: JobConfig, arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The training splits' arrays, concatenated (no copy for one split), cut at data.limit."""
+    parts = [_split_arrays(arrays, name) for name in job.data.train_splits]
+    x = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+    y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+    return (x[:job.data.limit], y[:job.data.limit]) if job.data.limit else (x, y)
+
+
+def _read_shard(job: JobConfig, inputs: UserInputs, splits: list[str], comm: Comm,
+                limit: int | None, checks: dict[str, Any]) -> Any:
+    """Rows of ``splits`` that this rank holds, from the job's file or the user's arrays."""
+    if inputs.arrays is None:
         from mpinewton.data import read_shard
 
-        return read_shard(self.job.data.path, list(self.job.data.train_splits), self.comm.rank,
-                          self.comm.size, limit=limit, **self.data_checks)
+        return read_shard(job.data.path, splits, comm.rank, comm.size, limit=limit, **checks)
+    from mpinewton.data.arrays import array_shard
 
-
-def _load_data(job: JobConfig, comm: Comm) -> tuple[Any, list[Any]]:
-    """Read this rank's training shard (empty with mini-batches) and evaluation shards."""
-    from mpinewton.data import Shard, inspect_dataset, read_shard
-    from mpinewton.data.hdf5 import read_rows
-
-    checks = {"num_classes": job.model.num_classes,
-              "expected_sample_shape": tuple(job.model.input_shape)}
-    splits = list(job.data.train_splits)
-    if job.optimizer.batch_size:  # rows are read batch by batch (thesis 8.2)
-        read_rows(job.data.path, splits, np.empty(0, np.int64), **checks)
-        counts = inspect_dataset(job.data.path).splits
-        total = sum(counts[name] for name in splits)
-        total = min(total, job.data.limit) if job.data.limit else total
-        shard = Shard(x=np.empty((0, *job.model.input_shape), np.uint8),
-                      y=np.empty(0, np.int64), lo=0, hi=0, total=total,
-                      split="+".join(splits), path=job.data.path)
+    if splits == list(job.data.train_splits):
+        x, y = _train_arrays(job, inputs.arrays)
     else:
-        shard = read_shard(job.data.path, splits, comm.rank, comm.size,
-                           limit=job.data.limit or None, **checks)
+        x, y = (np.concatenate(parts) for parts in zip(
+            *(_split_arrays(inputs.arrays, name) for name in splits), strict=True))
+    return array_shard(x, y, comm.rank, comm.size, limit=limit, split="+".join(splits),
+                       **checks)
+
+
+def _load_data(job: JobConfig, comm: Comm, inputs: UserInputs,
+               checks: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """Read this rank's training shard (empty with mini-batches) and evaluation shards."""
+    from mpinewton.data import Shard
+
+    splits = list(job.data.train_splits)
+    where = _where(job, inputs)
+    if job.optimizer.batch_size:  # rows are read batch by batch (thesis 8.2)
+        if inputs.arrays is None:
+            from mpinewton.data import inspect_dataset
+            from mpinewton.data.hdf5 import read_rows
+
+            x0, y0 = read_rows(job.data.path, splits, np.empty(0, np.int64), **checks)
+            counts = inspect_dataset(job.data.path).splits
+            total = sum(counts[name] for name in splits)
+        else:
+            x_all, y_all = _train_arrays(job, inputs.arrays)
+            first = _read_shard(job, inputs, splits, comm, min(len(x_all), 1), checks)
+            x0, y0, total = first.x[:0], first.y[:0], len(x_all)
+        total = min(total, job.data.limit) if job.data.limit else total
+        shard = Shard(x=x0, y=y0, lo=0, hi=0, total=total, split="+".join(splits), path=where)
+    else:
+        shard = _read_shard(job, inputs, splits, comm, job.data.limit or None, checks)
         if shard.total < comm.size:
             raise ConfigError(
-                f"{job.data.path} [{'+'.join(splits)}] has {shard.total} training sample(s) "
+                f"{where} [{'+'.join(splits)}] has {shard.total} training sample(s) "
                 f"for {comm.size} ranks: every rank needs at least one (run on at most "
                 f"{shard.total} ranks, or raise data.limit)")
-    evals = [read_shard(job.data.path, split, comm.rank, comm.size,
-                        limit=job.data.eval_limit or None, **checks)
+    evals = [_read_shard(job, inputs, [split], comm, job.data.eval_limit or None, checks)
              for split in job.data.eval_splits]
     return shard, evals
 
@@ -199,17 +312,21 @@ def _make_sampler(job: JobConfig, total: int, resume: Resume | None) -> Any:
 
 
 def open_session(job: JobConfig, comm: Comm, checkpoints: Path, resume: str | None,
-                 say: Callable[..., None]) -> Session:
-    """Set up a job on this rank: threads, data, model, weights, checkpoint to resume from."""
+                 say: Callable[..., None], inputs: UserInputs | None = None) -> Session:
+    """Set up a job on this rank: threads, model, data, weights, checkpoint to resume from.
+
+    ``inputs`` carries the Python API's model and arrays (:class:`UserInputs`).
+    """
     threads = configure_threads(job)
-    from mpinewton.models import build_model
+    from mpinewton.models import model_from_job
     from mpinewton.params import ParamLayout
 
-    shard, eval_shards = comm.run_agreed(lambda: _load_data(job, comm), "loading data")
-    model = comm.run_agreed(lambda: build_model(
-        job.model.name, dtype=job.model.dtype, seed=job.run.seed,
-        input_shape=tuple(job.model.input_shape), num_classes=job.model.num_classes,
-        hidden=job.model.hidden), "building the model")
+    inputs = inputs or UserInputs()
+    model = inputs.model if inputs.model is not None else comm.run_agreed(
+        lambda: model_from_job(job.model, job.run.seed), "building the model")
+    checks = model_checks(job, model)
+    shard, eval_shards = comm.run_agreed(lambda: _load_data(job, comm, inputs, checks),
+                                         "loading data")
     layout = ParamLayout.of(model)
     # The optimiser's weights live in the model's precision, so a resumed run
     # continues from exactly the numbers an uninterrupted run holds.
@@ -228,4 +345,4 @@ def open_session(job: JobConfig, comm: Comm, checkpoints: Path, resume: str | No
                               "setting up mini-batches")
     return Session(job=job, comm=comm, threads=threads, model=model, layout=layout,
                    shard=shard, eval_shards=eval_shards, sampler=sampler, w0=w0,
-                   resume=found)
+                   resume=found, checks=checks, inputs=inputs)

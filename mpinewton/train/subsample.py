@@ -53,6 +53,16 @@ class SplitProblem:
     def accuracy(self, w: np.ndarray) -> float:
         return self.full.accuracy(w)
 
+    @property
+    def metric_name(self) -> str | None:
+        return self.full.metric_name
+
+    def metric(self, w: np.ndarray) -> float:
+        return self.full.metric(w)
+
+    def evaluate(self, w: np.ndarray) -> dict[str, float]:
+        return self.full.evaluate(w)
+
     def hvp(self, w: np.ndarray, v: np.ndarray) -> np.ndarray:
         return self.curvature.hvp(w, v)
 

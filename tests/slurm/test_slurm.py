@@ -260,3 +260,18 @@ def test_missing_job_file_is_a_clear_error(slurm, fake_venv, tmp_path):
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", log
     assert "jobs/no_such_job.toml" in log and "MPINEWTON_JOB" in log, log
     assert "fake rank" not in log, log
+
+
+@pytest.mark.timeout(120)
+def test_template_warns_when_ranks_get_no_samples(slurm, fake_venv, tmp_path):
+    # The ResNet-50 job's batch of 16 on 112 ranks leaves 96 idle; here 1 of 2.
+    env = slurm.env(MPINEWTON_VENV=fake_venv, MPINEWTON_RUN_DIR=tmp_path / "run",
+                    FAKE_SECONDS="1")
+    job_id = slurm.sbatch(RESNET, *SMALL, f"--output={tmp_path}/slurm-%j.out", env=env,
+                          script_args=["--set", "optimizer.batch_size=1"])
+    fields = slurm.wait_done(job_id, timeout=60)
+    log = _read(tmp_path / f"slurm-{job_id}.out")
+    assert fields["JobState"] == "COMPLETED", log
+    assert ("warning: optimizer.batch_size = 1 (from jobs/resnet50_imagenet.toml and the "
+            "trainer arguments) on 2 ranks leaves 1 of the 2 ranks without samples") in log, log
+    assert log.index("warning: optimizer.batch_size") < log.index("running: "), log
