@@ -1,8 +1,10 @@
 """Helpers for tests that launch whole training jobs under mpirun (hard timeouts)."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,3 +87,118 @@ def rank_pids(run_dir):
     out = subprocess.run(["pgrep", "-f", f"mpinewton.train.*{run_dir}"], capture_output=True,
                          text=True).stdout.split()
     return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def analyze_many(ranks, commands, workdir, timeout=240, env=None):
+    """Run several ``mpinewton.analyze`` commands in ONE mpirun launch (a launch costs ~10 s).
+
+    ``commands`` is a list of argument lists. Each rank calls ``analyze.main(argv)``
+    in-process for every command but the last, capturing its return code, stdout
+    and stderr; the last runs through the module's real entry point
+    (``python -m mpinewton.analyze``), so the launch's exit status is the CLI's.
+    Returns ``(proc, records)``: ``records[i][rank]`` is ``{"rc", "stdout",
+    "stderr"}`` of command ``i`` but the last, whose outcome is ``proc``'s.
+    """
+    return start_analyze_many(ranks, commands, workdir, env=env).result(timeout)
+
+
+class AnalyzeLaunch:
+    """A running :func:`analyze_many` launch; ``result(timeout)`` waits for it."""
+
+    def __init__(self, ranks, workdir, proc):
+        self.ranks, self.workdir, self.proc = ranks, Path(workdir), proc
+        self.started = time.monotonic()
+        self._result = None
+
+    def result(self, timeout):
+        """``(proc, records)`` as :func:`analyze_many`; ``timeout`` counts from the start."""
+        if self._result is not None:
+            return self._result
+        left = max(1.0, self.started + timeout - time.monotonic())
+        try:
+            stdout, stderr = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        proc = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
+        records = []
+        for rank in range(self.ranks):
+            path = self.workdir / f"analyze_many.{rank}.json"
+            done = json.loads(path.read_text()) if path.exists() else []
+            for i, record in enumerate(done):
+                if len(records) <= i:
+                    records.append({})
+                records[i][rank] = record
+        self._result = proc, records
+        return self._result
+
+    def kill(self):
+        """End mpirun and its ranks if it still runs: SIGTERM (mpirun ends its ranks),
+        then SIGKILL to its process group after 10 s."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.communicate()
+
+
+def start_analyze_many(ranks, commands, workdir, env=None):
+    """Start :func:`analyze_many`'s launch without waiting (launches may overlap)."""
+    return start_many("mpinewton.analyze", ranks, commands, workdir, env=env)
+
+
+def start_many(module, ranks, commands, workdir, env=None):
+    """Start one mpirun launch running ``python -m MODULE`` for each of several ``commands``.
+
+    ``module`` is ``mpinewton.analyze`` or ``mpinewton.train``; see :func:`analyze_many`.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / "many.json"
+    spec.write_text(json.dumps({"module": module,
+                                "commands": [list(map(str, c)) for c in commands],
+                                "results": str(workdir / "analyze_many")}))
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, __file__,
+           "run-many", str(spec)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or mpi_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return AnalyzeLaunch(ranks, workdir, proc)
+
+
+def _run_many_main(spec_path):
+    """Under mpirun (see :func:`start_many`): one rank's share of several commands."""
+    import importlib
+    import io
+    import runpy
+
+    from mpinewton.comm import world
+
+    spec = json.loads(Path(spec_path).read_text())
+    module = spec["module"]
+    entry = module if module == "mpinewton.analyze" else f"{module}.__main__"
+    main = importlib.import_module(entry).main
+    rank = world().rank
+    *first, last = spec["commands"]
+    done = []
+    for argv in first:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = main(argv)
+        except BaseException:
+            sys.stdout.write(out.getvalue())
+            sys.stderr.write(err.getvalue())
+            raise
+        done.append({"argv": argv, "rc": rc, "stdout": out.getvalue(),
+                     "stderr": err.getvalue()})
+        Path(f"{spec['results']}.{rank}.json").write_text(json.dumps(done))
+    sys.argv = [module, *last]
+    sys.modules.pop(entry)  # run afresh as __main__, as ``python -m`` does
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["run-many"]:
+    _run_many_main(sys.argv[2])

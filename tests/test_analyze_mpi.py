@@ -9,16 +9,21 @@ the trace estimate lies within three standard errors of the exact trace. The
 Taylor slopes 2 and 3 are checked on a small MLP: its tanh makes the loss
 smooth, while the CNN's ReLU puts kinks within the tested distances
 (docs/results.md).
+
+Starting a rank (Python, TensorFlow) costs more than most commands here, so
+the module makes one mpirun launch per rank count, the three at once
+(``mpijobs.start_analyze_many``): each rank runs the commands one after
+another in-process, and the last command of each launch goes through the real
+``python -m mpinewton.analyze`` entry point, so its exit status is the
+launch's.
 """
 
 import json
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env
+from mpijobs import MPIRUN, start_analyze_many
 
 from mpinewton.data import write_dataset
 
@@ -26,13 +31,12 @@ pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
 
 SHAPE = ["--set", "model.input_shape=[8, 8, 1]", "--set", "objective.jit=false",
          "--set", "objective.micro_batch=32"]
-
-
-def analyze(ranks, *args, timeout=240):
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
-           "mpinewton.analyze", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
-                          timeout=timeout)
+MLP = ["--set", "model.name='mlp'", "--set", "model.hidden=[6]"]
+BAD_INPUT = [
+    (["eigen", "-k", "400"], "-k 400: ask for 1 to 312 eigenpairs"),
+    (["surface", "--points", "0"], "--points 0: the grid needs at least one point"),
+    (["trace", "--samples", "1"], "--samples 1: a standard error needs at least 2 probes"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,11 @@ def small(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(small):
-    """The one-process explicit Hessian (the thesis' tape.jacobian) at the start weights."""
+def reference(small, launched):
+    """The one-process explicit Hessian (the thesis' tape.jacobian) at the start weights.
+
+    (``launched``: the mpirun launches start first and run while this is computed.)
+    """
     from mpinewton.local import LocalObjective
     from mpinewton.models import thesis_cnn
     from mpinewton.params import get_flat
@@ -69,17 +76,88 @@ def reference(small):
     return h
 
 
+class Outcome:
+    """One analyze command's return code(s), rank 0's stderr, and its output folder."""
+
+    def __init__(self, out, codes, stderr, log):
+        self.out, self.codes, self.stderr, self.log = out, codes, stderr, log
+
+    def check(self, code):
+        """Every rank returned ``code`` (the launch's exit status for a launch's last command)."""
+        assert self.codes and all(c == code for c in self.codes), (self.codes, self.log)
+
+
 @pytest.fixture(scope="module")
-def outputs(small, tmp_path_factory):
+def launched(small, tmp_path_factory):
+    """Every command of this module planned and started: one mpirun launch per rank count."""
+    from mpinewton.checkpoint import write_checkpoint
+
     args, _ = small
-    runs = {}
-    for ranks in (1, 2, 3):
-        out = tmp_path_factory.mktemp(f"analysis{ranks}")
+    base = tmp_path_factory.mktemp("analysis")
+    other = write_checkpoint(base / "ckpts", iteration=1, weights={"dense/kernel": np.ones(3)},
+                             state={}, config_toml="", config_sha256="0" * 64, world_size=1)
+    plans = {ranks: [] for ranks in (1, 2, 3)}
+
+    def plan(ranks, name, command, *extra):
+        plans[ranks].append((name, base / name, [command, *args, "--out", str(base / name),
+                                                 *extra]))
+
+    for ranks in (1, 2, 3):  # the same quantities on every rank count
         for command in ("hessian", "eigen", "trace"):
             extra = ["-k", "3", "--tol", "1e-9"] if command == "eigen" else []
-            proc = analyze(ranks, command, *args, "--out", str(out), *extra)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        runs[ranks] = out
+            plan(ranks, f"outputs{ranks}", command, *extra)
+    plan(1, "taylor1", "taylor", *MLP)
+    plan(2, "plots", "spectrum", "--runs", "2", "--steps", "20")
+    plan(2, "plots", "surface", "--points", "5", "--directions", "random")
+    # Refusals last, after every command that must succeed.
+    plan(2, "checkpoint", "eigen", "--checkpoint", str(other))
+    for i, (extra, _) in enumerate(BAD_INPUT):
+        plan(2, f"bad{i}", *extra)
+    plan(1, "too_large", "hessian", "--set", "model.name='mlp'",
+         "--set", "model.hidden=[4096, 4096]")
+    plan(3, "taylor3", "taylor", *MLP)  # through the CLI's entry point: exit status 0
+
+    # The three launches overlap: a 1-rank launch leaves a core idle, and a rank spends
+    # much of its life starting Python and TensorFlow.
+    started = {ranks: start_analyze_many(ranks, [argv for _, _, argv in items],
+                                         base / f"launch{ranks}")
+               for ranks, items in plans.items()}
+    try:
+        yield plans, started, other
+    finally:
+        for launch in started.values():
+            launch.kill()
+
+
+@pytest.fixture(scope="module")
+def launches(launched):
+    """Each command's outcome, by (folder name, command), once its launch has ended."""
+    plans, started, other = launched
+    outcomes = {("checkpoint", "path"): other}
+    for ranks, items in plans.items():
+        proc, records = started[ranks].result(timeout=400)
+        log = f"mpirun -n {ranks}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        for i, (name, out, argv) in enumerate(items):
+            if i == len(items) - 1:  # through the CLI: the launch's exit status
+                outcome = Outcome(out, [proc.returncode], proc.stderr, log)
+            elif i < len(records) and len(records[i]) == ranks:
+                rec = records[i]
+                outcome = Outcome(out, [rec[r]["rc"] for r in range(ranks)],
+                                  rec[0]["stderr"], f"{rec[0]}\n{log}")
+            else:  # the launch failed before every rank reported this command
+                outcome = Outcome(out, [], "", f"no result\n{log}")
+            outcomes[(name, argv[0])] = outcome
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def outputs(launches):
+    runs = {}
+    for ranks in (1, 2, 3):
+        for command in ("hessian", "eigen", "trace"):
+            outcome = launches[(f"outputs{ranks}", command)]
+            outcome.check(0)
+        runs[ranks] = outcome.out
     return runs
 
 
@@ -87,7 +165,7 @@ def _json(out, name):
     return json.loads((out / f"{name}.json").read_text())
 
 
-def test_explicit_hessian_is_the_same_on_1_2_3_ranks(outputs, reference):
+def test_explicit_hessian_is_the_same_on_1_2_3_ranks(reference, outputs):
     for ranks, out in outputs.items():
         with h5py.File(out / "hessian.h5") as f:
             h = f["H"][...]
@@ -96,7 +174,7 @@ def test_explicit_hessian_is_the_same_on_1_2_3_ranks(outputs, reference):
         assert np.abs(h - reference).max() <= 1e-10 * scale, ranks
 
 
-def test_eigenvalues_of_both_methods_match_eigh(outputs, reference):
+def test_eigenvalues_of_both_methods_match_eigh(reference, outputs):
     exact = np.linalg.eigvalsh(0.5 * (reference + reference.T))
     top = exact[np.argsort(-np.abs(exact))][:3]
     for out in outputs.values():
@@ -106,7 +184,7 @@ def test_eigenvalues_of_both_methods_match_eigh(outputs, reference):
             assert result[method]["products"] > 0
 
 
-def test_trace_within_three_standard_errors(outputs, reference):
+def test_trace_within_three_standard_errors(reference, outputs):
     for out in outputs.values():
         result = _json(out, "trace")
         assert abs(result["trace"] - np.trace(reference)) <= 3 * result["stderr"]
@@ -114,63 +192,49 @@ def test_trace_within_three_standard_errors(outputs, reference):
 
 
 @pytest.mark.parametrize("ranks", [1, 3])
-def test_taylor_slopes_of_a_smooth_model(small, tmp_path, ranks):
-    args, _ = small
-    proc = analyze(ranks, "taylor", *args, "--set", "model.name='mlp'",
-                   "--set", "model.hidden=[6]", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = _json(tmp_path, "taylor")
+def test_taylor_slopes_of_a_smooth_model(launches, ranks):
+    outcome = launches[(f"taylor{ranks}", "taylor")]
+    outcome.check(0)
+    result = _json(outcome.out, "taylor")
     for direction in ("random", "eigenvector"):
         assert abs(result[direction]["slope0"] - 1) <= 0.2, result[direction]
         assert abs(result[direction]["slope1"] - 2) <= 0.2, result[direction]
         assert abs(result[direction]["slope2"] - 3) <= 0.2, result[direction]
-    assert (tmp_path / "taylor.png").stat().st_size > 0
+    assert (outcome.out / "taylor.png").stat().st_size > 0
 
 
-def test_spectrum_and_surface_write_data_and_plots(small, tmp_path):
-    args, _ = small
-    for command, extra in (("spectrum", ["--runs", "2", "--steps", "20"]),
-                           ("surface", ["--points", "5", "--directions", "random"])):
-        proc = analyze(2, command, *args, "--out", str(tmp_path), *extra)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert (tmp_path / f"{command}.png").stat().st_size > 0
-    with h5py.File(tmp_path / "surface.h5") as f:
+def test_spectrum_and_surface_write_data_and_plots(launches):
+    for command in ("spectrum", "surface"):
+        outcome = launches[("plots", command)]
+        outcome.check(0)
+        assert (outcome.out / f"{command}.png").stat().st_size > 0
+    with h5py.File(outcome.out / "surface.h5") as f:
         plane = f["plane"][...]
         assert plane.shape == (5, 5) and np.all(np.isfinite(plane))
-        assert plane[2, 2] == pytest.approx(_json(tmp_path, "surface")["loss_at_w"])
-    assert _json(tmp_path, "spectrum")["products"] > 0
+        assert plane[2, 2] == pytest.approx(_json(outcome.out, "surface")["loss_at_w"])
+    assert _json(outcome.out, "spectrum")["products"] > 0
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["eigen", "-k", "400"], "-k 400: ask for 1 to 312 eigenpairs"),
-    (["surface", "--points", "0"], "--points 0: the grid needs at least one point"),
-    (["trace", "--samples", "1"], "--samples 1: a standard error needs at least 2 probes"),
-])
-def test_bad_input_is_refused_on_every_rank(small, tmp_path, extra, message):
-    args, _ = small
-    proc = analyze(2, extra[0], *args, "--out", str(tmp_path), *extra[1:], timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "failed on rank 0, 1" in proc.stderr and message in proc.stderr, proc.stderr
+@pytest.mark.parametrize(("index", "extra", "message"),
+                         [(i, extra, message) for i, (extra, message) in enumerate(BAD_INPUT)],
+                         ids=[message for _, message in BAD_INPUT])
+def test_bad_input_is_refused_on_every_rank(launches, index, extra, message):
+    outcome = launches[(f"bad{index}", extra[0])]
+    outcome.check(2)
+    assert "failed on rank 0, 1" in outcome.stderr and message in outcome.stderr, outcome.log
 
 
-def test_hessian_of_a_model_too_large_is_refused(small, tmp_path):
-    args, _ = small
-    proc = analyze(1, "hessian", *args, "--set", "model.name='mlp'",
-                   "--set", "model.hidden=[4096, 4096]", "--out", str(tmp_path), timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+def test_hessian_of_a_model_too_large_is_refused(launches):
+    outcome = launches[("too_large", "hessian")]
+    outcome.check(2)
     assert ("the explicit Hessian of 17,088,522 weights needs 2,175,700.5 GiB, more than the"
-            in proc.stderr), proc.stderr
+            in outcome.stderr), outcome.log
 
 
-def test_checkpoint_of_another_model_is_refused(small, tmp_path):
-    from mpinewton.checkpoint import write_checkpoint
-
-    args, _ = small
-    path = write_checkpoint(tmp_path / "ckpts", iteration=1, weights={"dense/kernel": np.ones(3)},
-                            state={}, config_toml="", config_sha256="0" * 64, world_size=1)
-    proc = analyze(2, "eigen", *args, "--checkpoint", str(path), "--out", str(tmp_path),
-                   timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+def test_checkpoint_of_another_model_is_refused(launches):
+    outcome = launches[("checkpoint", "eigen")]
+    outcome.check(2)
+    path = launches[("checkpoint", "path")]
     assert f"loading the weights failed on rank 0: ConfigError: --checkpoint {path}" \
-        in proc.stderr, proc.stderr
-    assert "variable 0" in proc.stderr and "in the checkpoint" in proc.stderr, proc.stderr
+        in outcome.stderr, outcome.log
+    assert "variable 0" in outcome.stderr and "in the checkpoint" in outcome.stderr, outcome.log

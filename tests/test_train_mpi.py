@@ -12,7 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, THESIS_JOB, mpi_env, read_metrics, run_job, small_job
+from mpijobs import MPIRUN, mpi_env, read_metrics, run_job, small_job, start_many
 
 from mpinewton.data import write_dataset
 
@@ -24,9 +24,9 @@ def invariance_runs(dataset, tmp_path_factory):
     runs = {}
     for ranks in (1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"run{ranks}")
-        # The thesis' Newton-CG: its steps agree across rank counts to 1e-10 (the
-        # default job's Fisher preconditioner amplifies rounding; docs/algorithms.md).
-        proc = run_job(ranks, THESIS_JOB, *small_job(dataset), "--run-dir", str(run_dir))
+        # The default job: Gauss-Newton, Levenberg-Marquardt, Fisher-preconditioned CG
+        # with orthogonal residuals, curvature on a subset (docs/algorithms.md).
+        proc = run_job(ranks, *small_job(dataset), "--run-dir", str(run_dir))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs[ranks] = (run_dir, proc.stdout)
     return runs
@@ -101,41 +101,68 @@ def test_exception_on_one_rank_ends_the_job_quickly(dataset, tmp_path):
     assert elapsed < 30, elapsed
 
 
-def test_unknown_key_is_an_error_on_every_rank(dataset, tmp_path):
-    proc = run_job(2, *small_job(dataset, "--set", "optimizer.dampin=1"),
-                   "--run-dir", str(tmp_path / "r"), timeout=60)
-    assert proc.returncode == 2
-    assert "did you mean optimizer.damping" in proc.stderr
-
-
-def test_labels_out_of_range_name_first_bad_index(tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_jobs(dataset, tmp_path_factory):
+    """Four short 2-rank jobs in ONE mpirun launch (mpijobs.start_many): three refused
+    in-process, each with its return code, stdout and stderr per rank, then the gtol
+    job through ``python -m mpinewton.train``, whose exit status is the launch's."""
+    base = tmp_path_factory.mktemp("two_rank_jobs")
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
     y = rng.integers(0, 10, 30)
-    path = tmp_path / "bad.h5"
-    write_dataset(path, {"train": (x, y), "validation": (x[:5], y[:5])}, num_classes=12,
+    bad = base / "bad.h5"
+    write_dataset(bad, {"train": (x, y), "validation": (x[:5], y[:5])}, num_classes=12,
                   source="test")
     y[21], y[25] = 10, 11  # global rows 21 and 25 lie on the last of 2 ranks
-    with h5py.File(path, "r+") as f:
+    with h5py.File(bad, "r+") as f:
         f["train/y"][...] = y
-    proc = run_job(2, *small_job(path), "--run-dir", str(tmp_path / "r"), timeout=60)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert (f"error: loading data failed on rank 1: DataError: {path}, split 'train': label at "
-            "row 21 (global index 21 of 'train') is 10, outside [0, 10); fix the labels or "
-            "num_classes\n") in proc.stderr, proc.stderr
-
-
-def test_sample_shape_mismatch_names_both_shapes(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
-    path = tmp_path / "rgb.h5"
-    write_dataset(path, {"train": (x, rng.integers(0, 10, 20)),
-                         "validation": (x[:4], rng.integers(0, 10, 4))}, num_classes=10,
+    rgb = base / "rgb.h5"
+    write_dataset(rgb, {"train": (x, rng.integers(0, 10, 20)),
+                        "validation": (x[:4], rng.integers(0, 10, 4))}, num_classes=10,
                   source="test")
-    proc = run_job(2, *small_job(path), "--run-dir", str(tmp_path / "r"), timeout=60)
-    assert proc.returncode == 2
-    assert "(32, 32, 3)" in proc.stderr and "(28, 28, 1)" in proc.stderr
-    assert str(path) in proc.stderr
+    jobs = {"unknown": small_job(dataset, "--set", "optimizer.dampin=1"),
+            "labels": small_job(bad), "shape": small_job(rgb),
+            "gtol": small_job(dataset, "--set", "optimizer.gtol=1e9")}
+    launch = start_many("mpinewton.train", 2,
+                        [[*args, "--run-dir", str(base / name)] for name, args in jobs.items()],
+                        base / "launch")
+    try:
+        proc, records = launch.result(timeout=240)
+    finally:
+        launch.kill()
+    results = {"gtol": (proc.returncode, proc.stdout, proc.stderr)}
+    for i, name in enumerate(list(jobs)[:-1]):
+        rec = records[i] if i < len(records) else {}
+        assert len(rec) == 2, (name, proc.stdout, proc.stderr)
+        assert rec[0]["rc"] == rec[1]["rc"], rec  # the same verdict on every rank
+        results[name] = (rec[0]["rc"], rec[0]["stdout"], rec[0]["stderr"])
+    return base, {"bad": bad, "rgb": rgb}, results
+
+
+def test_unknown_key_is_an_error_on_every_rank(two_rank_jobs):
+    _, _, results = two_rank_jobs
+    code, _, stderr = results["unknown"]
+    assert code == 2
+    assert "did you mean optimizer.damping" in stderr
+
+
+def test_labels_out_of_range_name_first_bad_index(two_rank_jobs):
+    _, paths, results = two_rank_jobs
+    code, stdout, stderr = results["labels"]
+    assert code == 2, stdout + stderr
+    assert (f"error: loading data failed on rank 1: DataError: {paths['bad']}, split 'train': "
+            "label at row 21 (global index 21 of 'train') is 10, outside [0, 10); fix the "
+            "labels or num_classes\n") in stderr, stderr
+
+
+def test_sample_shape_mismatch_names_both_shapes(two_rank_jobs):
+    _, paths, results = two_rank_jobs
+    code, _, stderr = results["shape"]
+    assert code == 2
+    assert "(32, 32, 3)" in stderr and "(28, 28, 1)" in stderr
+    assert str(paths["rgb"]) in stderr
 
 
 def test_more_ranks_than_samples_is_an_error_on_every_rank(tmp_path):
@@ -153,12 +180,12 @@ def test_more_ranks_than_samples_is_an_error_on_every_rank(tmp_path):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
-def test_gtol_ends_a_run_whose_gradient_is_small_enough(dataset, tmp_path):
-    run_dir = tmp_path / "r"
-    proc = run_job(2, *small_job(dataset, "--set", "optimizer.gtol=1e9"), "--run-dir",
-                   str(run_dir), timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "stopping early after iteration 0: |g| = " in proc.stdout
+def test_gtol_ends_a_run_whose_gradient_is_small_enough(two_rank_jobs):
+    base, _, results = two_rank_jobs
+    run_dir = base / "gtol"
+    code, stdout, stderr = results["gtol"]
+    assert code == 0, stdout + stderr
+    assert "stopping early after iteration 0: |g| = " in stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] == "converged" and summary["iterations"] == 0
     assert read_metrics(run_dir) == []
