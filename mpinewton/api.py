@@ -157,7 +157,7 @@ def _nested(key: str, value: Any) -> dict[str, Any]:
     return {head: {".".join(rest): value}} if rest else {head: value}
 
 
-def fit(model: Any, data: Data, *, job: str | PathLike | JobConfig | None = None,
+def fit(model: Any, data: Data, /, *, job: str | PathLike | JobConfig | None = None,
         run_dir: str | PathLike | None = None, resume: str | None = None,
         overwrite: bool = False, overrides: Sequence[str] = (), comm: Comm | None = None,
         check_sync: bool = False, **sections: Mapping[str, Any]) -> FitResult:
@@ -176,7 +176,9 @@ def fit(model: Any, data: Data, *, job: str | PathLike | JobConfig | None = None
     - ``job``: a job file or :class:`JobConfig`; None: the recommended
       Newton-CG (``config.RECOMMENDED_OPTIMIZER``), no pre-training.
     - ``**sections``: job tables by name, e.g. ``optimizer={"iters": 50}``,
-      ``objective={"loss": "mean_squared_error"}``, ``eval={"every": 5}``;
+      ``objective={"loss": "mean_squared_error"}``, ``eval={"every": 5}``,
+      ``model={"factory": "pkg.mod:build"}`` (``model`` and ``data`` are
+      positional, so their tables can be given by name);
       ``overrides``: ``"section.key=value"`` strings as ``--set`` takes them.
     - ``run_dir``: default ``runs/<run.name>``; ``resume``: None, "auto",
       "required" or a checkpoint path, as ``--resume``; ``overwrite`` as

@@ -120,3 +120,23 @@ def test_diabetes_regression_against_scipy_lbfgs(tmp_path):
     assert newton["final_loss"] < 0.6 * first  # standardised targets: the start is about 1
     assert 0 < lbfgs["final_loss"] < first and lbfgs["iterations"] > 0
     assert proc.stdout.count("Newton-CG: loss") == 1
+
+
+def test_the_readme_starts_with_a_working_example(tmp_path):
+    """The README's first code block runs as it stands, given arrays x, y, xv, yv."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme.startswith("# mpinewton\n\n```python\n")
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) <= 12
+    script = tmp_path / "readme_example.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(EXAMPLES)!r})\n"
+        + "from fit_arrays import digits\n"
+        + "(x, y), (xv, yv) = digits()['train'], digits()['validation']\n" + block)
+    proc = finish(launch(2, script, cwd=tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("0.")]
+    assert len(printed) == 1  # rank 0 prints
+    accuracy = float(printed[0])
+    summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
+    assert accuracy == summary["validation_accuracy"] > 0.9

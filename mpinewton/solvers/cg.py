@@ -123,6 +123,7 @@ def cg(
     preconditioner: LinearOperator | Callable[[np.ndarray], np.ndarray] | None = None,
     keep_iterates: bool = False,
     reorthogonalize: bool = False,
+    callback: Callable[[int, int, float], None] | None = None,
 ) -> CGResult:
     """Solve ``A x = b`` by conjugate gradients (thesis Algorithm 3).
 
@@ -172,6 +173,9 @@ def cg(
     of ``n`` per iteration, about ``4 k n`` flops and three ``M^{-1}``
     applications (instead of one) at iteration ``k``; no extra product of ``a``.
     Off, the arithmetic is exactly that of CG without the option.
+
+    ``callback(k, max_iter, |r_k| / |b|)`` is called after each iteration
+    (progress output for long solves); it must not change anything CG uses.
 
     Computation is in the floating dtype of ``b`` (float64 for integer
     input).  No randomness and no data-dependent ordering: identical inputs
@@ -326,6 +330,8 @@ def cg(
             return finish(x, CGReason.NAN_OR_INF, iterations, matvecs, rnorm, r, updates)
         x, r = x_new, r_new
         rnorm = math.sqrt(rr_new)
+        if callback is not None:  # progress: iteration, cap, |r| / |b|
+            callback(iterations, max_iter, rnorm / bnorm if bnorm > 0 else 0.0)
         if keep_iterates and iterations == next_keep:
             kept.append((iterations, x))
             kept_xax.append(x_dot_ax(x, r))

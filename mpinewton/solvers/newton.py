@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -470,8 +470,11 @@ def newton_step(
     config: NewtonConfig,
     *,
     value_and_grad: tuple[float, np.ndarray] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[np.ndarray, NewtonState, StepInfo]:
     """One iteration of thesis Algorithm 4 (section 9.2) with the Hessian-free options.
+
+    ``progress`` is CG's ``callback`` (iteration, cap, residual ratio), for output.
 
     1. ``loss, g = c(w), grad c(w)`` (or the given ``value_and_grad``).
     2. CG on ``(B(w) + damping I) s = -g``, ``B`` the ``config.curvature``
@@ -538,6 +541,7 @@ def newton_step(
         preconditioner=pre,
         keep_iterates=config.cg_backtracking,
         reorthogonalize=config.cg_reorthogonalize,
+        callback=progress,
     )
 
     def descends(dot: float) -> bool:
@@ -668,6 +672,9 @@ class NewtonCG:
 
     def __init__(self, config: NewtonConfig | None = None) -> None:
         self.config = NewtonConfig() if config is None else config
+        #: Called after each CG iteration with (iteration, cap, |r| / |g|); set by a driver
+        #: that shows progress. Output only: it changes no step.
+        self.progress: Callable[[int, int, float], None] | None = None
 
     def init(self, w: np.ndarray) -> NewtonState:
         """No warm start and zero counters."""
@@ -677,7 +684,8 @@ class NewtonCG:
              value_and_grad: tuple[float, np.ndarray] | None = None,
              ) -> tuple[np.ndarray, NewtonState, StepInfo]:
         """One Newton step: :func:`newton_step` with this method's configuration."""
-        return newton_step(problem, w, state, self.config, value_and_grad=value_and_grad)
+        return newton_step(problem, w, state, self.config, value_and_grad=value_and_grad,
+                           progress=self.progress)
 
 
 def pure_newton(

@@ -186,6 +186,9 @@ class TrainingHooks(LoopHooks):
                  check_sync: bool, say: Callable[..., None]) -> None:
         self.session, self.comm, self.out = session, session.comm, out
         self.phases, self.sync, self.say = phases, check_sync, say
+        for phase in phases:  # methods with an inner CG report its progress (output only)
+            if hasattr(phase.method, "progress"):
+                phase.method.progress = self._cg_progress
         self.stop = StopRequest()
         self.total = sum(p.iters for p in phases)
         self.states: dict[str, SolverState] = {}
@@ -286,8 +289,24 @@ class TrainingHooks(LoopHooks):
                 count += objective.stats.hvps + objective.stats.gnvps
         return count
 
+    def _cg_progress(self, iteration: int, cap: int, ratio: float) -> None:
+        """Rank 0's CG progress line, once an iteration has run ``run.progress_seconds``.
+
+        Output only (no collective, no decision): at most one line per
+        ``progress_seconds``, so a long Newton iteration (ResNet-50) is not silent.
+        """
+        every = self.session.job.run.progress_seconds
+        now = time.perf_counter()
+        if every <= 0 or now - self.t0 < every or now - self.last_progress < every:
+            return
+        self.last_progress = now
+        self.say(f"  {self.record.get('phase', '')} {self.record.get('iter', '')}: CG iteration "
+                 f"{iteration} of at most {cap}, |r|/|g| {ratio:.3e}, {now - self.t0:.1f}s into "
+                 "the iteration", flush=True)
+
     def before_step(self, k: int, phase: Phase) -> None:
         self.t0, self.hvps0 = time.perf_counter(), self.curvature_products()
+        self.last_progress = self.t0
         _test_hooks(self.comm, k)
         self.record = {"iter": k, "phase": phase.name}
         sampler = self.session.sampler

@@ -136,18 +136,23 @@ class Session:
     inputs: UserInputs
 
     def objective(self, x: np.ndarray, y: np.ndarray, total: int) -> Any:
-        """The distributed objective of this model over samples ``x, y`` (``total`` in all)."""
+        """The distributed objective of this model over samples ``x, y`` (``total`` in all).
+
+        Collective: every rank calls it alike. A model, loss and labels that do
+        not fit (``ObjectiveError``, possibly on one rank's rows only) are
+        reported by every rank (``comm.run_agreed``).
+        """
         from mpinewton.local import LocalObjective
         from mpinewton.objective import DistributedObjective
 
         job = self.job
         builtin = self.inputs.model is None and not job.model.factory
-        local = LocalObjective(self.model, x, y, loss=job.objective.loss,
-                               from_logits=job.objective.from_logits,
-                               num_classes=job.model.num_classes if builtin else None,
-                               micro_batch=job.objective.micro_batch, jit=job.objective.jit,
-                               hvp=job.objective.hvp, pixel_scale=job.data.pixel_scale,
-                               preprocess=job.data.preprocess)
+        local = self.comm.run_agreed(lambda: LocalObjective(
+            self.model, x, y, loss=job.objective.loss, from_logits=job.objective.from_logits,
+            num_classes=job.model.num_classes if builtin else None,
+            micro_batch=job.objective.micro_batch, jit=job.objective.jit, hvp=job.objective.hvp,
+            pixel_scale=job.data.pixel_scale, preprocess=job.data.preprocess),
+            "building the objective")
         return DistributedObjective(local, self.comm, total)
 
     @property

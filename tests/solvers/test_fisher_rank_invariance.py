@@ -151,3 +151,19 @@ def test_thesis_cnn_gauss_newton_fisher_steps_agree_on_one_and_two_ranks():
     (w1, it1), (w2, it2) = _steps([whole, halves], w0, config, steps=2)
     assert it1 == it2 and sum(it1) >= 30
     assert _rel(w1, w2, w0) < 1e-10  # measured: 1e-14
+
+
+def test_cg_callback_reports_each_iteration_and_changes_nothing():
+    from mpinewton.solvers.cg import cg
+
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(30, 30))
+    a = q @ q.T + 30 * np.eye(30)
+    b = rng.normal(size=30)
+    calls = []
+    with_cb = cg(a, b, rtol=1e-10, max_iter=25, callback=lambda *c: calls.append(c))
+    plain = cg(a, b, rtol=1e-10, max_iter=25)
+    assert np.array_equal(with_cb.x, plain.x) and with_cb.iterations == plain.iterations
+    assert [c[0] for c in calls] == list(range(1, plain.iterations + 1))
+    assert all(c[1] == 25 for c in calls)
+    assert calls[-1][2] == pytest.approx(plain.residual_norm / np.linalg.norm(b))
