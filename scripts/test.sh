@@ -13,8 +13,17 @@ export TF_CPP_MIN_LOG_LEVEL=2
 echo "== ruff"
 ruff check mpinewton tests
 
-echo "== serial tests"
-python -m pytest -q -p no:cacheprovider --ignore=tests/mpi "$@"
+echo "== serial tests (two workers, a test file per worker)"
+# Most of these tests wait on subprocesses (whole jobs under mpirun), so two workers
+# shorten the suite on two cores; the SLURM tests run afterwards on their own, since
+# a loaded machine delays the single-node SLURM's job starts.
+python -m pytest -q -p no:cacheprovider --ignore=tests/mpi --ignore=tests/slurm \
+    -n 2 --dist loadfile "$@"
+
+echo "== SLURM tests"
+rc=0
+python -m pytest -q -p no:cacheprovider tests/slurm "$@" || rc=$?
+[ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"   # 5: arguments selected none of them
 
 for n in 1 2 3; do
     echo "== MPI tests on $n rank(s)"

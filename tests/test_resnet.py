@@ -183,6 +183,5 @@ def test_bad_preprocessing_is_an_error():
                               keras.layers.Dense(3, dtype="float64")])
     with pytest.raises(ValueError, match="unknown preprocess 'torch'"):
         LocalObjective(model, x, y, num_classes=3, preprocess="torch")
-    grey = LocalObjective(model, x, y, num_classes=3, jit=False, preprocess="caffe")
-    with pytest.raises(ValueError, match="needs RGB images"):
-        grey.loss_sum(get_flat(model))
+    with pytest.raises(ValueError, match="needs RGB images"):  # refused before any product
+        LocalObjective(model, x, y, num_classes=3, jit=False, preprocess="caffe")

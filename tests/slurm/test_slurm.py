@@ -269,7 +269,7 @@ def test_template_warns_when_ranks_get_no_samples(slurm, fake_venv, tmp_path):
                     FAKE_SECONDS="1")
     job_id = slurm.sbatch(RESNET, *SMALL, f"--output={tmp_path}/slurm-%j.out", env=env,
                           script_args=["--set", "optimizer.batch_size=1"])
-    fields = slurm.wait_done(job_id, timeout=60)
+    fields = slurm.wait_done(job_id, timeout=180)
     log = _read(tmp_path / f"slurm-{job_id}.out")
     assert fields["JobState"] == "COMPLETED", log
     assert ("warning: optimizer.batch_size = 1 (from jobs/resnet50_imagenet.toml and the "
