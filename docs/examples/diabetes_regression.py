@@ -14,6 +14,7 @@ loss after the same time, and how long L-BFGS-B takes to reach Newton-CG's loss.
 
 import argparse
 import json
+import sys
 import time
 
 import keras
@@ -43,7 +44,7 @@ def main() -> None:
     """Run the example (arguments: see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", default="runs/diabetes")
-    parser.add_argument("--iters", type=int, default=100, help="Newton-CG iterations")
+    parser.add_argument("--iters", type=int, default=800, help="Newton-CG iterations")
     parser.add_argument("--lbfgs-iters", type=int, default=2000, help="L-BFGS-B iterations")
     parser.add_argument("--json", help="write the comparison here")
     args = parser.parse_args()
@@ -80,7 +81,8 @@ def main() -> None:
     s = result.summary
     same_time = min((f for t, f in trace if t <= newton_seconds), default=float(lbfgs.fun))
     reach = next((t for t, f in trace if f <= s["final_loss"]), None)
-    out = {"samples": len(x), "weights": int(w0.size), "ranks": comm.size,
+    out = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+           "samples": len(x), "weights": int(w0.size), "ranks": comm.size,
            "newton": {"final_loss": s["final_loss"], "iterations": s["method_iters"],
                       "gradients": s["gradients"], "seconds": newton_seconds},
            "lbfgs": {"final_loss": float(lbfgs.fun), "iterations": int(lbfgs.nit),
