@@ -246,15 +246,13 @@ class Objective(DistributedObjective):
                  limit: int | None = None) -> None:
         from mpinewton.local import LocalObjective
         from mpinewton.params import get_flat
-        from mpinewton.train.session import CLASSIFICATION_LOSSES
+        from mpinewton.train.session import model_checks
 
         comm = comm or world()
         ObjectiveConfig(loss=loss, from_logits=from_logits, micro_batch=micro_batch,
                         hvp=hvp)  # the job's checks of these keys
         arrays = _arrays(data)
-        width = int(model.output_shape[-1]) if hasattr(model, "output_shape") else None
-        checks = {"num_classes": 2 if loss == "binary_crossentropy" and width == 1 else width,
-                  "task": "classification" if loss in CLASSIFICATION_LOSSES else None}
+        checks = model_checks(loss, model)
 
         def read() -> Any:
             if arrays is None:

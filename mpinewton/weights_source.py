@@ -256,7 +256,7 @@ def data_checks(job: JobConfig, model: Any) -> dict[str, Any]:
     """What every read of data for this model checks, as training checks it."""
     from mpinewton.train.session import model_checks
 
-    return dict(model_checks(job, model))
+    return dict(model_checks(job.objective.loss, model))
 
 
 def objective_session(job: JobConfig, comm: Comm, model: Any, layout: Any,

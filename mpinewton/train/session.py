@@ -94,7 +94,7 @@ class UserInputs:
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
-def model_checks(job: JobConfig, model: Any) -> dict[str, Any]:
+def model_checks(loss: str, model: Any) -> dict[str, Any]:
     """What every read of the job's data checks, from the model and the loss.
 
     The sample shape is the model's input shape (where the model knows it);
@@ -112,7 +112,6 @@ def model_checks(job: JobConfig, model: Any) -> dict[str, Any]:
         width = int(model.output_shape[-1])
     except (AttributeError, ValueError, TypeError):
         width = None
-    loss = job.objective.loss
     num_classes = 2 if loss == "binary_crossentropy" and width == 1 else width
     task = "classification" if loss in CLASSIFICATION_LOSSES else None
     return {"num_classes": num_classes, "expected_sample_shape": shape, "task": task}
@@ -329,7 +328,7 @@ def open_session(job: JobConfig, comm: Comm, checkpoints: Path, resume: str | No
     inputs = inputs or UserInputs()
     model = inputs.model if inputs.model is not None else comm.run_agreed(
         lambda: model_from_job(job.model, job.run.seed), "building the model")
-    checks = model_checks(job, model)
+    checks = model_checks(job.objective.loss, model)
     shard, eval_shards = comm.run_agreed(lambda: _load_data(job, comm, inputs, checks),
                                          "loading data")
     layout = ParamLayout.of(model)
