@@ -12,14 +12,13 @@ from mpinewton.config import RECOMMENDED_OPTIMIZER, ConfigError
 
 @pytest.fixture(scope="module")
 def regression():
-    keras.config.set_floatx("float64")
-    try:
-        rng = np.random.default_rng(0)
-        x, y = rng.normal(size=(50, 4)), rng.normal(size=(50, 2))
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh"),
-                                  keras.layers.Dense(2)])
-    finally:
-        keras.config.set_floatx("float32")
+    # explicit dtypes: other tests in this process may have set Keras' global dtype policy
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 4)), rng.normal(size=(50, 2))
+    model = keras.Sequential([keras.Input((4,), dtype="float64"),
+                              keras.layers.Dense(3, activation="tanh", dtype="float64"),
+                              keras.layers.Dense(2, dtype="float64")])
+    assert {v.dtype for v in model.trainable_variables} == {"float64"}
     return model, x, y
 
 
