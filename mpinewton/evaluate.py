@@ -26,7 +26,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,18 +162,27 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = parse_args(argv)
+def run_command(command: Callable[[argparse.Namespace, Comm], Any],
+                args: argparse.Namespace) -> int:
+    """Run a distributed command on every rank; bad input is exit code 2 on every rank.
+
+    Shared by ``evaluate`` and ``predict``: rank 0 prints the error that every
+    rank raised (``comm.run_agreed``); anything else aborts the job.
+    """
     comm = world()
     install_abort_handler(comm)
     try:
-        run(args, comm)
+        command(args, comm)
     except (ConfigError, DistributedError) as exc:
         if comm.is_root:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from mpinewton.comm import Comm, DistributedError, install_abort_handler, world
+from mpinewton.comm import Comm
 from mpinewton.config import ConfigError, JobConfig
 from mpinewton.evaluate import (
-    EXIT_BAD_INPUT,
     add_source_arguments,
     check_splits,
     evaluate_objective,
     read_split,
+    run_command,
 )
 from mpinewton.weights_source import open_job, open_model
 
@@ -160,16 +160,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = parse_args(argv)
-    comm = world()
-    install_abort_handler(comm)
-    try:
-        run(args, comm)
-    except (ConfigError, DistributedError) as exc:
-        if comm.is_root:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    return 0
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -514,9 +514,7 @@ class Validation:
         t0 = time.perf_counter()
         compiling = self.index not in hooks._evaluators  # the first evaluation compiles
         objective = hooks.eval_objective(self.index)  # type: ignore[arg-type]
-        evaluate = getattr(objective, "evaluate", None)
-        values = evaluate(hooks.w) if evaluate is not None else {
-            "loss": objective.value(hooks.w), "accuracy": objective.accuracy(hooks.w)}
+        values = objective.evaluate(hooks.w)  # loss and accuracy (or MAE), one Allreduce
         loss = float(values["loss"])
         metrics = {f"val_{name}": float(value) for name, value in values.items()}
         finite = math.isfinite(loss)

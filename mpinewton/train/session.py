@@ -9,7 +9,7 @@ exit code 2 instead of hanging.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,12 +189,19 @@ def _split_arrays(arrays: dict[str, tuple[np.ndarray, np.ndarray]],
     return arrays[name]
 
 
+def _joined_arrays(arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+                   names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The splits ``names`` of the user's arrays, concatenated (no copy for one split)."""
+    parts = [_split_arrays(arrays, name) for name in names]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _train_arrays(job: JobConfig, arrays: dict[str, tuple[np.ndarray, np.ndarray]],
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The training splits' arrays, concatenated (no copy for one split), cut at data.limit."""
-    parts = [_split_arrays(arrays, name) for name in job.data.train_splits]
-    x = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
-    y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+    """The training splits' arrays, joined, cut at data.limit."""
+    x, y = _joined_arrays(arrays, job.data.train_splits)
     return (x[:job.data.limit], y[:job.data.limit]) if job.data.limit else (x, y)
 
 
@@ -210,8 +217,7 @@ def _read_shard(job: JobConfig, inputs: UserInputs, splits: list[str], comm: Com
     if splits == list(job.data.train_splits):
         x, y = _train_arrays(job, inputs.arrays)
     else:
-        x, y = (np.concatenate(parts) for parts in zip(
-            *(_split_arrays(inputs.arrays, name) for name in splits), strict=True))
+        x, y = _joined_arrays(inputs.arrays, splits)
     return array_shard(x, y, comm.rank, comm.size, limit=limit, split="+".join(splits),
                        **checks)
 
