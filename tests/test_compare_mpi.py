@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env
+from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun
 
 from mpinewton.compare import cut_cg_share, first_time_below, markdown, summarise
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+pytestmark = requires_mpirun
 
 
 def _compare(dataset, out, *args, ranks=2):

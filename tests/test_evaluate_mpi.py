@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, run_job, small_job
+from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun, run_job, small_job
 
 from mpinewton.data import write_dataset
 
-pytestmark = [pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed"),
+pytestmark = [requires_mpirun,
               pytest.mark.timeout(240)]
 
 TIMEOUT = 150

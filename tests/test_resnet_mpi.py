@@ -12,11 +12,11 @@ import json
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, read_metrics, run_job
+from mpijobs import read_metrics, requires_mpirun, run_job
 
 from mpinewton.data import write_dataset
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+pytestmark = requires_mpirun
 
 ITERS = 4  # 4 x 16 = 64 of the 70 training images: one epoch, a fresh batch each iteration
 

@@ -9,19 +9,18 @@ import signal
 import socket
 import time
 
-import pytest
 from mpijobs import (
-    MPIRUN,
     mpi_env,
     rank_pids,
     read_metrics,
+    requires_mpirun,
     run_job,
     small_job,
     start_job,
     wait_for_records,
 )
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+pytestmark = requires_mpirun
 
 
 def _start(run_dir, dataset, **env):

@@ -11,11 +11,11 @@ import json
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, read_metrics, run_job, small_job
+from mpijobs import read_metrics, requires_mpirun, run_job, small_job
 
 from mpinewton.sampling import MiniBatchSampler
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+pytestmark = requires_mpirun
 BATCH = 23  # not a multiple of 2 or 3: the ranks' parts differ in size
 
 

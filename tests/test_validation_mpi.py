@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import pytest
 from mpijobs import (
-    MPIRUN,
     THESIS_JOB,
     mpi_env,
     rank_pids,
     read_metrics,
+    requires_mpirun,
     run_job,
     small_job,
     start_job,
@@ -30,7 +30,7 @@ from mpijobs import (
 
 from mpinewton.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+pytestmark = requires_mpirun
 EXIT_DIVERGED = 3
 EXIT_CHECKPOINTED = 75
 TIMING = {"iter_seconds", "wall_time", "eval_seconds"}
