@@ -22,7 +22,9 @@ RESNET = "slurm/resnet.sh"
 EXIT_CHECKPOINTED = 75
 # Two ranks on this machine's cores instead of 28 per node; sbatch's command line
 # overrides the template's #SBATCH lines.
-SMALL = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--time=10"]
+# 30 minutes: longer than resnet.sh's --signal=B:USR1@900, which would otherwise signal
+# a job at once (SLURM sends it 15 minutes before the end of the time limit)
+SMALL = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--time=30"]
 
 pytestmark = pytest.mark.slow
 
