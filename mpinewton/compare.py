@@ -14,9 +14,15 @@ and ``c(w_k)``, which the next step computes anyway (the last point costs one
 extra loss evaluation, not counted).
 
 A *data pass* is one evaluation of the loss, gradient or one curvature
-product over the whole batch; products on a sub-sample count the sub-sample's
-share. Full batch only: with mini-batches the loss on each iteration's batch
-is not comparable from one method to another.
+product over the whole training set; products on a sub-sample or a
+mini-batch count their share.
+
+With ``optimizer.batch_size > 0`` every variant draws mini-batches as the
+trainer does (thesis 8.2), each variant the same sequence of batches (the
+sampler's position after pre-training, copied). The loss on each
+iteration's own batch is not comparable from one method to another, so the
+trace is the loss on the first ``--eval-samples`` training samples, taken
+every ``--eval-seconds`` of race time with the clock stopped.
 
 Variants (``--variant``, repeatable) name a method of
 :data:`mpinewton.solvers.METHODS` and any ``[optimizer]`` key of that method
@@ -43,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mpinewton.comm import Comm, DistributedError, install_abort_handler, world
+from mpinewton.comm import DistributedError, install_abort_handler, world
 from mpinewton.config import ConfigError, JobConfig, OptimizerConfig, load_job
 from mpinewton.durable import atomic_write_text
 
@@ -99,53 +105,95 @@ def parse_variant(spec: str, job: JobConfig) -> Variant:
 
 
 class _Race:
-    """The solver loop's hooks for one variant: the trace and the time limit."""
+    """The solver loop's hooks for one variant: batches, the trace and the time limit.
 
-    def __init__(self, comm: Comm, problem: Any, curvature: Any, session: Any,
-                 fraction: float, limit: float) -> None:
-        self.comm, self.problem, self.curvature = comm, problem, curvature
-        self.session, self.fraction, self.limit = session, fraction, limit
+    Full batch: the trace point of ``w_k`` is the loss the next step computes
+    anyway. Mini-batches (``sampler``): every step gets the sampler's next
+    batch, as in training, and the trace point is the loss on the fixed
+    evaluation samples (``evaluator``), taken every ``eval_seconds`` of race
+    time with the clock stopped. Passes count samples: an evaluation of the
+    loss, gradient, Fisher diagonal or a curvature product on ``m`` of the
+    ``n_train`` training samples counts ``m / n_train``.
+    """
+
+    def __init__(self, session: Any, problem: Any, objective: Any, curvature: Any,
+                 fraction: float, limit: float, sampler: Any = None, evaluator: Any = None,
+                 eval_seconds: float = 0.0) -> None:
+        self.session, self.comm = session, session.comm
+        self.problem, self.objective, self.curvature = problem, objective, curvature
+        self.fraction, self.limit, self.sampler = fraction, limit, sampler
+        self.evaluator, self.eval_seconds = evaluator, eval_seconds
+        self.n_train = session.shard.total
+        self.batch, self.curvature_rows = self.n_train, self.n_train
         self.trace: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
         self.start = time.perf_counter()
         self.paused = 0.0
-        self.passes0 = self.passes()
+        self.pass_total = 0.0
+        self.last_eval = -math.inf
 
-    def passes(self) -> float:
+    def counts(self) -> tuple[int, int]:
+        """Evaluations over the batch, and curvature products over the curvature rows."""
         stats = self.problem.stats
-        curvature = stats.hvps + getattr(stats, "gnvps", 0)
-        return stats.values + stats.grads + getattr(stats, "grad_squares", 0) + \
-            self.fraction * curvature
+        return stats.values + stats.grads + stats.grad_squares, stats.hvps + stats.gnvps
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused
 
-    def before_step(self, k: int, phase: Any) -> None:
-        self.t_before, self.p_before = self.elapsed(), self.passes() - self.passes0
-        if self.curvature is not None:
-            from mpinewton.train.subsample import local_curvature_rows
+    def evaluate(self, k: int, w: np.ndarray) -> None:
+        """A trace point at ``w_k`` from the evaluation samples, the clock stopped."""
+        t0 = time.perf_counter()
+        seconds = self.elapsed()
+        self.trace.append({"iter": k, "seconds": seconds, "passes": self.pass_total,
+                           "loss": float(self.evaluator.value(w))})
+        self.last_eval = seconds
+        self.paused += time.perf_counter() - t0
 
+    def before_step(self, k: int, phase: Any) -> None:
+        from mpinewton.train.subsample import load_batch, set_curvature_rows
+
+        self.t_before, self.p_before = self.elapsed(), self.pass_total
+        self.counts0 = self.counts()
+        session = self.session
+        if self.sampler is None:
+            shard = session.shard
+            x, y, lo, hi = shard.x, shard.y, shard.lo, shard.hi
+        else:  # reading the batch is part of a step's cost, as in training
+            batch = self.sampler.next()
+            x, y, lo, hi = load_batch(session, self.objective, batch)
+            self.batch = self.curvature_rows = batch.size
+        if self.curvature is not None:
             t0 = time.perf_counter()  # choosing the rows is bookkeeping, not optimisation
-            shard = self.session.shard
-            rows, m = local_curvature_rows(shard.total, self.fraction, self.session.job.run.seed,
-                                           k, shard.lo, shard.hi)
-            self.curvature.local.set_samples(shard.x[rows], shard.y[rows],
-                                             pad_to=max(1, -(-5 * m // (4 * self.comm.size))))
+            self.curvature_rows = set_curvature_rows(
+                self.curvature, self.comm.size, self.batch, self.fraction,
+                session.job.run.seed, k, x, y, lo, hi)
             self.paused += time.perf_counter() - t0
 
     def after_step(self, k: int, phase: Any, w: np.ndarray, state: Any,
                    info: Any) -> tuple[np.ndarray, bool]:
         w = self.comm.bcast_array(np.asarray(w))
-        self.trace.append({"iter": k - 1, "seconds": self.t_before, "passes": self.p_before,
-                           "loss": info.loss})
+        evaluations, products = (now - before for now, before in
+                                 zip(self.counts(), self.counts0, strict=True))
+        self.pass_total += (evaluations * self.batch + products * self.curvature_rows) \
+            / self.n_train
+        if self.sampler is None:
+            self.trace.append({"iter": k - 1, "seconds": self.t_before,
+                               "passes": self.p_before, "loss": info.loss})
+        elif self.evaluator is not None and self.elapsed() - self.last_eval >= self.eval_seconds:
+            self.evaluate(k, w)
         self.records.append({"iter": k, **info.record()})
         over = np.array([1.0 if self.elapsed() > self.limit else 0.0])
         return w, bool(self.comm.allreduce_sum(over)[0] > 0)
 
 
 def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
-         limit: float, max_iters: int, say: Any) -> dict[str, Any]:
-    """Run one variant from ``w0``; its trace, its step records and where it ended."""
+         limit: float, max_iters: int, say: Any, sampler: Any = None, evaluator: Any = None,
+         eval_seconds: float = 0.0) -> dict[str, Any]:
+    """Run one variant from ``w0``; its trace, its step records and where it ended.
+
+    With ``sampler`` (a copy per variant, so every variant sees the same
+    batches) the race draws mini-batches and traces ``evaluator``'s loss.
+    """
     from mpinewton.solvers import METHODS, Phase, run
     from mpinewton.train.subsample import SplitProblem
 
@@ -154,18 +202,25 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     if opt.curvature_fraction < 1:
         from mpinewton.sampling import curvature_count
 
+        batch = session.shard.total if sampler is None else sampler.batch_size
         curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
-                                      curvature_count(session.shard.total,
-                                                      opt.curvature_fraction))
+                                      curvature_count(batch, opt.curvature_fraction))
         problem = SplitProblem(objective, curvature)
+        _warm_up_curvature(session, objective, curvature, w0, opt.curvature_fraction, batch)
     method = METHODS[opt.method](opt.params)
     comm.barrier()
-    hooks = _Race(comm, problem, curvature, session, opt.curvature_fraction, limit)
+    hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
+                  sampler, evaluator, eval_seconds)
+    if sampler is not None:
+        hooks.evaluate(0, w0)
     iters = max_iters if variant.iters is None else min(max_iters, variant.iters)
     result = run(problem, w0, [Phase(opt.method, method, iters)], hooks=hooks)
-    seconds, passes = hooks.elapsed(), hooks.passes() - hooks.passes0
-    hooks.trace.append({"iter": result.iteration, "seconds": seconds, "passes": passes,
-                        "loss": objective.value(result.w)})
+    seconds, passes = hooks.elapsed(), hooks.pass_total
+    if sampler is None:
+        hooks.trace.append({"iter": result.iteration, "seconds": seconds, "passes": passes,
+                            "loss": objective.value(result.w)})
+    elif hooks.trace[-1]["iter"] != result.iteration:
+        hooks.evaluate(result.iteration, result.w)
     final = hooks.trace[-1]
     say(f"{variant.label:<24} {result.iteration:5d} iterations  {seconds:7.1f}s  "
         f"{passes:8.1f} passes  loss {final['loss']:.6f}  ({result.reason.value})", flush=True)
@@ -304,14 +359,33 @@ def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int]) -> None:
     objective.value_and_grad(w)
     v = np.ones_like(w) / math.sqrt(w.size)
     objective.hvp(w, v)
-    for name in ("gnvp", "grad_squares"):
-        fn = getattr(objective, name, None)
-        if fn is not None:
-            fn(w, v) if name == "gnvp" else fn(w)
+    objective.gnvp(w, v)
+    objective.grad_squares(w)
     for k in block_sizes:
         objective.hvp_many(w, np.repeat(v[:, None], k, axis=1))
-        if hasattr(objective, "gnvp_many"):
-            objective.gnvp_many(w, np.repeat(v[:, None], k, axis=1))
+        objective.gnvp_many(w, np.repeat(v[:, None], k, axis=1))
+
+
+def _warm_up_curvature(session: Any, objective: Any, curvature: Any, w: np.ndarray,
+                       fraction: float, batch: int) -> None:
+    """Compile a variant's sub-sample products before its clock starts.
+
+    The rows are iteration 0's subset of the first ``batch`` samples (full
+    batch: of the shard); the race sets each iteration's own.
+    """
+    from mpinewton.train.subsample import load_batch, set_curvature_rows
+
+    shard = session.shard
+    if session.sampler is None:
+        x, y, lo, hi = shard.x, shard.y, shard.lo, shard.hi
+    else:
+        x, y, lo, hi = load_batch(session, objective, np.arange(batch))
+    set_curvature_rows(curvature, session.comm.size, batch, fraction, session.job.run.seed, 0,
+                       x, y, lo, hi)
+    v = np.ones_like(w) / math.sqrt(w.size)
+    curvature.hvp(w, v)
+    curvature.gnvp(w, v)
+    curvature.grad_squares(w)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -333,6 +407,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="label(s), comma-separated, whose best loss after "
                         "--reference-iters iterations sets the target")
     parser.add_argument("--reference-iters", type=int, default=200)
+    parser.add_argument("--eval-samples", type=int, default=10_000,
+                        help="mini-batches: the loss traced is on the first N training "
+                        "samples (default 10000)")
+    parser.add_argument("--eval-seconds", type=float, default=1.0,
+                        help="mini-batches: race seconds between two traced losses (default 1)")
     parser.add_argument("--out", default=None, help="JSON results (and a PNG beside it)")
     parser.add_argument("--report", default=None, metavar="FILE.json",
                         help="print the markdown tables of an earlier race and exit")
@@ -357,15 +436,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = print if comm.is_root else (lambda *a, **k: None)
     try:
         job = comm.run_agreed(lambda: load_job(args.job, args.overrides), "reading the job")
-        if job.optimizer.batch_size:
-            raise ConfigError("mpinewton.compare races full-batch runs: set "
-                              "optimizer.batch_size = 0")
+        if job.optimizer.batch_growth != "none":
+            raise ConfigError("mpinewton.compare draws batches of one size: set "
+                              "optimizer.batch_growth = \"none\"")
         variants = comm.run_agreed(lambda: [parse_variant(s, job) for s in
                                             (args.variant or DEFAULT_VARIANTS)],
                                    "reading the variants")
         labels = [v.label for v in variants]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--variant: labels must differ, got {labels}")
+        for v in variants:
+            if v.optimizer.batch_size or v.optimizer.batch_growth != "none":
+                raise ConfigError(f"--variant {v.spec!r}: every variant draws the job's "
+                                  "batches; set optimizer.batch_size in the job (--set)")
         from mpinewton.train.session import open_session
 
         # The race reports training loss only: the evaluation splits are not read.
@@ -377,25 +460,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from mpinewton.solvers import GDConfig, GradientDescent, Phase, run
 
-    objective = session.objective(session.shard.x, session.shard.y, session.shard.total)
-    opt = job.optimizer
-    say(f"{len(variants)} variants on {session.shard.total} samples, {comm.size} rank(s); "
-        f"pre-training: {opt.pretrain_iters} gradient-descent steps, lr {opt.pretrain_lr}",
-        flush=True)
+    opt, sampler = job.optimizer, session.sampler
+    if sampler is None:
+        objective = session.objective(session.shard.x, session.shard.y, session.shard.total)
+        evaluator = None
+        where = f"the full batch of {session.shard.total} samples"
+    else:  # thesis 8.2: every step its own batch; the trace from fixed evaluation samples
+        objective = session.objective(session.shard.x[:0], session.shard.y[:0],
+                                      sampler.batch_size)
+        held = session.read_training_set(min(args.eval_samples, session.shard.total))
+        evaluator = session.objective(held.x, held.y, held.total)
+        where = (f"mini-batches of {sampler.batch_size} of {session.shard.total} samples, the "
+                 f"loss on the first {held.total} every {args.eval_seconds:g} s")
+    say(f"{len(variants)} variants on {where}, {comm.size} rank(s); pre-training: "
+        f"{opt.pretrain_iters} gradient-descent steps, lr {opt.pretrain_lr}", flush=True)
     t0 = time.perf_counter()
+    pre_hooks = None if sampler is None else _Race(session, objective, objective, None, 1.0,
+                                                   math.inf, sampler)
     pre = run(objective, session.w0, [Phase("pretrain", GradientDescent(
-        GDConfig(learning_rate=opt.pretrain_lr)), opt.pretrain_iters)])
+        GDConfig(learning_rate=opt.pretrain_lr)), opt.pretrain_iters)], hooks=pre_hooks)
     w0 = comm.bcast_array(pre.w)
     blocks = sorted({getattr(v.optimizer.params, "preconditioner_samples", 0)
                      for v in variants if getattr(v.optimizer.params, "preconditioner", "none")
                      == "hutchinson"} - {0})
+    if sampler is not None:  # the warm-up's batch: the first samples (not a race batch)
+        from mpinewton.train.subsample import load_batch
+
+        load_batch(session, objective, np.arange(sampler.batch_size))
     _warm_up(objective, w0, blocks)
-    say(f"start: loss {objective.value(w0):.6f} after {time.perf_counter() - t0:.1f}s of "
+    start = objective.value(w0) if evaluator is None else evaluator.value(w0)
+    say(f"start: loss {start:.6f} after {time.perf_counter() - t0:.1f}s of "
         "pre-training and warm-up", flush=True)
     results = []
+    state = None if sampler is None else sampler.state()  # where pre-training left it
     for variant in variants:
+        from mpinewton.sampling import MiniBatchSampler
+
+        batches = None if state is None else MiniBatchSampler.from_state(
+            state, num_samples=sampler.num_samples, batch_size=sampler.batch_size)
         results.append(race(variant, session, objective, w0, limit=args.time_limit,
-                            max_iters=args.max_iters, say=say))
+                            max_iters=args.max_iters, say=say, sampler=batches,
+                            evaluator=evaluator, eval_seconds=args.eval_seconds))
     if comm.is_root:
         import tensorflow as tf
 
@@ -408,6 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "python": platform.python_version(), "tensorflow": tf.__version__,
                         "ranks": comm.size, "mpinewton": mpinewton.__version__},
             "job": job.run.name, "samples": session.shard.total, "weights": session.layout.size,
+            "batch_size": opt.batch_size,
+            "eval_samples": None if evaluator is None else evaluator.total_samples,
+            "eval_seconds": None if evaluator is None else args.eval_seconds,
             "start_loss": results[0]["trace"][0]["loss"] if results else None,
             "time_limit": args.time_limit, "results": results,
             "summary": summarise(results, args.reference, args.reference_iters),
@@ -415,8 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(report, indent=1, default=float) + "\n")
+        batches = "full batch" if sampler is None else \
+            f"batches of {sampler.batch_size}, loss on {evaluator.total_samples} samples"
         plot(results, out.with_suffix(".png"), f"{job.run.name}: {comm.size} rank(s), "
-             f"{session.shard.total} samples, from the same pre-trained weights")
+             f"{session.shard.total} samples ({batches}), from the same pre-trained weights")
         print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
         summary = report["summary"]
         if "to_target" in summary:

@@ -87,3 +87,58 @@ def test_summary_bookkeeping():
     table = markdown({"summary": summary, "results": results})
     assert "| a | 4 | 0.2000 | 1.0 | 2.0 | 6.0 | - |" in table
     assert "| b | 4 | 0.6000 | 6.0 | 2.0 | 1.0 | 75.0 % (30 of 40) |" in table
+
+
+def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
+    """With optimizer.batch_size, every variant draws the batches training would draw.
+
+    Pre-training and the gradient-descent variant walk exactly the path of
+    ``python -m mpinewton.train`` with the same job (the losses on each
+    step's batch agree), every variant sees the same batches (two identical
+    variants give identical traces), and the trace is the loss on the first
+    ``--eval-samples`` samples, one point per step with ``--eval-seconds 0``.
+    """
+    from mpijobs import read_metrics
+
+    job = ["--set", "optimizer.batch_size=20", "--set", "optimizer.pretrain_lr=0.5"]
+    out = tmp_path / "race.json"
+    proc = _compare(dataset, out, *job, "--max-iters", "4", "--eval-samples", "30",
+                    "--eval-seconds", "0", "--variant", "gd=gd,learning_rate=0.3",
+                    "--variant", "gd-again=gd,learning_rate=0.3",
+                    "--variant", "hf=newton,curvature=gauss_newton,"
+                                 "damping_rule=levenberg_marquardt,curvature_fraction=0.5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["batch_size"] == 20 and report["eval_samples"] == 30
+    results = {r["label"]: r for r in report["results"]}
+    assert results["gd"]["trace"] == [{**p, "seconds": results["gd"]["trace"][i]["seconds"]}
+                                      for i, p in enumerate(results["gd-again"]["trace"])]
+    for r in results.values():
+        assert [p["iter"] for p in r["trace"]] == [0, 1, 2, 3, 4]
+    # A gradient step reads one batch: 20 of the 101 samples, 20/101 of a pass.
+    assert [p["passes"] for p in results["gd"]["trace"]] == pytest.approx(
+        [k * 20 / 101 for k in range(5)])
+    assert len({r["trace"][0]["loss"] for r in results.values()}) == 1
+    assert {s["curvature"] for s in results["hf"]["steps"]} == {"gauss_newton"}
+
+    run_dir = tmp_path / "run"
+    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",
+           "--run-dir", str(run_dir), "--set", f"data.path={json.dumps(str(dataset))}",
+           "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
+           "--set", "objective.micro_batch=16", *job, "--set", "optimizer.method='gd'",
+           "--set", "optimizer.learning_rate=0.3", "--set", "optimizer.iters=4",
+           "--set", "data.eval_splits=[]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained = [m["loss"] for m in read_metrics(run_dir) if m.get("phase") == "gd"]
+    raced = [s["loss"] for s in results["gd"]["steps"]]
+    assert raced == pytest.approx(trained, rel=1e-10)
+
+
+def test_a_growing_batch_is_refused(dataset, tmp_path):
+    proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",
+                    "--set", "optimizer.batch_growth='norm_test'", "--variant", "a=gd")
+    assert proc.returncode == 2 and "batch_growth" in proc.stderr, proc.stderr
+    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_size=10")
+    assert proc.returncode == 2 and "set optimizer.batch_size in the job" in proc.stderr

@@ -315,14 +315,11 @@ class TrainingHooks(LoopHooks):
                                      self.session.shard.lo, self.session.shard.hi,
                                      self.session.shard.total)
             return
-        from mpinewton.data import shard_bounds
+        from mpinewton.train.subsample import load_batch
 
         job, comm = self.session.job, self.comm
         batch = sampler.next()  # this iteration's batch; this rank reads its part
-        lo, hi = shard_bounds(batch.size, comm.rank, comm.size)
-        x_part, y_part = self.session.read_rows(batch[lo:hi])
-        self.objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
-        self.objective.total_samples = batch.size  # batches may grow (optimizer.batch_growth)
+        x_part, y_part, lo, hi = load_batch(self.session, self.objective, batch)
         self._set_curvature_rows(k, phase, x_part, y_part, lo, hi, batch.size)
         if job.optimizer.batch_growth != "none" and phase.name != "pretrain":
             # mean_i |g_i|^2 on this batch at the step's weights, for the norm test
@@ -336,22 +333,17 @@ class TrainingHooks(LoopHooks):
                             lo: int, hi: int, batch: int) -> None:
         """Give the curvature objective this rank's rows of iteration k's subset.
 
-        ``x, y`` are the rows ``[lo, hi)`` of the batch this rank holds. Every
-        micro-batch has ``min(micro_batch, ceil(1.25 m / size))`` rows (m the
-        subset's size), so the compiled products keep one shape from one
-        iteration to the next although each rank's share varies.
+        ``x, y`` are the rows ``[lo, hi)`` of the batch this rank holds
+        (:func:`mpinewton.train.subsample.set_curvature_rows`).
         """
         if self.curvature is None or phase.name == "pretrain":
             return
-        from mpinewton.train.subsample import local_curvature_rows
+        from mpinewton.train.subsample import set_curvature_rows
 
-        opt, comm = self.session.job.optimizer, self.comm
-        rows, m = local_curvature_rows(batch, opt.curvature_fraction, self.session.job.run.seed,
-                                       k, lo, hi)
-        self.curvature.local.set_samples(x[rows], y[rows],
-                                         pad_to=max(1, -(-5 * m // (4 * comm.size))))
-        self.curvature.total_samples = m  # batches may grow (optimizer.batch_growth)
-        self.record["curvature_samples"] = m
+        job = self.session.job
+        self.record["curvature_samples"] = set_curvature_rows(
+            self.curvature, self.comm.size, batch, job.optimizer.curvature_fraction,
+            job.run.seed, k, x, y, lo, hi)
 
     def after_step(self, k: int, phase: Phase, w: np.ndarray, state: SolverState,
                    info: StepRecord) -> tuple[np.ndarray, bool | LoopReason]:

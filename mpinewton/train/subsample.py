@@ -86,3 +86,37 @@ def local_curvature_rows(batch_size: int, fraction: float, seed: int, iteration:
     rows = curvature_rows(batch_size, fraction, seed, iteration)
     mine = rows[(rows >= lo) & (rows < hi)] - lo
     return mine, rows.size
+
+
+def set_curvature_rows(curvature: Any, size: int, batch_size: int, fraction: float, seed: int,
+                       iteration: int, x: np.ndarray, y: np.ndarray, lo: int,
+                       hi: int) -> int:
+    """Give ``curvature`` this rank's rows of iteration ``iteration``'s subset; its size.
+
+    ``x, y`` are the rows ``[lo, hi)`` of the batch this rank holds (of
+    ``size`` ranks). Every micro-batch has ``min(micro_batch, ceil(1.25 m /
+    size))`` rows (m the subset's size), so the compiled products keep one
+    shape from one iteration to the next although each rank's share varies.
+    """
+    rows, m = local_curvature_rows(batch_size, fraction, seed, iteration, lo, hi)
+    curvature.local.set_samples(x[rows], y[rows], pad_to=max(1, -(-5 * m // (4 * size))))
+    curvature.total_samples = m  # batches may grow (optimizer.batch_growth)
+    return m
+
+
+def load_batch(session: Any, objective: Any,
+               batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Read this rank's part of a mini-batch and set it on ``objective`` (thesis 8.2).
+
+    ``batch`` holds the batch's global sample positions (the same on every
+    rank); this rank reads its slice ``[lo, hi)`` only. Returns the rows read
+    and ``lo, hi``, for the curvature subset.
+    """
+    from mpinewton.data import shard_bounds
+
+    comm = session.comm
+    lo, hi = shard_bounds(batch.size, comm.rank, comm.size)
+    x_part, y_part = session.read_rows(batch[lo:hi])
+    objective.local.set_samples(x_part, y_part, pad_to=-(-batch.size // comm.size))
+    objective.total_samples = batch.size  # batches may grow (optimizer.batch_growth)
+    return x_part, y_part, lo, hi
