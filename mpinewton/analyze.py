@@ -77,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=1e-6, help="eigen: relative residual tolerance")
     p.add_argument("--max-iter", type=int, default=0,
                    help="eigen: iteration cap (default: power 1000 per pair, Lanczos min(n, 300))")
+    p.add_argument("--method", default="both", choices=("both", "lanczos", "power"),
+                   help="eigen: Lanczos, power iteration with deflation, or both (default)")
     p.add_argument("--samples", type=int, default=100, help="trace: Hutchinson probes")
     p.add_argument("--runs", type=int, default=10, help="spectrum: SLQ runs")
     p.add_argument("--steps", type=int, default=80, help="spectrum: Lanczos steps per run")
@@ -275,9 +277,11 @@ def cmd_eigen(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
     """Top-k eigenpairs two ways; the vectors are saved for ``taylor`` and ``surface``."""
     from mpinewton import analysis
 
-    out: dict[str, Any] = {**_about(s), "k": args.k, "which": args.which, "tol": args.tol}
+    out: dict[str, Any] = {**_about(s), "k": args.k, "which": args.which, "tol": args.tol,
+                           "method": args.method}
     arrays: dict[str, Any] = {}
-    for name, fn in (("lanczos", analysis.lanczos), ("power", analysis.power_iteration)):
+    methods = (("lanczos", analysis.lanczos), ("power", analysis.power_iteration))
+    for name, fn in (m for m in methods if args.method in ("both", m[0])):
         start = time.perf_counter()
         caps = {"max_iter": args.max_iter} if args.max_iter else {}
         res = fn(_operator(s), k=args.k, which=args.which, tol=args.tol, seed=args.seed, **caps)
@@ -327,7 +331,7 @@ def _saved_vectors(s: Setup, k: int) -> np.ndarray | None:
     import h5py
 
     with h5py.File(path, "r") as f:
-        vectors = f["lanczos/vectors"][...]
+        vectors = f["lanczos/vectors" if "lanczos" in f else "power/vectors"][...]
         same = (f.attrs.get("batch") == s.batch and f.attrs.get("weights_from") == s.source
                 and f.attrs.get("which") == "LM")
     if same and vectors.shape[0] == s.layout.size and vectors.shape[1] >= k:

@@ -109,6 +109,7 @@ def launched(small, tmp_path_factory):
     plan(1, "taylor1", "taylor", *MLP)
     plan(2, "plots", "spectrum", "--runs", "2", "--steps", "20")
     plan(2, "plots", "surface", "--points", "5", "--directions", "random")
+    plan(2, "lanczos_only", "eigen", "-k", "2", "--tol", "1e-9", "--method", "lanczos")
     # Refusals last, after every command that must succeed.
     plan(2, "checkpoint", "eigen", "--checkpoint", str(other))
     for i, (extra, _) in enumerate(BAD_INPUT):
@@ -238,3 +239,15 @@ def test_checkpoint_of_another_model_is_refused(launches):
     assert f"loading the weights failed on rank 0: ConfigError: --checkpoint {path}" \
         in outcome.stderr, outcome.log
     assert "variable 0" in outcome.stderr and "in the checkpoint" in outcome.stderr, outcome.log
+
+
+def test_eigen_method_lanczos_runs_lanczos_only(launches, outputs):
+    """``--method lanczos`` (for models where power iteration costs too many products)."""
+    outcome = launches[("lanczos_only", "eigen")]
+    outcome.check(0)
+    result = _json(outcome.out, "eigen")
+    assert result["method"] == "lanczos" and "power" not in result
+    both = _json(outputs[2], "eigen")
+    assert result["lanczos"]["values"] == pytest.approx(both["lanczos"]["values"][:2], rel=1e-8)
+    with h5py.File(outcome.out / "eigen.h5") as f:
+        assert set(f) == {"lanczos"}
