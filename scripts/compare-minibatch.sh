@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every method on mini-batches of the thesis CNN (thesis 8.2): each step draws a fresh
+# batch of BATCH (default 1,000) of the 50,000 MNIST training images, every method the
+# same batches from the same pre-trained weights (60 gradient-descent steps of lr 2 on
+# such batches); the loss traced is on the first 10,000 training images, every 2 s of
+# race time with the clock stopped (python -m mpinewton.compare, optimizer.batch_size).
+#   tune   seed 1: learning-rate grids of gradient descent, momentum and Adam, L-BFGS,
+#          and Newton-CG with curvature on 5 %, 20 % and 100 % of each batch; TUNE_TIME
+#          (45) s each -> docs/compare/tuning/minibatch.json
+#   race   seed 0 (not tuned on): the best of each, TIME (150) s each
+#          -> docs/compare/cnn-minibatch.json (and .png)
+# Usage: scripts/compare-minibatch.sh [tune|race|all]   (2 ranks; about 35 minutes for all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+. "${MPINEWTON_VENV:-.venv}/bin/activate"
+export TF_CPP_MIN_LOG_LEVEL=2
+stage=${1:-all}
+batch=${BATCH:-1000}
+race() { bash scripts/mpirun.sh -n 2 python -m mpinewton.compare jobs/mnist_cnn.toml \
+             --set optimizer.pretrain_iters=60 --set "optimizer.batch_size=$batch" \
+             --eval-samples 10000 --eval-seconds 2 "$@"; }
+if [[ $stage == tune || $stage == all ]]; then
+    race --set run.seed=1 --time-limit "${TUNE_TIME:-45}" \
+        --variant "newton-f0.05=newton" \
+        --variant "newton-f0.2=newton,curvature_fraction=0.2" \
+        --variant "newton-f1=newton,curvature_fraction=1.0" \
+        --variant "newton-f0.2-cg10=newton,curvature_fraction=0.2,cg_max_iter=10" \
+        --variant "lbfgs=lbfgs" \
+        --variant "gd-lr0.5=gd,learning_rate=0.5" --variant "gd-lr1=gd,learning_rate=1.0" \
+        --variant "gd-lr2=gd,learning_rate=2.0" --variant "gd-lr4=gd,learning_rate=4.0" \
+        --variant "gd-lr8=gd,learning_rate=8.0" \
+        --variant "momentum-lr0.03=momentum,learning_rate=0.03" \
+        --variant "momentum-lr0.1=momentum,learning_rate=0.1" \
+        --variant "momentum-lr0.3=momentum,learning_rate=0.3" \
+        --variant "momentum-lr1=momentum,learning_rate=1.0" \
+        --variant "adam-lr0.001=adam,learning_rate=0.001" \
+        --variant "adam-lr0.003=adam,learning_rate=0.003" \
+        --variant "adam-lr0.01=adam,learning_rate=0.01" \
+        --variant "adam-lr0.03=adam,learning_rate=0.03" \
+        --variant "adam-lr0.1=adam,learning_rate=0.1" \
+        --out docs/compare/tuning/minibatch.json
+fi
+if [[ $stage == race || $stage == all ]]; then
+    # The winners of the tuning run (docs/results.md says which and why).
+    race --set run.seed=0 --time-limit "${TIME:-150}" \
+        --reference "gd-lr${GD_LR:-2}" --reference-iters 200 \
+        --variant "newton=newton,curvature_fraction=${FRACTION:-0.2}" \
+        --variant "trust-region=trust_region,curvature=gauss_newton,cg_rtol=0.1,curvature_fraction=${FRACTION:-0.2}" \
+        --variant "lbfgs=lbfgs" \
+        --variant "adam-lr${ADAM_LR:-0.01}=adam,learning_rate=${ADAM_LR:-0.01}" \
+        --variant "momentum-lr${MOMENTUM_LR:-0.1}=momentum,learning_rate=${MOMENTUM_LR:-0.1}" \
+        --variant "gd-lr${GD_LR:-2}=gd,learning_rate=${GD_LR:-2}" \
+        --out docs/compare/cnn-minibatch.json
+fi
