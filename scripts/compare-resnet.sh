@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Every method on ResNet-50 on the MNIST digits (32 x 32 RGB, float32), mini-batches
+# drawn afresh each step, every method the same batches from the same weights
+# (python -m mpinewton.compare; the loss traced is on the first EVAL_SAMPLES training
+# images every EVAL_SECONDS of race time, the clock stopped):
+#   random      jobs/resnet_mnist.toml: Keras' random start, 10 gradient-descent
+#               steps of lr 0.1, then batches of 256
+#   perturbed   jobs/resnet_mnist_perturbed.toml: the given weights of
+#               scripts/resnet_perturbed.sh perturbed by p ~ N(1, 0.01), batches of 16
+# Each first on seed 1 (TUNE: learning-rate grids, Newton-CG settings; TUNE_TIME s
+# each), then on seed 0 (RACE: the best of each; TIME s each). Writes
+# docs/compare/tuning/resnet-<start>.json and docs/compare/resnet-<start>.json.
+# Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE tune|race)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+. "${MPINEWTON_VENV:-.venv}/bin/activate"
+export TF_CPP_MIN_LOG_LEVEL=2
+start=${1:?random or perturbed}
+stage=${2:?tune or race}
+given=runs/resnet_perturbed/given/weights.h5
+# Gauss-Newton, Levenberg-Marquardt damping, CG capped at 10 (no Fisher preconditioner:
+# its per-sample squared gradients of 23.6 M weights cost more than they save here).
+GN="newton,curvature=gauss_newton,damping_rule=levenberg_marquardt,preconditioner=none,cg_rtol=0.1,cg_max_iter=10,cg_reorthogonalize=false"
+case $start in
+    random)
+        job=(jobs/resnet_mnist.toml)
+        eval_samples=${EVAL_SAMPLES:-1024} ;;
+    perturbed)
+        [ -f "$given" ] || { echo "no $given: run scripts/resnet_perturbed.sh first" >&2; exit 1; }
+        job=(jobs/resnet_mnist_perturbed.toml --set "model.weights=\"$given\"")
+        eval_samples=${EVAL_SAMPLES:-2048} ;;
+    *) echo "START must be random or perturbed" >&2; exit 2 ;;
+esac
+race() { bash scripts/mpirun.sh -n 2 python -m mpinewton.compare "${job[@]}" \
+             --eval-samples "$eval_samples" --eval-seconds "${EVAL_SECONDS:-15}" "$@"; }
+if [[ $stage == tune ]]; then
+    if [[ $start == random ]]; then
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-120}" \
+            --variant "newton-job=newton" \
+            --variant "gn-lm-f0.25=$GN,damping=1e-2,curvature_fraction=0.25" \
+            --variant "gn-lm-f1=$GN,damping=1e-2,curvature_fraction=1.0" \
+            --variant "gd-lr0.03=gd,learning_rate=0.03" --variant "gd-lr0.1=gd,learning_rate=0.1" \
+            --variant "gd-lr0.3=gd,learning_rate=0.3" \
+            --variant "momentum-lr0.01=momentum,learning_rate=0.01" \
+            --variant "momentum-lr0.03=momentum,learning_rate=0.03" \
+            --variant "momentum-lr0.1=momentum,learning_rate=0.1" \
+            --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
+            --variant "adam-lr0.001=adam,learning_rate=0.001" \
+            --variant "adam-lr0.003=adam,learning_rate=0.003" \
+            --out docs/compare/tuning/resnet-random.json
+    else
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
+            --variant "newton-job=newton" \
+            --variant "gn-lm-d1=$GN,damping=1.0,curvature_fraction=1.0" \
+            --variant "gn-lm-d100=$GN,damping=100.0,curvature_fraction=1.0" \
+            --variant "gd-lr0.003=gd,learning_rate=0.003" --variant "gd-lr0.01=gd,learning_rate=0.01" \
+            --variant "gd-lr0.03=gd,learning_rate=0.03" \
+            --variant "momentum-lr0.001=momentum,learning_rate=0.001" \
+            --variant "momentum-lr0.003=momentum,learning_rate=0.003" \
+            --variant "momentum-lr0.01=momentum,learning_rate=0.01" \
+            --variant "adam-lr0.0001=adam,learning_rate=0.0001" \
+            --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
+            --variant "adam-lr0.001=adam,learning_rate=0.001" \
+            --out docs/compare/tuning/resnet-perturbed.json
+    fi
+else
+    # The winners of the tuning run, from the environment (docs/results.md says which).
+    : "${NEWTON:?NEWTON=spec of the Newton-CG variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
+    race --set run.seed=0 --time-limit "${TIME:-300}" \
+        --reference "gd-lr$GD_LR" --reference-iters "${REFERENCE_ITERS:-100}" \
+        --variant "newton=$NEWTON" --variant "newton-job=newton" \
+        --variant "lbfgs=lbfgs" \
+        --variant "adam-lr$ADAM_LR=adam,learning_rate=$ADAM_LR" \
+        --variant "momentum-lr$MOMENTUM_LR=momentum,learning_rate=$MOMENTUM_LR" \
+        --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
+        --out "docs/compare/resnet-$start.json"
+fi
