@@ -435,7 +435,11 @@ def _plot_taylor(path: Path, out: dict[str, Any], s: Setup) -> None:
             r = out[name]
             for key, label in (("r0", "zeroth order"), ("r1", "first order"),
                                ("r2", "second order")):
-                ax.loglog(r["distances"], np.maximum(r[key], 1e-300), "o-", label=label)
+                # A remainder of exactly 0 (the loss did not change in its last bit)
+                # has no place on a log axis: it is left out, not drawn at 1e-300.
+                values = np.asarray(r[key], dtype=float)
+                ax.loglog(r["distances"], np.where(values > 0, values, np.nan), "o-",
+                          label=label)
             ax.set_xlabel("distance h")
             ax.set_ylabel("|remainder|")
             ax.set_title(f"along the {name} direction")
