@@ -179,11 +179,17 @@ class _Race:
         if self.sampler is None:
             self.trace.append({"iter": k - 1, "seconds": self.t_before,
                                "passes": self.p_before, "loss": info.loss})
-        elif self.evaluator is not None and self.elapsed() - self.last_eval >= self.eval_seconds:
-            self.evaluate(k, w)
         self.records.append({"iter": k, **info.record()})
-        over = np.array([1.0 if self.elapsed() > self.limit else 0.0])
-        return w, bool(self.comm.allreduce_sum(over)[0] > 0)
+        # Each rank reads its own clock; one Allreduce makes both decisions the same on
+        # every rank (any rank past the limit stops all; any rank due evaluates), so the
+        # evaluation's collectives are taken by every rank or by none (design: lockstep).
+        elapsed = self.elapsed()
+        due = self.evaluator is not None and elapsed - self.last_eval >= self.eval_seconds
+        over, evaluate = self.comm.allreduce_sum(
+            np.array([float(elapsed > self.limit), float(due)])) > 0
+        if self.sampler is not None and evaluate:
+            self.evaluate(k, w)
+        return w, bool(over)
 
 
 def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,

@@ -1,0 +1,63 @@
+"""The race's per-step decisions are the same on every rank (design: lockstep collectives).
+
+Each rank reads its own clock, so "past the time limit" and "an evaluation
+is due" can differ between ranks by a few microseconds. An evaluation is a
+collective: taken by one rank and not the other, it pairs with the wrong
+Allreduce, mixes numbers from different sums and stops the race early. The
+hooks therefore decide both with one Allreduce; here a fake communicator
+plays the other rank.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from mpinewton.compare import _Race
+
+
+class _OtherRank:
+    """A one-rank communicator whose sums add the other rank's flags."""
+
+    size = 1
+
+    def __init__(self) -> None:
+        self.other = np.zeros(2)
+
+    def bcast_array(self, w):
+        return w
+
+    def allreduce_sum(self, x):
+        return np.asarray(x) + self.other
+
+
+def _hooks(comm, evaluated):
+    stats = SimpleNamespace(values=0, grads=0, grad_squares=0, hvps=0, gnvps=0)
+    problem = SimpleNamespace(stats=stats)
+    session = SimpleNamespace(comm=comm, shard=SimpleNamespace(total=10))
+    evaluator = SimpleNamespace(value=lambda w: evaluated.append(w.copy()) or 0.5)
+    hooks = _Race(session, problem, problem, None, 1.0, 1e9, sampler=object(),
+                  evaluator=evaluator, eval_seconds=1e9)
+    hooks.counts0 = (0, 0)
+    hooks.last_eval = hooks.elapsed()  # not due on this rank's clock
+    return hooks
+
+
+def test_an_evaluation_due_on_another_rank_is_taken_here_too():
+    comm, evaluated = _OtherRank(), []
+    hooks = _hooks(comm, evaluated)
+    info = SimpleNamespace(loss=1.0, record=lambda: {})
+    comm.other = np.array([0.0, 1.0])  # the other rank: not over the limit, evaluation due
+    _, stop = hooks.after_step(1, None, np.ones(3), None, info)
+    assert not stop and len(evaluated) == 1 and hooks.trace[-1]["iter"] == 1
+    comm.other = np.zeros(2)  # nobody due: no evaluation
+    _, stop = hooks.after_step(2, None, np.ones(3), None, info)
+    assert not stop and len(evaluated) == 1
+
+
+def test_a_rank_past_the_time_limit_stops_every_rank():
+    comm, evaluated = _OtherRank(), []
+    hooks = _hooks(comm, evaluated)
+    info = SimpleNamespace(loss=1.0, record=lambda: {})
+    comm.other = np.array([1.0, 0.0])
+    _, stop = hooks.after_step(1, None, np.ones(3), None, info)
+    assert stop and not evaluated
