@@ -79,6 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="eigen: iteration cap (default: power 1000 per pair, Lanczos min(n, 300))")
     p.add_argument("--method", default="both", choices=("both", "lanczos", "power"),
                    help="eigen: Lanczos, power iteration with deflation, or both (default)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="eigen: Lanczos keeps no basis (a few vectors instead of one per "
+                   "step, twice the products), for models whose basis would not fit")
     p.add_argument("--samples", type=int, default=100, help="trace: Hutchinson probes")
     p.add_argument("--runs", type=int, default=10, help="spectrum: SLQ runs")
     p.add_argument("--steps", type=int, default=80, help="spectrum: Lanczos steps per run")
@@ -278,19 +281,22 @@ def cmd_eigen(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
     from mpinewton import analysis
 
     out: dict[str, Any] = {**_about(s), "k": args.k, "which": args.which, "tol": args.tol,
-                           "method": args.method}
+                           "method": args.method, "low_memory": args.low_memory}
     arrays: dict[str, Any] = {}
     methods = (("lanczos", analysis.lanczos), ("power", analysis.power_iteration))
     for name, fn in (m for m in methods if args.method in ("both", m[0])):
         start = time.perf_counter()
         caps = {"max_iter": args.max_iter} if args.max_iter else {}
+        if name == "lanczos" and args.low_memory:
+            caps["low_memory"] = True
         res = fn(_operator(s), k=args.k, which=args.which, tol=args.tol, seed=args.seed, **caps)
         out[name] = {"values": res.values, "residuals": res.residuals,
                      "converged": res.converged, "products": res.products,
                      "seconds": time.perf_counter() - start}
         arrays[f"{name}/values"], arrays[f"{name}/vectors"] = res.values, res.vectors
+        residuals = " ".join(f"{r:.2e}" for r in res.residuals)
         s.say(f"{name}: eigenvalues {np.array2string(res.values, precision=6)}, residuals "
-              f"{np.array2string(res.residuals, precision=2)}, {res.products} products")
+              f"[{residuals}], {res.products} products")
     _save_h5(s, "eigen.h5", arrays, {"which": args.which, "tol": args.tol, "batch": s.batch,
                                      "weights_from": s.source})
     return out

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every method on mini-batches of the thesis CNN (thesis 8.2): each step draws a fresh
 # batch of BATCH (default 1,000) of the 50,000 MNIST training images, every method the
-# same batches from the same pre-trained weights (60 gradient-descent steps of lr 2 on
+# same batches from the same pre-trained weights (60 gradient-descent steps of lr 1 on
 # such batches); the loss traced is on the first 10,000 training images, every 2 s of
 # race time with the clock stopped (python -m mpinewton.compare, optimizer.batch_size).
 #   tune   seed 1: learning-rate grids of gradient descent, momentum and Adam, L-BFGS,

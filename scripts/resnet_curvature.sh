@@ -9,8 +9,11 @@
 #             eigenvector, a random and the uniform direction
 #   spectrum  a stochastic Lanczos quadrature density
 #   surface   the loss along the top two eigenvectors (thesis figures 15.1, 15.2)
-# Results (JSON, PNG) are copied to docs/curvature/resnet_<stage>/.
-#   bash scripts/resnet_curvature.sh [RANKS]     # default 2; about 25 minutes here
+#   float64   table 15.1 again with the same weights in float64 (--set model.dtype)
+#   k1        the top eigenvalue alone (-k 1), for its peak memory
+#   trainer   the peak memory of two Newton-CG iterations of the job, for comparison
+# Results (JSON, PNG, /usr/bin/time reports) are copied to docs/curvature/resnet_<stage>/.
+#   bash scripts/resnet_curvature.sh [RANKS]     # default 2; about 40 minutes here
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -29,7 +32,7 @@ analyze() {  # analyze STAGE COMMAND [options]: one command, peak memory in STAG
         python -m mpinewton.analyze "$command" "$job" --batch "$batch" --out "$out" "$@"
     grep -E "Maximum resident|Elapsed" "$out/$command.time"
 }
-stages=" ${STAGES:-given start} "
+stages=" ${STAGES:-given start float64 k1 trainer} "
 if [[ $stages == *" given "* ]]; then
     analyze given eigen --weights "$given" -k 2 --method lanczos --tol 1e-4 --max-iter 40
     analyze given taylor --weights "$given"
@@ -41,6 +44,22 @@ fi
 if [[ $stages == *" start "* ]]; then
     analyze start eigen -k 2 --method lanczos --tol 1e-4 --max-iter 40
     analyze start spectrum --runs 2 --steps 30
+fi
+if [[ $stages == *" float64 "* ]]; then  # along the same (float32) eigenvectors
+    mkdir -p runs/resnet_curvature/float64
+    cp runs/resnet_curvature/given/eigen.h5 runs/resnet_curvature/float64/
+    analyze float64 taylor --weights "$given" --set 'model.dtype="float64"'
+fi
+if [[ $stages == *" k1 "* ]]; then
+    analyze k1 eigen --weights "$given" -k 1 --method lanczos --tol 1e-4 --max-iter 40
+fi
+if [[ $stages == *" trainer "* ]]; then
+    mkdir -p runs/resnet_curvature/trainer
+    /usr/bin/time -v -o runs/resnet_curvature/trainer/train.time bash scripts/mpirun.sh \
+        -n "$ranks" python -m mpinewton.train "$job" --overwrite \
+        --run-dir runs/resnet_curvature/trainer/run --set optimizer.pretrain_iters=0 \
+        --set optimizer.iters=2
+    grep -E "Maximum resident|Elapsed" runs/resnet_curvature/trainer/train.time
 fi
 for stage in $stages; do
     mkdir -p "docs/curvature/resnet_$stage"

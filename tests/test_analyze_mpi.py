@@ -110,6 +110,8 @@ def launched(small, tmp_path_factory):
     plan(2, "plots", "spectrum", "--runs", "2", "--steps", "20")
     plan(2, "plots", "surface", "--points", "5", "--directions", "random")
     plan(2, "lanczos_only", "eigen", "-k", "2", "--tol", "1e-9", "--method", "lanczos")
+    plan(3, "low_memory", "eigen", "-k", "2", "--tol", "1e-9", "--method", "lanczos",
+         "--low-memory")
     # Refusals last, after every command that must succeed.
     plan(2, "checkpoint", "eigen", "--checkpoint", str(other))
     for i, (extra, _) in enumerate(BAD_INPUT):
@@ -251,3 +253,14 @@ def test_eigen_method_lanczos_runs_lanczos_only(launches, outputs):
     assert result["lanczos"]["values"] == pytest.approx(both["lanczos"]["values"][:2], rel=1e-8)
     with h5py.File(outcome.out / "eigen.h5") as f:
         assert set(f) == {"lanczos"}
+
+
+def test_eigen_low_memory_gives_the_same_pairs_on_3_ranks(launches, outputs):
+    """``--low-memory``: Lanczos without a basis, twice the products, the same eigenvalues."""
+    outcome = launches[("low_memory", "eigen")]
+    outcome.check(0)
+    result = _json(outcome.out, "eigen")
+    assert result["low_memory"] is True
+    both = _json(outputs[3], "eigen")
+    assert result["lanczos"]["values"] == pytest.approx(both["lanczos"]["values"][:2], rel=1e-8)
+    assert all(result["lanczos"]["converged"])

@@ -312,7 +312,7 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
 def lanczos(op: LinearOperator | np.ndarray, k: int = 1, *, which: Which = "LM",
             tol: float = 1e-6, max_iter: int | None = None, seed: int = 0,
             v0: np.ndarray | None = None, check_every: int = 5,
-            max_bytes: int | None = None) -> EigenResult:
+            max_bytes: int | None = None, low_memory: bool = False) -> EigenResult:
     """The ``k`` extreme eigenpairs by Lanczos with full reorthogonalisation.
 
     Each step takes one product ``A q_j`` and orthogonalises it against the
@@ -333,6 +333,10 @@ def lanczos(op: LinearOperator | np.ndarray, k: int = 1, *, which: Which = "LM",
     start vector.
     ``max_iter`` (default ``min(n, 300)``, at most ``n``) caps the steps.
 
+    ``low_memory``: no basis is kept (:func:`_lanczos_two_pass`): a few
+    vectors instead of ``m + 1``, for models whose basis would not fit beside
+    the products (ResNet-50: 188 MB a vector), at twice the products.
+
     The returned values and residuals come from one true product per pair
     and a Rayleigh-Ritz step on the ``k`` Ritz vectors, as in
     :func:`power_iteration`.  The basis holds ``max_iter + 1`` float64
@@ -345,6 +349,9 @@ def lanczos(op: LinearOperator | np.ndarray, k: int = 1, *, which: Which = "LM",
     if max_iter < k:
         raise ValueError(f"{who}: max_iter={max_iter} Lanczos steps cannot give k={k} pairs")
     check_every = check_int(who, "check_every", check_every, 1)
+    if low_memory:
+        return _lanczos_two_pass(op, k, which, tol, max_iter, check_every,
+                                 _start(who, v0, n, rng), who)
     _basis_check(who, "max_iter", max_iter + 1, n, max_bytes)
     start_products = op.products
 
@@ -372,6 +379,107 @@ def lanczos(op: LinearOperator | np.ndarray, k: int = 1, *, which: Which = "LM",
 
     values, vectors, residuals, converged = _finish(op, lz.q[:m].T @ s[:, idx], k, which,
                                                     tol, who)
+    return EigenResult(values=values, vectors=vectors, residuals=residuals, tolerance=tol,
+                       converged=converged, products=op.products - start_products,
+                       iterations=np.full(k, m, dtype=np.int64), method="lanczos", which=which)
+
+
+def _good_ritz(theta: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Which Ritz values of ``T_m`` are genuine (Cullum & Willoughby 1985, ch. 4).
+
+    Without reorthogonalisation, a converged eigenvalue comes back as
+    further, *spurious* copies. A simple Ritz value that is also an
+    eigenvalue of ``T_m`` without its first row and column is spurious; of a
+    numerically multiple Ritz value one copy is kept.
+    """
+    m = theta.size
+    scale = max(float(np.max(np.abs(theta))), 1e-300)
+    close = 1e3 * _EPS * scale * m
+    good = np.ones(m, dtype=bool)
+    if m < 2:
+        return good
+    hat = np.linalg.eigvalsh(np.diag(alpha[1:]) + np.diag(beta[1:m - 1], 1)
+                             + np.diag(beta[1:m - 1], -1))
+    for i in range(m):
+        if i > 0 and theta[i] - theta[i - 1] <= close:
+            good[i] = False  # a copy of the previous (multiple) value: keep one
+            continue
+        if np.min(np.abs(hat - theta[i])) <= close:
+            multiple = i + 1 < m and theta[i + 1] - theta[i] <= close
+            good[i] = multiple
+    return good
+
+
+def _lanczos_two_pass(op: LinearOperator, k: int, which: str, tol: float, max_iter: int,
+                      check_every: int, v: np.ndarray, who: str) -> EigenResult:
+    """Lanczos keeping three vectors: the Ritz values, then the Ritz vectors by a second pass.
+
+    Pass 1 runs the three-term recurrence (with the two latest vectors
+    orthogonalised twice, no full basis) until the wanted *genuine* Ritz
+    pairs (:func:`_good_ritz`) meet the residual estimate ``|beta_m s_mi| <=
+    tol |theta_i|``; pass 2 runs it again from the same start and sums
+    ``y_i = sum_j s_ji q_j``; :func:`_finish` then takes one true product per
+    pair, as :func:`lanczos` does (Golub & Van Loan, 4th ed., sec. 10.3;
+    Cullum & Willoughby 1985). Memory: ``3 + 3k`` vectors; products: twice
+    the steps, plus ``k``.
+    """
+    start_products = op.products
+    n = v.size
+    q0 = v / np.linalg.norm(v)
+
+    def recurrence(steps: int | None, coefficients: np.ndarray | None = None):
+        """Yield (j, q_j, alpha, beta) for the recurrence started at q0."""
+        q_prev, q = np.zeros(n), q0.copy()
+        beta_prev = 0.0
+        scale = 0.0
+        j = 0
+        while steps is None or j < steps:
+            w = product(op, q, who)
+            scale = max(scale, float(np.linalg.norm(w)))
+            a = float(q @ w)
+            w -= a * q
+            w -= beta_prev * q_prev
+            for basis in (q, q_prev):  # local reorthogonalisation, twice
+                w -= (basis @ w) * basis
+                w -= (basis @ w) * basis
+            b = float(np.linalg.norm(w))
+            yield j, q, a, b, b <= 1e3 * _EPS * scale
+            if b <= 1e3 * _EPS * scale:
+                return
+            q_prev, q = q, w / b
+            beta_prev = b
+            j += 1
+
+    alpha: list[float] = []
+    beta: list[float] = []
+    idx = np.arange(0)
+    s = np.zeros((0, 0))
+    for j, _, a, b, broken in recurrence(None):
+        alpha.append(a)
+        beta.append(b)
+        m = j + 1
+        at_end = m >= max_iter
+        if m >= k and (m % check_every == 0 or broken or at_end):
+            t = np.diag(alpha) + np.diag(beta[:m - 1], 1) + np.diag(beta[:m - 1], -1)
+            theta, s = np.linalg.eigh(t)
+            good = np.flatnonzero(_good_ritz(theta, np.asarray(alpha), np.asarray(beta)))
+            if good.size >= k:
+                idx = good[_wanted(theta[good], k, which)]
+                estimates = np.abs((0.0 if broken else b) * s[m - 1, idx])
+                if np.all(estimates <= tol * np.abs(theta[idx])) or at_end or broken:
+                    break
+            elif at_end or broken:
+                raise ValueError(f"{who}: only {good.size} distinct eigenvalues found in "
+                                 f"{m} steps without a basis (k={k}); raise max_iter or use "
+                                 "the full basis (low_memory=False)")
+        elif broken or at_end:
+            raise ValueError(f"{who}: the Krylov space closed after {m} steps, fewer than "
+                             f"k={k}; use the full basis (low_memory=False), which restarts")
+    m = len(alpha)
+    y = np.zeros((n, idx.size))
+    for j, q, _, _, _ in recurrence(m):  # pass 2: the same vectors again, summed
+        y += np.outer(q, s[j, idx])
+    values, vectors, residuals, converged = _finish(op, y, k, which, tol, who)
     return EigenResult(values=values, vectors=vectors, residuals=residuals, tolerance=tol,
                        converged=converged, products=op.products - start_products,
                        iterations=np.full(k, m, dtype=np.int64), method="lanczos", which=which)

@@ -116,3 +116,45 @@ def test_lanczos_limits():
     op = aslinearoperator(lambda v: v, n=10**8)
     with pytest.raises(ValueError, match="Lanczos basis of 301 vectors of 100,000,000 weights"):
         lanczos(op, 1, max_bytes=2**30)
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA"])
+def test_low_memory_lanczos_matches_eigh_and_the_full_basis(which):
+    """Two passes without a basis: the same pairs as eigh, twice the steps' products."""
+    op = MatrixOperator(A)
+    res = lanczos(op, 3, which=which, tol=TOL, low_memory=True)
+    full = lanczos(A, 3, which=which, tol=TOL)
+    reference = np.linalg.eigvalsh(A)
+    for value, expected in zip(res.values, EXPECTED[which], strict=True):
+        exact = reference[np.argmin(np.abs(reference - expected))]
+        assert abs(value - exact) <= 1e-8 * abs(exact)
+    true = np.linalg.norm(A @ res.vectors - res.vectors * res.values, axis=0)
+    assert np.all(true <= TOL * np.abs(res.values)) and res.all_converged
+    np.testing.assert_allclose(res.values, full.values, rtol=1e-10)
+    assert res.products == op.products == 2 * res.iterations[0] + 3
+
+
+def test_low_memory_lanczos_drops_the_spurious_copies_of_converged_values():
+    """Run long past convergence: without reorthogonalisation the top eigenvalue
+    comes back as ghost copies; the second eigenvalue must still be the second."""
+    spectrum = np.concatenate([[100.0, 50.0], np.linspace(0.0, 1.0, 398)])
+    a = with_spectrum(spectrum, seed=3)
+    res = lanczos(a, 2, tol=1e-300, max_iter=150, check_every=150, low_memory=True)
+    np.testing.assert_allclose(res.values, [100.0, 50.0], rtol=1e-10)
+    # ... and the ghosts were there: the plain Ritz values hold 100 more than once
+    from mpinewton.analysis.eigen import _good_ritz
+
+    alpha, beta, q_prev, q = [], [], np.zeros(400), np.ones(400) / 20.0
+    b = 0.0
+    for _ in range(150):
+        w = a @ q - b * q_prev
+        alpha.append(q @ w)
+        w -= alpha[-1] * q
+        b = np.linalg.norm(w)
+        beta.append(b)
+        q_prev, q = q, w / b
+    t = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+    theta = np.linalg.eigvalsh(t)
+    assert np.sum(np.abs(theta - 100.0) < 1e-6) >= 2
+    good = theta[_good_ritz(theta, np.array(alpha), np.array(beta))]
+    assert np.sum(np.abs(good - 100.0) < 1e-6) == 1
