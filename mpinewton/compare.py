@@ -212,7 +212,8 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
         curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
                                       curvature_count(batch, opt.curvature_fraction))
         problem = SplitProblem(objective, curvature)
-        _warm_up_curvature(session, objective, curvature, w0, opt.curvature_fraction, batch)
+        _warm_up_curvature(session, objective, curvature, w0, opt.curvature_fraction, batch,
+                           products_used([opt]))
     method = METHODS[opt.method](opt.params)
     comm.barrier()
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
@@ -359,21 +360,49 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int]) -> None:
+def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
+    """The curvature products (``hvp``, ``gnvp``, ``grad_squares``) these methods take.
+
+    Only those are compiled before the race: ResNet-50's per-sample squared
+    gradients (``grad_squares``, the Fisher preconditioner) alone would take
+    gigabytes that a race without them never needs.
+    """
+    used: set[str] = set()
+    for opt in optimizers:
+        params = opt.params
+        curvature = getattr(params, "curvature", None)
+        if curvature is not None:
+            used.add("gnvp" if curvature == "gauss_newton" else "hvp")
+        if getattr(params, "preconditioner", "none") == "fisher" or opt.batch_growth != "none":
+            used.add("grad_squares")
+        if getattr(params, "preconditioner", "none") == "hutchinson":
+            used.add("hvp")
+    return used
+
+
+def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int],
+             used: set[str]) -> None:
     """Compile every product a variant may use, so that no variant's time includes it."""
     objective.value(w)
     objective.value_and_grad(w)
+    _compile_products(objective, w, used)
     v = np.ones_like(w) / math.sqrt(w.size)
-    objective.hvp(w, v)
-    objective.gnvp(w, v)
-    objective.grad_squares(w)
     for k in block_sizes:
         objective.hvp_many(w, np.repeat(v[:, None], k, axis=1))
-        objective.gnvp_many(w, np.repeat(v[:, None], k, axis=1))
+
+
+def _compile_products(objective: Any, w: np.ndarray, used: set[str]) -> None:
+    v = np.ones_like(w) / math.sqrt(w.size)
+    if "hvp" in used:
+        objective.hvp(w, v)
+    if "gnvp" in used:
+        objective.gnvp(w, v)
+    if "grad_squares" in used:
+        objective.grad_squares(w)
 
 
 def _warm_up_curvature(session: Any, objective: Any, curvature: Any, w: np.ndarray,
-                       fraction: float, batch: int) -> None:
+                       fraction: float, batch: int, used: set[str]) -> None:
     """Compile a variant's sub-sample products before its clock starts.
 
     The rows are iteration 0's subset of the first ``batch`` samples (full
@@ -388,10 +417,7 @@ def _warm_up_curvature(session: Any, objective: Any, curvature: Any, w: np.ndarr
         x, y, lo, hi = load_batch(session, objective, np.arange(batch))
     set_curvature_rows(curvature, session.comm.size, batch, fraction, session.job.run.seed, 0,
                        x, y, lo, hi)
-    v = np.ones_like(w) / math.sqrt(w.size)
-    curvature.hvp(w, v)
-    curvature.gnvp(w, v)
-    curvature.grad_squares(w)
+    _compile_products(curvature, w, used)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -493,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mpinewton.train.subsample import load_batch
 
         load_batch(session, objective, np.arange(sampler.batch_size))
-    _warm_up(objective, w0, blocks)
+    _warm_up(objective, w0, blocks, products_used([v.optimizer for v in variants]))
     start = objective.value(w0) if evaluator is None else evaluator.value(w0)
     say(f"start: loss {start:.6f} after {time.perf_counter() - t0:.1f}s of "
         "pre-training and warm-up", flush=True)

@@ -61,3 +61,19 @@ def test_a_rank_past_the_time_limit_stops_every_rank():
     comm.other = np.array([1.0, 0.0])
     _, stop = hooks.after_step(1, None, np.ones(3), None, info)
     assert stop and not evaluated
+
+
+def test_only_the_products_the_variants_take_are_compiled():
+    from mpinewton.compare import parse_variant, products_used
+    from mpinewton.config import load_job
+
+    job = load_job(None, [])
+
+    def used(*specs):
+        return products_used([parse_variant(s, job).optimizer for s in specs])
+
+    assert used("a=gd", "b=adam,learning_rate=0.01", "c=lbfgs") == set()
+    assert used("a=newton,curvature=gauss_newton,preconditioner=none") == {"gnvp"}
+    assert used("a=newton,curvature=hessian,preconditioner=fisher") == {"hvp", "grad_squares"}
+    assert used("a=trust_region,curvature=gauss_newton", "b=newton,curvature=hessian,"
+                "preconditioner=none") == {"gnvp", "hvp"}
