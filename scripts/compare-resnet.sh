@@ -36,8 +36,7 @@ race() { bash scripts/mpirun.sh -n 2 python -m mpinewton.compare "${job[@]}" \
              --eval-samples "$eval_samples" --eval-seconds "${EVAL_SECONDS:-15}" "$@"; }
 if [[ $stage == tune ]]; then
     if [[ $start == random ]]; then
-        race --set run.seed=1 --time-limit "${TUNE_TIME:-120}" \
-            --variant "newton-job=newton" \
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "gn-lm-f0.25=$GN,damping=1e-2,curvature_fraction=0.25" \
             --variant "gn-lm-f1=$GN,damping=1e-2,curvature_fraction=1.0" \
             --variant "gd-lr0.03=gd,learning_rate=0.03" --variant "gd-lr0.1=gd,learning_rate=0.1" \

@@ -11,6 +11,7 @@
 #   surface   the loss along the top two eigenvectors (thesis figures 15.1, 15.2)
 #   float64   table 15.1 again with the same weights in float64 (--set model.dtype)
 #   k1        the top eigenvalue alone (-k 1), for its peak memory
+#   lowmem    the same without a Lanczos basis (--low-memory), within the trainer's memory
 #   trainer   the peak memory of two Newton-CG iterations of the job, for comparison
 # Results (JSON, PNG, /usr/bin/time reports) are copied to docs/curvature/resnet_<stage>/.
 #   bash scripts/resnet_curvature.sh [RANKS]     # default 2; about 40 minutes here
@@ -32,7 +33,7 @@ analyze() {  # analyze STAGE COMMAND [options]: one command, peak memory in STAG
         python -m mpinewton.analyze "$command" "$job" --batch "$batch" --out "$out" "$@"
     grep -E "Maximum resident|Elapsed" "$out/$command.time"
 }
-stages=" ${STAGES:-given start float64 k1 trainer} "
+stages=" ${STAGES:-given start float64 k1 lowmem trainer} "
 if [[ $stages == *" given "* ]]; then
     analyze given eigen --weights "$given" -k 2 --method lanczos --tol 1e-4 --max-iter 40
     analyze given taylor --weights "$given"
@@ -52,6 +53,10 @@ if [[ $stages == *" float64 "* ]]; then  # along the same (float32) eigenvectors
 fi
 if [[ $stages == *" k1 "* ]]; then
     analyze k1 eigen --weights "$given" -k 1 --method lanczos --tol 1e-4 --max-iter 40
+fi
+if [[ $stages == *" lowmem "* ]]; then
+    analyze lowmem eigen --weights "$given" -k 1 --method lanczos --tol 1e-4 --max-iter 40 \
+        --low-memory
 fi
 if [[ $stages == *" trainer "* ]]; then
     mkdir -p runs/resnet_curvature/trainer
