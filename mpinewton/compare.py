@@ -523,22 +523,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = objective.value(w0) if evaluator is None else evaluator.value(w0)
     say(f"start: loss {start:.6f} after {time.perf_counter() - t0:.1f}s of "
         "pre-training and warm-up", flush=True)
-    results = []
-    state = None if sampler is None else sampler.state()  # where pre-training left it
-    for variant in variants:
-        from mpinewton.sampling import MiniBatchSampler
+    results: list[dict[str, Any]] = []
+    out = Path(args.out)
 
-        batches = None if state is None else MiniBatchSampler.from_state(
-            state, num_samples=sampler.num_samples, batch_size=sampler.batch_size)
-        results.append(race(variant, session, objective, w0, limit=args.time_limit,
-                            max_iters=args.max_iters, say=say, sampler=batches,
-                            evaluator=evaluator, eval_seconds=args.eval_seconds))
-    if comm.is_root:
+    def report(complete: bool) -> dict[str, Any]:
+        """Write the JSON so far (rank 0); ``complete`` once every variant has run.
+
+        Written after every variant: a race that dies (out of memory, a time
+        limit) keeps the variants it finished.
+        """
         import tensorflow as tf
 
         import mpinewton
 
-        report = {
+        data = {
             "command": "mpirun -n {} python -m mpinewton.compare {}".format(
                 comm.size, " ".join(sys.argv[1:] if argv is None else argv)),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -549,18 +547,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval_samples": None if evaluator is None else evaluator.total_samples,
             "eval_seconds": None if evaluator is None else args.eval_seconds,
             "start_loss": results[0]["trace"][0]["loss"] if results else None,
-            "time_limit": args.time_limit, "results": results,
+            "time_limit": args.time_limit, "complete": complete,
+            "variants": [v.spec for v in variants], "results": results,
             "summary": summarise(results, args.reference, args.reference_iters),
         }
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(report, indent=1, default=float) + "\n")
+        atomic_write_text(out, json.dumps(data, indent=1, default=float) + "\n")
+        return data
+
+    state = None if sampler is None else sampler.state()  # where pre-training left it
+    for variant in variants:
+        from mpinewton.sampling import MiniBatchSampler
+
+        batches = None if state is None else MiniBatchSampler.from_state(
+            state, num_samples=sampler.num_samples, batch_size=sampler.batch_size)
+        results.append(race(variant, session, objective, w0, limit=args.time_limit,
+                            max_iters=args.max_iters, say=say, sampler=batches,
+                            evaluator=evaluator, eval_seconds=args.eval_seconds))
+        if comm.is_root and len(results) < len(variants):
+            report(complete=False)
+    if comm.is_root:
+        summary = report(complete=True)["summary"]
         batches = "full batch" if sampler is None else \
             f"batches of {sampler.batch_size}, loss on {evaluator.total_samples} samples"
         plot(results, out.with_suffix(".png"), f"{job.run.name}: {comm.size} rank(s), "
              f"{session.shard.total} samples ({batches}), from the same pre-trained weights")
         print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
-        summary = report["summary"]
         if "to_target" in summary:
             print(f"target loss {summary['target']['loss']:.6f} ({args.reference} after "
                   f"{summary['target']['reference_iters']} iterations):")

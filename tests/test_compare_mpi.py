@@ -110,6 +110,7 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["batch_size"] == 20 and report["eval_samples"] == 30
+    assert report["complete"] is True and len(report["variants"]) == 3  # rewritten per variant
     results = {r["label"]: r for r in report["results"]}
     assert results["gd"]["trace"] == [{**p, "seconds": results["gd"]["trace"][i]["seconds"]}
                                       for i, p in enumerate(results["gd-again"]["trace"])]
