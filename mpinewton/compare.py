@@ -51,7 +51,7 @@ import numpy as np
 
 from mpinewton.comm import DistributedError, install_abort_handler, world
 from mpinewton.config import ConfigError, JobConfig, OptimizerConfig, load_job
-from mpinewton.durable import atomic_write_text
+from mpinewton.durable import atomic_write_bytes, atomic_write_text
 
 #: What ``python -m mpinewton.compare`` runs without ``--variant``.
 DEFAULT_VARIANTS = (
@@ -234,6 +234,37 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     return {"label": variant.label, "spec": variant.spec, "method": opt.method,
             "optimizer": opt.table(), "ended": result.reason.value, "trace": hooks.trace,
             "steps": hooks.records}
+
+
+def write_report(path: Path, data: dict[str, Any]) -> None:
+    """The race's JSON, gzip-compressed when ``path`` ends in ``.gz``.
+
+    A mini-batch race records every one of its tens of thousands of steps:
+    tens of megabytes of JSON, a few as ``.json.gz``.
+    """
+    text = json.dumps(data, indent=1, default=float) + "\n"
+    if path.suffix == ".gz":
+        import gzip
+
+        atomic_write_bytes(path, gzip.compress(text.encode(), mtime=0))
+    else:
+        atomic_write_text(path, text)
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A race's JSON (``.json`` or ``.json.gz``)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        import gzip
+
+        return json.loads(gzip.decompress(path.read_bytes()))
+    return json.loads(path.read_text())
+
+
+def png_path(out: Path) -> Path:
+    """The plot beside the JSON: ``x.json`` and ``x.json.gz`` give ``x.png``."""
+    base = out.with_suffix("") if out.suffix == ".gz" else out
+    return base.with_suffix(".png")
 
 
 def first_time_below(trace: Sequence[dict[str, Any]], loss: float) -> dict[str, Any] | None:
@@ -444,7 +475,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "samples (default 10000)")
     parser.add_argument("--eval-seconds", type=float, default=1.0,
                         help="mini-batches: race seconds between two traced losses (default 1)")
-    parser.add_argument("--out", default=None, help="JSON results (and a PNG beside it)")
+    parser.add_argument("--out", default=None, help="JSON results, gzip-compressed if it "
+                        "ends in .gz (and a PNG beside it)")
     parser.add_argument("--report", default=None, metavar="FILE.json",
                         help="print the markdown tables of an earlier race and exit")
     args = parser.parse_args(argv)
@@ -457,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
     if args.report is not None:
-        report = json.loads(Path(args.report).read_text())
+        report = read_report(args.report)
         if args.reference is not None:  # the summary again, with these references
             report["summary"] = summarise(report["results"], args.reference,
                                           args.reference_iters)
@@ -552,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "summary": summarise(results, args.reference, args.reference_iters),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(data, indent=1, default=float) + "\n")
+        write_report(out, data)
         return data
 
     state = None if sampler is None else sampler.state()  # where pre-training left it
@@ -570,9 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = report(complete=True)["summary"]
         batches = "full batch" if sampler is None else \
             f"batches of {sampler.batch_size}, loss on {evaluator.total_samples} samples"
-        plot(results, out.with_suffix(".png"), f"{job.run.name}: {comm.size} rank(s), "
+        plot(results, png_path(out), f"{job.run.name}: {comm.size} rank(s), "
              f"{session.shard.total} samples ({batches}), from the same pre-trained weights")
-        print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
+        print(f"wrote {out} and {png_path(out)}", flush=True)
         if "to_target" in summary:
             print(f"target loss {summary['target']['loss']:.6f} ({args.reference} after "
                   f"{summary['target']['reference_iters']} iterations):")

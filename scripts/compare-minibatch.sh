@@ -6,10 +6,10 @@
 # race time with the clock stopped (python -m mpinewton.compare, optimizer.batch_size).
 #   tune   seed 1: learning-rate grids of gradient descent, momentum and Adam, L-BFGS,
 #          and Newton-CG with curvature on 5 %, 20 % and 100 % of each batch; TUNE_TIME
-#          (45) s each -> docs/compare/tuning/minibatch.json
+#          (45) s each -> docs/compare/tuning/minibatch.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
-#          -> docs/compare/cnn-minibatch.json (and .png)
+#          -> docs/compare/cnn-minibatch.json.gz (and .png)
 # Usage: scripts/compare-minibatch.sh [tune|race|all]   (2 ranks; about 35 minutes for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +40,7 @@ if [[ $stage == tune || $stage == all ]]; then
         --variant "adam-lr0.01=adam,learning_rate=0.01" \
         --variant "adam-lr0.03=adam,learning_rate=0.03" \
         --variant "adam-lr0.1=adam,learning_rate=0.1" \
-        --out docs/compare/tuning/minibatch.json
+        --out docs/compare/tuning/minibatch.json.gz
     # Round 2: gradient descent's best rate (0.5) was at the grid's edge; Newton-CG's
     # Levenberg-Marquardt damping fell to 0.007 on some runs and its steps then fit
     # each batch (cg10 above ended at 3.35): a damping floor, and cheaper steps.
@@ -51,7 +51,7 @@ if [[ $stage == tune || $stage == all ]]; then
         --variant "newton-f0.05-dmin1=newton,damping_min=1.0" \
         --variant "newton-f0.05-cg10=newton,cg_max_iter=10" \
         --variant "newton-f0.05-dmin1-cg10=newton,damping_min=1.0,cg_max_iter=10" \
-        --out docs/compare/tuning/minibatch2.json
+        --out docs/compare/tuning/minibatch2.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning run (docs/results.md says which and why).
@@ -65,5 +65,5 @@ if [[ $stage == race || $stage == all ]]; then
         --variant "adam-lr0.01=adam,learning_rate=0.01" \
         --variant "momentum-lr0.1=momentum,learning_rate=0.1" \
         --variant "gd-lr0.5=gd,learning_rate=0.5" \
-        --out docs/compare/cnn-minibatch.json
+        --out docs/compare/cnn-minibatch.json.gz
 fi

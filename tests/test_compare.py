@@ -77,3 +77,17 @@ def test_only_the_products_the_variants_take_are_compiled():
     assert used("a=newton,curvature=hessian,preconditioner=fisher") == {"hvp", "grad_squares"}
     assert used("a=trust_region,curvature=gauss_newton", "b=newton,curvature=hessian,"
                 "preconditioner=none") == {"gnvp", "hvp"}
+
+
+def test_reports_round_trip_plain_and_gzip(tmp_path):
+    from pathlib import Path
+
+    from mpinewton.compare import png_path, read_report, write_report
+
+    data = {"results": [{"label": "a", "trace": [{"loss": 0.5}]}]}
+    for name in ("race.json", "race.json.gz"):
+        write_report(tmp_path / name, data)
+        assert read_report(tmp_path / name) == data
+        assert png_path(tmp_path / name) == tmp_path / "race.png"
+    assert (tmp_path / "race.json.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    assert png_path(Path("docs/x.json")) == Path("docs/x.png")
