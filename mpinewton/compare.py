@@ -587,10 +587,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(out, data)
         return data
 
+    from mpinewton.sampling import MiniBatchSampler
+
     state = None if sampler is None else sampler.state()  # where pre-training left it
     for variant in variants:
-        from mpinewton.sampling import MiniBatchSampler
-
         batches = None if state is None else MiniBatchSampler.from_state(
             state, num_samples=sampler.num_samples, batch_size=sampler.batch_size)
         results.append(race(variant, session, objective, w0, limit=args.time_limit,
@@ -600,10 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(complete=False)
     if comm.is_root:
         summary = report(complete=True)["summary"]
-        batches = "full batch" if sampler is None else \
+        drawn = "full batch" if sampler is None else \
             f"batches of {sampler.batch_size}, loss on {evaluator.total_samples} samples"
         plot(results, png_path(out), f"{job.run.name}: {comm.size} rank(s), "
-             f"{session.shard.total} samples ({batches}), from the same pre-trained weights")
+             f"{session.shard.total} samples ({drawn}), from the same pre-trained weights")
         print(f"wrote {out} and {png_path(out)}", flush=True)
         if "to_target" in summary:
             print(f"target loss {summary['target']['loss']:.6f} ({args.reference} after "

@@ -427,8 +427,8 @@ def _lanczos_two_pass(op: LinearOperator, k: int, which: str, tol: float, max_it
     n = v.size
     q0 = v / np.linalg.norm(v)
 
-    def recurrence(steps: int | None, coefficients: np.ndarray | None = None):
-        """Yield (j, q_j, alpha, beta) for the recurrence started at q0."""
+    def recurrence(steps: int | None):
+        """Yield (j, q_j, alpha_j, beta_j, broken) for the recurrence started at q0."""
         q_prev, q = np.zeros(n), q0.copy()
         beta_prev = 0.0
         scale = 0.0
@@ -443,8 +443,9 @@ def _lanczos_two_pass(op: LinearOperator, k: int, which: str, tol: float, max_it
                 w -= (basis @ w) * basis
                 w -= (basis @ w) * basis
             b = float(np.linalg.norm(w))
-            yield j, q, a, b, b <= 1e3 * _EPS * scale
-            if b <= 1e3 * _EPS * scale:
+            broken = b <= 1e3 * _EPS * scale
+            yield j, q, a, b, broken
+            if broken:
                 return
             q_prev, q = q, w / b
             beta_prev = b

@@ -135,6 +135,7 @@ class Session:
     inputs: UserInputs
     # Mini-batches from a small file: its training rows, read once (read_rows).
     _rows: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _rows_too_large: bool = field(default=False, repr=False)  # decided at the first batch
 
     def objective(self, x: np.ndarray, y: np.ndarray, total: int) -> Any:
         """The distributed objective of this model over samples ``x, y`` (``total`` in all).
@@ -179,11 +180,12 @@ class Session:
         if self.inputs.arrays is None:
             from mpinewton.data.hdf5 import read_rows
 
-            if self._rows is None and self.training_bytes() <= cache_bytes():
-                x, y = read_rows(job.data.path, list(job.data.train_splits),
-                                 np.arange(self.shard.total), limit=job.data.limit or None,
-                                 **self.checks)
-                self._rows = (x, y)
+            if self._rows is None and not self._rows_too_large:  # decided once, not per batch
+                self._rows_too_large = self.training_bytes() > cache_bytes()
+                if not self._rows_too_large:
+                    self._rows = read_rows(job.data.path, list(job.data.train_splits),
+                                           np.arange(self.shard.total),
+                                           limit=job.data.limit or None, **self.checks)
             if self._rows is not None:
                 return self._rows[0][rows], self._rows[1][rows]
             return read_rows(job.data.path, list(job.data.train_splits), rows,
