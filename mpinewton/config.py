@@ -39,7 +39,7 @@ RECOMMENDED_OPTIMIZER: dict[str, Any] = {
     "method": "newton", "pretrain_iters": 0, "iters": 100, "curvature": "gauss_newton",
     "damping_rule": "levenberg_marquardt", "damping": 1e-2, "preconditioner": "fisher",
     "warm_start": "previous", "cg_rtol": 0.1, "cg_max_iter": 50, "cg_reorthogonalize": True,
-    "step_rule": "armijo"}
+    "trial_gradient": True, "step_rule": "armijo"}
 
 #: The job that runs when ``python -m mpinewton.train`` gets no JOB argument.
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "mnist_cnn.toml"
@@ -401,7 +401,28 @@ def build_job(tables: dict[str, Any], where: str = "job") -> JobConfig:
                 raise _unknown_key(section, key, list(defaults), where)
             values[key] = _coerce(section, key, value, defaults[key], where)
         sections[section] = _construct(classes[section], values, section, where)
+    if "optimizer" in sections:
+        sections["optimizer"] = without_trial_gradient_on_batches(sections["optimizer"], notes)
     return JobConfig(**sections, notes=tuple(notes))
+
+
+def without_trial_gradient_on_batches(opt: OptimizerConfig, notes: list[str],
+                                      batch_size: int | None = None) -> OptimizerConfig:
+    """``opt`` with Newton's ``trial_gradient`` off when steps draw mini-batches (a note).
+
+    The gradient kept at the trial point is on the step's own batch; the
+    next step draws a new one and needs its own, so keeping it would cost a
+    backward pass for nothing. ``batch_size`` (default: ``opt``'s) is the
+    size the steps draw.
+    """
+    batch = opt.batch_size if batch_size is None else batch_size
+    if not batch or not getattr(opt.params, "trial_gradient", False):
+        return opt
+    notes.append("optimizer.trial_gradient is off: with mini-batches (optimizer.batch_size) "
+                 "each step draws a new batch, so the gradient at the trial point would "
+                 "be wasted")
+    return dataclasses.replace(opt, params=dataclasses.replace(opt.params,
+                                                               trial_gradient=False))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -108,14 +108,15 @@ def test_optimizer_section_is_the_solvers_dataclass():
     assert job.optimizer.params == GDConfig(learning_rate=2.0)
     assert load_job(None).optimizer.params == NewtonConfig(
         curvature="gauss_newton", damping_rule="levenberg_marquardt", damping=1e-2,
-        preconditioner="fisher", warm_start="previous", cg_rtol=0.1, cg_reorthogonalize=True)
+        preconditioner="fisher", warm_start="previous", cg_rtol=0.1, cg_reorthogonalize=True,
+        trial_gradient=True)
 
 
 def test_a_parameter_of_another_method_is_left_out_with_a_note():
     job = load_job(None, ["optimizer.method='gd'"])  # the default job sets damping
     assert job.notes == ("optimizer.curvature, damping_rule, damping, preconditioner, "
-                         "warm_start, cg_rtol, cg_max_iter, cg_reorthogonalize, step_rule "
-                         "belong to another method than 'gd' (optimizer.method) and are ignored",)
+                         "warm_start, cg_rtol, cg_max_iter, cg_reorthogonalize, trial_gradient, "
+                         "step_rule belong to another method than 'gd' (optimizer.method) and are ignored",)
     assert "damping" not in job.to_dict()["optimizer"]
     with pytest.raises(ConfigError, match="wrong type"):  # still checked
         load_job(None, ["optimizer.method='gd'", "optimizer.damping='big'"])
@@ -184,3 +185,12 @@ def test_model_args_subtable_and_dotted_override(tmp_path):
 def test_new_keys_are_checked(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace('"', '.')):
         load_job(None, [override])
+
+
+def test_trial_gradient_is_off_on_mini_batches_with_a_note():
+    """The default job keeps the trial's gradient; with mini-batches it would be wasted."""
+    assert load_job().optimizer.params.trial_gradient is True
+    job = load_job(None, ["optimizer.batch_size=1000"])
+    assert job.optimizer.params.trial_gradient is False
+    assert any("optimizer.trial_gradient is off" in note for note in job.notes)
+    assert not any("trial_gradient" in note for note in load_job().notes)

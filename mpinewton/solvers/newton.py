@@ -26,7 +26,13 @@ their defaults a step is bitwise the thesis algorithm):
 - ``cg_reorthogonalize``: CG with full reorthogonalization of its residuals
   (:func:`.cg.cg`), which keeps the iterates those of exact CG to rounding,
   so that the step does not depend on the summation order of the products
-  (the number of MPI ranks) beyond rounding, however many iterations CG runs.
+  (the number of MPI ranks) beyond rounding, however many iterations CG runs;
+- ``trial_gradient``: the line search's first trial ``w + s`` is evaluated
+  with its gradient, kept in the state; when the full step is accepted, the
+  next step starts from it instead of a second pass over the same data. The
+  iterates are bitwise those without it; one forward pass per accepted full
+  step is saved, one backward pass per rejected one is spent (full batch
+  only: with fresh mini-batches the next step's gradient is on a new batch).
 
 The objective enters only through the :class:`Problem` callables on numpy
 vectors, so the same code runs on one process or, with the callables
@@ -56,6 +62,7 @@ from .base import (
 )
 from .cg import CGReason, CGResult, cg
 from .linesearch import LineSearchResult, armijo, fixed_step
+from .momentum import _float_array
 from .operators import CURVATURES, HessianOperator, LinearOperator, curvature_operator, damped
 from .preconditioners import (
     PRECONDITIONERS,
@@ -150,6 +157,7 @@ class NewtonConfig:
     cg_backtracking: bool = False  # pick the best kept CG iterate (Martens 2010, 4.6)
     negative_curvature: str = "discard"  # "discard" (thesis) or "direction" (Royer et al. 2020)
     cg_reorthogonalize: bool = False  # CG keeps its residuals M^-1-orthogonal (rank invariance)
+    trial_gradient: bool = False  # the first trial's gradient is kept for the next step
 
     def __post_init__(self) -> None:
         for name in ("damping", "cg_rtol", "cg_atol"):
@@ -190,6 +198,7 @@ class NewtonConfig:
         require(self, "cg_backtracking", "bool")
         require(self, "negative_curvature", "choice", choices=NEGATIVE_CURVATURE_RULES)
         require(self, "cg_reorthogonalize", "bool")
+        require(self, "trial_gradient", "bool")
 
 
 def _optional_float(name: str, value: Any, low: float, high: float) -> float | None:
@@ -226,6 +235,9 @@ class NewtonState(SolverState):
     damping: float | None = None  # LM: damping for the next step (None: config.damping)
     forcing_grad_norm: float | None = None  # EW: |g| of the last step
     forcing_eta: float | None = None  # EW: forcing term of the last step
+    cache_w: np.ndarray | None = None  # trial_gradient: the weights the last step returned
+    cache_value: float | None = None  # c(cache_w)
+    cache_grad: np.ndarray | None = None  # grad c(cache_w)
 
     def __post_init__(self) -> None:
         for name in ("iteration", "total_cg_iters", "total_matvecs", "fallbacks",
@@ -249,6 +261,21 @@ class NewtonState(SolverState):
                     f"got dtype {warm.dtype} shape {warm.shape}"
                 )
             object.__setattr__(self, "cg_warm", warm)
+        for name in ("cache_w", "cache_grad"):
+            object.__setattr__(self, name, _float_array(getattr(self, name), "NewtonState",
+                                                        name))
+        parts = (self.cache_w, self.cache_value, self.cache_grad)
+        if any(p is None for p in parts) != all(p is None for p in parts):
+            raise ValueError("NewtonState: cache_w, cache_value and cache_grad must all be set "
+                             "or all be None")
+        if self.cache_value is not None:
+            value = _optional_float("cache_value", self.cache_value, -math.inf, math.inf)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"NewtonState.cache_value must be finite, "
+                                 f"got {self.cache_value!r}")
+            object.__setattr__(self, "cache_value", value)
+            if self.cache_w.shape != self.cache_grad.shape:  # type: ignore[union-attr]
+                raise ValueError("NewtonState: cache_w and cache_grad differ in shape")
         super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,7 +287,8 @@ class NewtonState(SolverState):
         """
         out = super().to_dict()
         for name in _OPTIONAL_STATE_FIELDS:
-            if out[name] == _STATE_DEFAULTS[name]:
+            default = _STATE_DEFAULTS[name]
+            if out[name] is default or (default is not None and out[name] == default):
                 del out[name]
         return out
 
@@ -279,7 +307,8 @@ class NewtonState(SolverState):
 
 #: State fields of the Hessian-free options, left out of to_dict() at their defaults.
 _OPTIONAL_STATE_FIELDS = ("total_preconditioner_matvecs", "negative_curvature_steps", "damping",
-                          "forcing_grad_norm", "forcing_eta")
+                          "forcing_grad_norm", "forcing_eta", "cache_w", "cache_value",
+                          "cache_grad")
 _STATE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NewtonState)}
 
 
@@ -513,7 +542,10 @@ def newton_step(
     w = np.asarray(w)
     if w.ndim != 1:
         raise ValueError(f"newton_step: w must be a 1-D vector, got shape {w.shape}")
+    if value_and_grad is None and config.trial_gradient:
+        value_and_grad = cached_value_and_grad(w, state)
     loss, g = check_value_and_grad(problem, w, value_and_grad, "newton_step")
+    state = state.replace(cache_w=None, cache_value=None, cache_grad=None)
     gg = float(g @ g)
     grad_norm = math.sqrt(gg)
     damping = current_damping(state, config)
@@ -547,12 +579,20 @@ def newton_step(
     def descends(dot: float) -> bool:
         return math.isfinite(dot) and dot <= config.descent_threshold and dot < 0.0
 
-    def value_at(s: np.ndarray, sigma: float) -> float:
+    trial_vg: list[Any] = []  # trial_gradient: (trial, c, g) of the first trial
+
+    def value_at(s: np.ndarray, sigma: float, with_grad: bool = False) -> float:
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite trials are rejected
             trial = w + sigma * s
         if not np.all(np.isfinite(trial)):
             return math.inf
-        return float(problem.value(trial))
+        if not with_grad:
+            return float(problem.value(trial))
+        value, grad = problem.value_and_grad(trial)
+        grad = np.asarray(grad)
+        if math.isfinite(value) and np.all(np.isfinite(grad)):
+            trial_vg[:] = [trial, float(value), grad]
+        return float(value)
 
     candidate, candidate_dad = res.x, res.x_dot_ax  # d and d.A d (A damped)
     nc_step, backtrack_iter, backtrack_values = False, None, 0
@@ -589,7 +629,7 @@ def newton_step(
     def phi(sigma: float) -> float:
         if known is not None and sigma == 1.0:
             return known
-        return value_at(s, sigma)
+        return value_at(s, sigma, with_grad=config.trial_gradient and sigma == 1.0)
 
     if config.step_rule == "armijo":
         ls = armijo(
@@ -623,6 +663,8 @@ def newton_step(
     changes: dict[str, Any] = {}
     if lm:
         changes["damping"] = new_damping
+    if trial_vg and ls.success and ls.step == 1.0:  # new_w is bitwise the trial point
+        changes.update(cache_w=new_w, cache_value=trial_vg[1], cache_grad=trial_vg[2])
     if config.forcing == "eisenstat_walker":
         changes.update(forcing_grad_norm=grad_norm, forcing_eta=rtol)
     if pre_products:
@@ -663,6 +705,18 @@ def newton_step(
     return new_w, new_state, info
 
 
+def cached_value_and_grad(w: np.ndarray, state: NewtonState
+                          ) -> tuple[float, np.ndarray] | None:
+    """``(c(w), grad c(w))`` kept by ``trial_gradient`` if ``w`` is bitwise ``cache_w``."""
+    cw = state.cache_w
+    w = np.asarray(w)
+    if (cw is None or state.cache_value is None or state.cache_grad is None
+            or cw.dtype != w.dtype or cw.shape != w.shape
+            or cw.tobytes() != np.ascontiguousarray(w).tobytes()):
+        return None
+    return state.cache_value, state.cache_grad
+
+
 class NewtonCG:
     """Globalised Newton-CG (thesis Algorithm 4) on the shared method interface."""
 
@@ -679,6 +733,21 @@ class NewtonCG:
     def init(self, w: np.ndarray) -> NewtonState:
         """No warm start and zero counters."""
         return NewtonState()
+
+    @property
+    def reuses_gradient(self) -> bool:
+        """With ``trial_gradient`` a step may take ``c`` and ``g`` from the state.
+
+        The solver loop then passes them explicitly when each step has a new
+        batch (:func:`mpinewton.solvers.loop.run`).
+        """
+        return self.config.trial_gradient
+
+    @staticmethod
+    def cached_value_and_grad(w: np.ndarray, state: NewtonState
+                              ) -> tuple[float, np.ndarray] | None:
+        """What :func:`cached_value_and_grad` keeps for ``w``, else None."""
+        return cached_value_and_grad(w, state)
 
     def step(self, problem: Problem, w: np.ndarray, state: NewtonState, *,
              value_and_grad: tuple[float, np.ndarray] | None = None,
