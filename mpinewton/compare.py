@@ -28,8 +28,11 @@ Variants (``--variant``, repeatable) name a method of
 :data:`mpinewton.solvers.METHODS` and any ``[optimizer]`` key of that method
 (or ``curvature_fraction``); values are TOML (``damping=1e-3``,
 ``curvature="gauss_newton"``; bare words are taken as strings); ``iters=K``
-caps that variant's iterations below ``--max-iters``. Without ``--variant``,
-:data:`DEFAULT_VARIANTS` are run.
+caps that variant's iterations below ``--max-iters``. In a mini-batch race
+``batch_size=B`` gives one variant batches of ``B`` instead of the job's,
+cut from the same sequence of samples (the same epoch permutations from the
+same position), e.g. Newton-CG on larger batches than the first-order
+methods. Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def parse_variant(spec: str, job: JobConfig) -> Variant:
     Only the method's own keys come from the job when the job runs the same
     method; other methods start from their defaults.
     """
-    from mpinewton.config import _build_optimizer
+    from mpinewton.config import _build_optimizer, without_trial_gradient_on_batches
 
     label, sep, rest = spec.partition("=")
     parts = [p.strip() for p in rest.split(",") if p.strip()]
@@ -100,6 +103,8 @@ def parse_variant(spec: str, job: JobConfig) -> Variant:
         table[key.strip()] = value
     notes: list[str] = []
     optimizer = _build_optimizer(table, f"--variant {label.strip()}", notes)
+    optimizer = without_trial_gradient_on_batches(
+        optimizer, notes, optimizer.batch_size or job.optimizer.batch_size)
     return Variant(label.strip(), optimizer, spec,
                    optimizer.iters if "iters" in table else None)
 
@@ -133,9 +138,13 @@ class _Race:
         self.last_eval = -math.inf
 
     def counts(self) -> tuple[int, int]:
-        """Evaluations over the batch, and curvature products over the curvature rows."""
+        """Evaluations over the batch, and curvature products over the curvature rows.
+
+        The Fisher diagonal (``grad_squares``) is curvature: with a curvature
+        sub-sample it is computed on the sub-sample (:class:`SplitProblem`).
+        """
         stats = self.problem.stats
-        return stats.values + stats.grads + stats.grad_squares, stats.hvps + stats.gnvps
+        return stats.values + stats.grads, stats.hvps + stats.gnvps + stats.grad_squares
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused
@@ -219,9 +228,15 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
                   sampler, evaluator, eval_seconds)
     if sampler is not None:
+        if sampler.batch_size != session.sampler.batch_size:  # compile its shapes unclocked
+            from mpinewton.train.subsample import load_batch
+
+            load_batch(session, objective, np.arange(sampler.batch_size))
+            _warm_up(objective, w0, _hutchinson_blocks([opt]), products_used([opt]))
         hooks.evaluate(0, w0)
     iters = max_iters if variant.iters is None else min(max_iters, variant.iters)
-    result = run(problem, w0, [Phase(opt.method, method, iters)], hooks=hooks)
+    result = run(problem, w0, [Phase(opt.method, method, iters)], hooks=hooks,
+                 fresh_batches=sampler is not None)
     seconds, passes = hooks.elapsed(), hooks.pass_total
     if sampler is None:
         hooks.trace.append({"iter": result.iteration, "seconds": seconds, "passes": passes,
@@ -232,6 +247,7 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     say(f"{variant.label:<24} {result.iteration:5d} iterations  {seconds:7.1f}s  "
         f"{passes:8.1f} passes  loss {final['loss']:.6f}  ({result.reason.value})", flush=True)
     return {"label": variant.label, "spec": variant.spec, "method": opt.method,
+            "batch_size": None if sampler is None else sampler.batch_size,
             "optimizer": opt.table(), "ended": result.reason.value, "trace": hooks.trace,
             "steps": hooks.records}
 
@@ -411,6 +427,12 @@ def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
     return used
 
 
+def _hutchinson_blocks(optimizers: Sequence[OptimizerConfig]) -> list[int]:
+    """The block sizes of the Hutchinson preconditioners among ``optimizers``."""
+    return sorted({getattr(o.params, "preconditioner_samples", 0) for o in optimizers
+                   if getattr(o.params, "preconditioner", "none") == "hutchinson"} - {0})
+
+
 def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int],
              used: set[str]) -> None:
     """Compile every product a variant may use, so that no variant's time includes it."""
@@ -510,14 +532,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--variant: labels must differ, got {labels}")
         for v in variants:
-            if v.optimizer.batch_size or v.optimizer.batch_growth != "none":
-                raise ConfigError(f"--variant {v.spec!r}: every variant draws the job's "
-                                  "batches; set optimizer.batch_size in the job (--set)")
+            if v.optimizer.batch_growth != "none":
+                raise ConfigError(f"--variant {v.spec!r}: mpinewton.compare draws batches "
+                                  "of one size per variant: batch_growth must be \"none\"")
+            if v.optimizer.batch_size and not job.optimizer.batch_size:
+                raise ConfigError(f"--variant {v.spec!r}: batch_size needs a mini-batch "
+                                  "race; set optimizer.batch_size in the job (--set)")
         from mpinewton.train.session import open_session
 
         # The race reports training loss only: the evaluation splits are not read.
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, eval_splits=()))
         session = open_session(job, comm, Path("/nonexistent-checkpoints"), None, say)
+        for v in variants:
+            if v.optimizer.batch_size > session.shard.total:
+                raise ConfigError(f"--variant {v.spec!r}: batch_size {v.optimizer.batch_size}"
+                                  f" exceeds the {session.shard.total} training samples of "
+                                  f"{job.data.path}")
     except (ConfigError, DistributedError) as exc:  # every rank has it (run_agreed)
         if comm.is_root:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -544,9 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pre = run(objective, session.w0, [Phase("pretrain", GradientDescent(
         GDConfig(learning_rate=opt.pretrain_lr)), opt.pretrain_iters)], hooks=pre_hooks)
     w0 = comm.bcast_array(pre.w)
-    blocks = sorted({getattr(v.optimizer.params, "preconditioner_samples", 0)
-                     for v in variants if getattr(v.optimizer.params, "preconditioner", "none")
-                     == "hutchinson"} - {0})
+    blocks = _hutchinson_blocks([v.optimizer for v in variants])
     if sampler is not None:  # the warm-up's batch: the first samples (not a race batch)
         from mpinewton.train.subsample import load_batch
 
@@ -593,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variant in variants:
         batches = None if state is None else MiniBatchSampler.from_state(
             state, num_samples=sampler.num_samples, batch_size=sampler.batch_size)
+        if batches is not None and variant.optimizer.batch_size:  # the same samples' order
+            batches.batch_size = variant.optimizer.batch_size
         results.append(race(variant, session, objective, w0, limit=args.time_limit,
                             max_iters=args.max_iters, say=say, sampler=batches,
                             evaluator=evaluator, eval_seconds=args.eval_seconds))

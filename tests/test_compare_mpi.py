@@ -105,12 +105,13 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     proc = _compare(dataset, out, *job, "--max-iters", "4", "--eval-samples", "30",
                     "--eval-seconds", "0", "--variant", "gd=gd,learning_rate=0.3",
                     "--variant", "gd-again=gd,learning_rate=0.3",
+                    "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
                     "--variant", "hf=newton,curvature=gauss_newton,"
                                  "damping_rule=levenberg_marquardt,curvature_fraction=0.5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["batch_size"] == 20 and report["eval_samples"] == 30
-    assert report["complete"] is True and len(report["variants"]) == 3  # rewritten per variant
+    assert report["complete"] is True and len(report["variants"]) == 4  # rewritten per variant
     results = {r["label"]: r for r in report["results"]}
     assert results["gd"]["trace"] == [{**p, "seconds": results["gd"]["trace"][i]["seconds"]}
                                       for i, p in enumerate(results["gd-again"]["trace"])]
@@ -119,6 +120,11 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     # A gradient step reads one batch: 20 of the 101 samples, 20/101 of a pass.
     assert [p["passes"] for p in results["gd"]["trace"]] == pytest.approx(
         [k * 20 / 101 for k in range(5)])
+    # A variant's own batch size: 40 samples a step, from the same start.
+    assert results["gd-b40"]["batch_size"] == 40 and results["gd"]["batch_size"] == 20
+    assert [p["passes"] for p in results["gd-b40"]["trace"]] == pytest.approx(
+        [k * 40 / 101 for k in range(5)])
+    assert results["gd-b40"]["trace"][1]["loss"] != results["gd"]["trace"][1]["loss"]
     assert len({r["trace"][0]["loss"] for r in results.values()}) == 1
     assert {s["curvature"] for s in results["hf"]["steps"]} == {"gauss_newton"}
 
@@ -137,9 +143,14 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     assert raced == pytest.approx(trained, rel=1e-10)
 
 
-def test_a_growing_batch_is_refused(dataset, tmp_path):
+def test_a_growing_or_too_large_batch_is_refused(dataset, tmp_path):
     proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",
                     "--set", "optimizer.batch_growth='norm_test'", "--variant", "a=gd")
     assert proc.returncode == 2 and "batch_growth" in proc.stderr, proc.stderr
     proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_size=10")
     assert proc.returncode == 2 and "set optimizer.batch_size in the job" in proc.stderr
+    proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",
+                    "--variant", "a=gd,batch_size=500")
+    assert proc.returncode == 2 and "batch_size 500 exceeds the 101 training samples" \
+        in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.json").exists()
