@@ -7,10 +7,15 @@
 #   tune   seed 1: learning-rate grids of gradient descent, momentum and Adam, L-BFGS,
 #          and Newton-CG with curvature on 5 %, 20 % and 100 % of each batch; TUNE_TIME
 #          (45) s each -> docs/compare/tuning/minibatch.json.gz
+#   batches  seed 1: the batch size per method (a variant's batch_size), Newton-CG on
+#          1,000 to 10,000 images a step, Adam on 500 to 2,000; BATCH_TIME (100) s each
+#          -> docs/compare/tuning/minibatch3.json.gz
+#   batches2 seed 1: past the edges of that grid (Newton-CG on 20,000, Adam on 4,000)
+#          -> docs/compare/tuning/minibatch4.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|race|all]   (2 ranks; about 35 minutes for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|race|all]   (2 ranks; about 60 minutes for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -53,16 +58,43 @@ if [[ $stage == tune || $stage == all ]]; then
         --variant "newton-f0.05-dmin1-cg10=newton,damping_min=1.0,cg_max_iter=10" \
         --out docs/compare/tuning/minibatch2.json.gz
 fi
+if [[ $stage == batches || $stage == all ]]; then
+    # Round 3: a Newton-CG step costs about five of Adam's at batches of 1,000, and each
+    # step solves its own batch's model: larger batches for Newton-CG (the curvature
+    # still on 5 % of them), and the batch size of Adam's best rate, for fairness.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "newton-b1000=newton" \
+        --variant "newton-b2500=newton,batch_size=2500" \
+        --variant "newton-b5000=newton,batch_size=5000" \
+        --variant "newton-b10000=newton,batch_size=10000" \
+        --variant "adam-lr0.01-b500=adam,learning_rate=0.01,batch_size=500" \
+        --variant "adam-lr0.01-b1000=adam,learning_rate=0.01" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --out docs/compare/tuning/minibatch3.json.gz
+fi
+if [[ $stage == batches2 || $stage == all ]]; then
+    # Round 4: the winners of round 3 (Newton-CG on 10,000, Adam on 2,000) were at the
+    # edges of their grids: one size past each, Adam also at a larger rate there.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "newton-b10000=newton,batch_size=10000" \
+        --variant "newton-b20000=newton,batch_size=20000" \
+        --variant "adam-lr0.01-b4000=adam,learning_rate=0.01,batch_size=4000" \
+        --variant "adam-lr0.03-b4000=adam,learning_rate=0.03,batch_size=4000" \
+        --out docs/compare/tuning/minibatch4.json.gz
+fi
 if [[ $stage == race || $stage == all ]]; then
-    # The winners of the tuning run (docs/results.md says which and why).
+    # The winners of the tuning runs (docs/results.md says which and why).
     # Newton-CG: the default job's settings (5 % of each batch for the curvature) were
-    # the best of both rounds; Adam lr 0.01, momentum lr 0.1, gradient descent lr 0.5.
+    # the best of rounds 1 and 2, on batches of 10,000 the best of rounds 3 and 4 (the
+    # job's 1,000 raced beside it); Adam lr 0.01 on batches of 2,000, momentum lr 0.1,
+    # gradient descent lr 0.5 (both on the job's 1,000).
     race --set run.seed=0 --time-limit "${TIME:-150}" \
         --reference "gd-lr0.5" --reference-iters 1000 \
+        --variant "newton-b10000=newton,batch_size=10000" \
         --variant "newton=newton" \
         --variant "trust-region=trust_region,curvature=gauss_newton,cg_rtol=0.1,curvature_fraction=0.05" \
         --variant "lbfgs=lbfgs" \
-        --variant "adam-lr0.01=adam,learning_rate=0.01" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
         --variant "momentum-lr0.1=momentum,learning_rate=0.1" \
         --variant "gd-lr0.5=gd,learning_rate=0.5" \
         --out docs/compare/cnn-minibatch.json.gz
