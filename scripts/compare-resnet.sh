@@ -11,7 +11,8 @@
 # ran this 24 GB machine out of memory with 2 ranks. Each first on seed 1 (TUNE: learning-rate grids, Newton-CG settings; TUNE_TIME s
 # each), then on seed 0 (RACE: the best of each; TIME s each). Writes
 # docs/compare/tuning/resnet-<start>.json and docs/compare/resnet-<start>.json.
-# Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE tune|race)
+# Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE tune|tune2|tune3|race;
+#        tune2, tune3: the perturbed start's second and third tuning rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -68,12 +69,30 @@ if [[ $stage == tune ]]; then
             --variant "adam-lr0.001=adam,learning_rate=0.001" \
             --out docs/compare/tuning/resnet-perturbed.json
     fi
+elif [[ $stage == tune2 ]]; then
+    [[ $start == perturbed ]] || { echo "tune2 is the perturbed start's second round" >&2; exit 2; }
+    # The best rates of gradient descent, momentum and Adam were at the low edges of
+    # their grids: one below each; and the job's Newton-CG on batches of 64.
+    race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
+        --variant "newton-job-b64=newton,batch_size=64" \
+        --variant "gd-lr0.001=gd,learning_rate=0.001" \
+        --variant "momentum-lr0.0003=momentum,learning_rate=0.0003" \
+        --variant "adam-lr3e-05=adam,learning_rate=3e-5" \
+        --out docs/compare/tuning/resnet-perturbed2.json
+elif [[ $stage == tune3 ]]; then
+    [[ $start == perturbed ]] || { echo "tune3 is the perturbed start's third round" >&2; exit 2; }
+    # Adam's best rate (3e-5) was again at the low edge: one below it.
+    race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
+        --variant "adam-lr1e-05=adam,learning_rate=1e-5" \
+        --out docs/compare/tuning/resnet-perturbed3.json
 else
     # The winners of the tuning run, from the environment (docs/results.md says which).
     : "${NEWTON:?NEWTON=spec of the Newton-CG variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
+    newton=(--variant "newton=$NEWTON")  # and the job's own, unless that is the winner
+    [[ $NEWTON == newton ]] || newton+=(--variant "newton-job=newton")
     race --set run.seed=0 --time-limit "${TIME:-300}" \
         --reference "gd-lr$GD_LR" --reference-iters "${REFERENCE_ITERS:-100}" \
-        --variant "newton=$NEWTON" --variant "newton-job=newton" \
+        "${newton[@]}" \
         --variant "adam-lr$ADAM_LR=adam,learning_rate=$ADAM_LR" \
         --variant "momentum-lr$MOMENTUM_LR=momentum,learning_rate=$MOMENTUM_LR" \
         --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
