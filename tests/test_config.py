@@ -116,7 +116,8 @@ def test_a_parameter_of_another_method_is_left_out_with_a_note():
     job = load_job(None, ["optimizer.method='gd'"])  # the default job sets damping
     assert job.notes == ("optimizer.curvature, damping_rule, damping, preconditioner, "
                          "warm_start, cg_rtol, cg_max_iter, cg_reorthogonalize, trial_gradient, "
-                         "step_rule belong to another method than 'gd' (optimizer.method) and are ignored",)
+                         "step_rule belong to another method than 'gd' (optimizer.method) and "
+                         "are ignored",)
     assert "damping" not in job.to_dict()["optimizer"]
     with pytest.raises(ConfigError, match="wrong type"):  # still checked
         load_job(None, ["optimizer.method='gd'", "optimizer.damping='big'"])
