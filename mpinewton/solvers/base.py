@@ -109,6 +109,21 @@ def require(obj: object, name: str, rule: str, *, choices: tuple[str, ...] = ())
         raise ParameterError(owner, name, value, need, choices)
 
 
+def cached_value_and_grad(w: np.ndarray, state: Any) -> tuple[float, np.ndarray] | None:
+    """``(c(w), grad c(w))`` from a state's ``cache_*`` fields if ``w`` is bitwise ``cache_w``.
+
+    Shared by the methods that keep the value and gradient at the weights
+    they returned (L-BFGS, Newton-CG with ``trial_gradient``); else None.
+    """
+    cw = state.cache_w
+    w = np.asarray(w)
+    if (cw is None or state.cache_value is None or state.cache_grad is None
+            or cw.dtype != w.dtype or cw.shape != w.shape
+            or cw.tobytes() != np.ascontiguousarray(w).tobytes()):
+        return None
+    return state.cache_value, state.cache_grad
+
+
 def check_value_and_grad(problem: Problem, w: np.ndarray,
                          value_and_grad: tuple[float, np.ndarray] | None,
                          who: str) -> tuple[float, np.ndarray]:

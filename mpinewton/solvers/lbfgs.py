@@ -33,9 +33,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import ParameterError, Problem, SolverState, check_value_and_grad, require
+from .base import (
+    ParameterError,
+    Problem,
+    SolverState,
+    cached_value_and_grad,
+    check_value_and_grad,
+    require,
+)
 from .linesearch import LineSearchResult
-from .momentum import _check_counter, _float_array
+from .momentum import _check_cache, _check_counter, _float_array
 
 __all__ = [
     "CURVATURE_EPS",
@@ -102,28 +109,12 @@ class LBFGSState(SolverState):
             _check_counter(self, name)
         for name in ("S", "Y"):
             object.__setattr__(self, name, _float_array(getattr(self, name), owner, name, 2))
-        for name in ("cache_w", "cache_grad"):
-            object.__setattr__(self, name, _float_array(getattr(self, name), owner, name, 1))
         if (self.S is None) != (self.Y is None) or (
                 self.S is not None and self.Y is not None
                 and (self.S.shape != self.Y.shape or self.S.shape[0] == 0)):
             raise ValueError(f"{owner}: S and Y must both be None or (count >= 1, n) arrays "
                              "of one shape")
-        parts = (self.cache_w, self.cache_value, self.cache_grad)
-        if any(p is None for p in parts) and not all(p is None for p in parts):
-            raise ValueError(f"{owner}: cache_w, cache_value and cache_grad must all be set "
-                             "or all be None")
-        if self.cache_value is not None:
-            value = self.cache_value
-            if isinstance(value, np.ndarray) and value.shape == ():
-                value = value[()]
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                    or not math.isfinite(value):
-                raise ValueError(f"{owner}.cache_value must be a finite number or None, "
-                                 f"got {self.cache_value!r}")
-            object.__setattr__(self, "cache_value", float(value))
-            if self.cache_w.shape != self.cache_grad.shape:  # type: ignore[union-attr]
-                raise ValueError(f"{owner}: cache_w and cache_grad differ in shape")
+        _check_cache(self)
         super().__post_init__()
 
     @property
@@ -352,13 +343,7 @@ class LBFGS:
     def cached_value_and_grad(w: np.ndarray, state: LBFGSState
                               ) -> tuple[float, np.ndarray] | None:
         """``(c(w), grad c(w))`` from the cache if ``w`` is bitwise ``cache_w``, else None."""
-        cw = state.cache_w
-        w = np.asarray(w)
-        if (cw is None or state.cache_value is None or state.cache_grad is None
-                or cw.dtype != w.dtype or cw.shape != w.shape
-                or cw.tobytes() != np.ascontiguousarray(w).tobytes()):
-            return None
-        return state.cache_value, state.cache_grad
+        return cached_value_and_grad(w, state)
 
     def step(self, problem: Problem, w: np.ndarray, state: LBFGSState, *,
              value_and_grad: tuple[float, np.ndarray] | None = None,

@@ -46,6 +46,31 @@ def _float_array(value: Any, owner: str, name: str, ndim: int = 1) -> np.ndarray
     return arr
 
 
+def _check_cache(obj: object) -> None:
+    """Validate a state's ``cache_w``, ``cache_value``, ``cache_grad`` (all set or all None)."""
+    import math
+
+    owner = type(obj).__name__
+    for name in ("cache_w", "cache_grad"):
+        object.__setattr__(obj, name, _float_array(getattr(obj, name), owner, name, 1))
+    cache_w, value, cache_grad = obj.cache_w, obj.cache_value, obj.cache_grad  # type: ignore[attr-defined]
+    if any(p is None for p in (cache_w, value, cache_grad)) and not all(
+            p is None for p in (cache_w, value, cache_grad)):
+        raise ValueError(f"{owner}: cache_w, cache_value and cache_grad must all be set "
+                         "or all be None")
+    if value is None:
+        return
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{owner}.cache_value must be a finite number or None, "
+                         f"got {obj.cache_value!r}")  # type: ignore[attr-defined]
+    object.__setattr__(obj, "cache_value", float(value))
+    if cache_w.shape != cache_grad.shape:
+        raise ValueError(f"{owner}: cache_w and cache_grad differ in shape")
+
+
 def _check_counter(obj: object, name: str) -> None:
     """Require a non-negative integer field and store it as a Python int."""
     value = getattr(obj, name)

@@ -55,6 +55,7 @@ from .base import (
     ParameterError,
     Problem,
     SolverState,
+    cached_value_and_grad,
     check_value_and_grad,
     is_int,
     is_real,
@@ -62,7 +63,7 @@ from .base import (
 )
 from .cg import CGReason, CGResult, cg
 from .linesearch import LineSearchResult, armijo, fixed_step
-from .momentum import _float_array
+from .momentum import _check_cache
 from .operators import CURVATURES, HessianOperator, LinearOperator, curvature_operator, damped
 from .preconditioners import (
     PRECONDITIONERS,
@@ -261,21 +262,7 @@ class NewtonState(SolverState):
                     f"got dtype {warm.dtype} shape {warm.shape}"
                 )
             object.__setattr__(self, "cg_warm", warm)
-        for name in ("cache_w", "cache_grad"):
-            object.__setattr__(self, name, _float_array(getattr(self, name), "NewtonState",
-                                                        name))
-        parts = (self.cache_w, self.cache_value, self.cache_grad)
-        if any(p is None for p in parts) != all(p is None for p in parts):
-            raise ValueError("NewtonState: cache_w, cache_value and cache_grad must all be set "
-                             "or all be None")
-        if self.cache_value is not None:
-            value = _optional_float("cache_value", self.cache_value, -math.inf, math.inf)
-            if value is None or not math.isfinite(value):
-                raise ValueError(f"NewtonState.cache_value must be finite, "
-                                 f"got {self.cache_value!r}")
-            object.__setattr__(self, "cache_value", value)
-            if self.cache_w.shape != self.cache_grad.shape:  # type: ignore[union-attr]
-                raise ValueError("NewtonState: cache_w and cache_grad differ in shape")
+        _check_cache(self)
         super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
@@ -545,7 +532,8 @@ def newton_step(
     if value_and_grad is None and config.trial_gradient:
         value_and_grad = cached_value_and_grad(w, state)
     loss, g = check_value_and_grad(problem, w, value_and_grad, "newton_step")
-    state = state.replace(cache_w=None, cache_value=None, cache_grad=None)
+    if state.cache_w is not None:  # used or stale: never carried past this step
+        state = state.replace(cache_w=None, cache_value=None, cache_grad=None)
     gg = float(g @ g)
     grad_norm = math.sqrt(gg)
     damping = current_damping(state, config)
@@ -705,18 +693,6 @@ def newton_step(
     return new_w, new_state, info
 
 
-def cached_value_and_grad(w: np.ndarray, state: NewtonState
-                          ) -> tuple[float, np.ndarray] | None:
-    """``(c(w), grad c(w))`` kept by ``trial_gradient`` if ``w`` is bitwise ``cache_w``."""
-    cw = state.cache_w
-    w = np.asarray(w)
-    if (cw is None or state.cache_value is None or state.cache_grad is None
-            or cw.dtype != w.dtype or cw.shape != w.shape
-            or cw.tobytes() != np.ascontiguousarray(w).tobytes()):
-        return None
-    return state.cache_value, state.cache_grad
-
-
 class NewtonCG:
     """Globalised Newton-CG (thesis Algorithm 4) on the shared method interface."""
 
@@ -746,7 +722,7 @@ class NewtonCG:
     @staticmethod
     def cached_value_and_grad(w: np.ndarray, state: NewtonState
                               ) -> tuple[float, np.ndarray] | None:
-        """What :func:`cached_value_and_grad` keeps for ``w``, else None."""
+        """What ``trial_gradient`` kept for ``w`` (bitwise ``cache_w``), else None."""
         return cached_value_and_grad(w, state)
 
     def step(self, problem: Problem, w: np.ndarray, state: NewtonState, *,
