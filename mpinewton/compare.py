@@ -136,6 +136,7 @@ class _Race:
         self.paused = 0.0
         self.pass_total = 0.0
         self.last_eval = -math.inf
+        self.growth = None  # optimizer.curvature_growth (set by race)
 
     def counts(self) -> tuple[int, int]:
         """Evaluations over the batch, and curvature products over the curvature rows.
@@ -173,8 +174,9 @@ class _Race:
             self.batch = self.curvature_rows = batch.size
         if self.curvature is not None:
             t0 = time.perf_counter()  # choosing the rows is bookkeeping, not optimisation
+            fraction = self.fraction if self.growth is None else self.growth.current()
             self.curvature_rows = set_curvature_rows(
-                self.curvature, self.comm.size, self.batch, self.fraction,
+                self.curvature, self.comm.size, self.batch, fraction,
                 session.job.run.seed, k, x, y, lo, hi)
             self.paused += time.perf_counter() - t0
 
@@ -188,7 +190,9 @@ class _Race:
         if self.sampler is None:
             self.trace.append({"iter": k - 1, "seconds": self.t_before,
                                "passes": self.p_before, "loss": info.loss})
-        self.records.append({"iter": k, **info.record()})
+        self.records.append({"iter": k, **info.record(), "curvature_samples": self.curvature_rows})
+        if self.growth is not None:
+            self.growth.update(self.records[-1].get("damping"))
         # Each rank reads its own clock; one Allreduce makes both decisions the same on
         # every rank (any rank past the limit stops all; any rank due evaluates), so the
         # evaluation's collectives are taken by every rank or by none (design: lockstep).
@@ -210,6 +214,7 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     batches) the race draws mini-batches and traces ``evaluator``'s loss.
     """
     from mpinewton.solvers import METHODS, Phase, run
+    from mpinewton.train.loop import curvature_growth
     from mpinewton.train.subsample import SplitProblem
 
     comm, opt = session.comm, variant.optimizer
@@ -221,12 +226,15 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
         curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
                                       curvature_count(batch, opt.curvature_fraction))
         problem = SplitProblem(objective, curvature)
-        _warm_up_curvature(session, objective, curvature, w0, opt.curvature_fraction, batch,
-                           products_used([opt]))
+        growth = curvature_growth(opt)  # every fraction it can reach compiles here, unclocked
+        for fraction in [opt.curvature_fraction] if growth is None else growth.fractions():
+            _warm_up_curvature(session, objective, curvature, w0, fraction, batch,
+                               products_used([opt]))
     method = METHODS[opt.method](opt.params)
     comm.barrier()
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
                   sampler, evaluator, eval_seconds)
+    hooks.growth = curvature_growth(opt)
     if sampler is not None:
         if sampler.batch_size != session.sampler.batch_size:  # compile its shapes unclocked
             from mpinewton.train.subsample import load_batch

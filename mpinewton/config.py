@@ -31,6 +31,7 @@ KERAS_LOSS_PREFIX = "keras:"
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 PREPROCESSES = ("scale", "caffe")
 BATCH_GROWTH = ("none", "norm_test")
+CURVATURE_GROWTH = ("none", "damping")
 
 #: The Newton-CG settings measured fastest (docs/results.md): what ``mpinewton.fit`` uses
 #: when no job is given. ``jobs/mnist_cnn.toml`` spells out the same (a test checks it), with
@@ -145,6 +146,12 @@ class OptimizerConfig:
     pretrain_lr: float = 1.0  # learning rate of pre-training
     gtol: float = 0.0  # stop once |g| <= gtol (on the batch, with mini-batches); 0 = never
     curvature_fraction: float = 1.0  # part of the batch the curvature products use, in (0, 1]
+    # "damping": the fraction doubles while Levenberg-Marquardt damping stays high (no effect
+    # with curvature_fraction = 1 or a method without LM damping, as curvature_fraction has none
+    # for a method without curvature)
+    curvature_growth: str = "none"
+    curvature_growth_threshold: float = 2.0  # ... above this many times its initial value
+    curvature_fraction_max: float = 1.0  # it grows to at most this, in (0, 1] (<= fraction: never)
     batch_growth: str = "none"  # "norm_test": grow mini-batches by the norm test (BBN 2018)
     batch_theta: float = 0.9  # the norm test's theta > 0: smaller grows batches sooner
     batch_max: int = 0  # batches grow to at most this many samples; 0 = all of them
@@ -161,6 +168,15 @@ class OptimizerConfig:
         if self.curvature_fraction > 1:
             raise ParameterError("OptimizerConfig", "curvature_fraction", self.curvature_fraction,
                                  "a number in (0, 1]")
+        require(self, "curvature_growth", "choice", choices=CURVATURE_GROWTH)
+        require(self, "curvature_growth_threshold", "> 0")
+        if self.curvature_growth_threshold <= 1:
+            raise ParameterError("OptimizerConfig", "curvature_growth_threshold",
+                                 self.curvature_growth_threshold, "a number > 1")
+        require(self, "curvature_fraction_max", "> 0")
+        if self.curvature_fraction_max > 1:
+            raise ParameterError("OptimizerConfig", "curvature_fraction_max",
+                                 self.curvature_fraction_max, "a number in (0, 1]")
         require(self, "batch_growth", "choice", choices=BATCH_GROWTH)
         require(self, "batch_theta", "> 0")
         require(self, "batch_max", "int >= 0")

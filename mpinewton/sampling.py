@@ -145,3 +145,84 @@ def norm_test(batch_size: int, mean_squares: float, grad_norm_sq: float,
     if variance / batch_size <= theta**2 * grad_norm_sq:
         return None
     return math.ceil(variance / (theta**2 * grad_norm_sq))
+
+
+
+@dataclass
+class CurvatureGrowth:
+    """The curvature fraction of each iteration: it grows while the damping stays high.
+
+    A small curvature sample is cheap and good enough while the loss falls
+    fast; late in a run the steps that still gain lie along directions of
+    small curvature, which a small sample estimates poorly. Levenberg-Marquardt
+    damping answers a poor model by shrinking the step towards gradient
+    descent; past a point a larger sample is the cheaper answer (measured in
+    docs/results.md: from the same late weights, 20 % of the images gave
+    0.4344 in 150 s where 5 % gave 0.4462, with damping 4e-4 against 5e-2).
+
+    Rule (``optimizer.curvature_growth = "damping"``): ``a_k`` is an
+    exponential average of ``log lambda_k`` (weight ``smoothing`` on the past,
+    started at the initial damping ``lambda_0``). When ``a_k > log(threshold
+    lambda_0)`` the fraction doubles (at most ``fraction_max``) and the
+    average restarts at ``log lambda_0``, so a further doubling needs the
+    damping to stay high again with the larger sample. Doubling levels keep
+    the compiled shapes few. ``lambda_k`` is rank 0's decision, the same on
+    every rank, so every rank picks the same fraction. The state goes into
+    checkpoints (:meth:`state`), so a resumed run continues the same sequence.
+    """
+
+    fraction: float
+    damping: float  # lambda_0, the method's initial damping
+    threshold: float = 2.0
+    fraction_max: float = 1.0
+    smoothing: float = 0.9
+    level: int = 0
+    log_avg: float | None = None  # None: log(lambda_0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= self.fraction_max <= 1.0:
+            raise ValueError("curvature growth needs 0 < fraction <= fraction_max <= 1, got "
+                             f"{self.fraction!r} and {self.fraction_max!r}")
+        if not (math.isfinite(self.damping) and self.damping > 0):
+            raise ValueError(f"curvature growth needs an initial damping > 0, got "
+                             f"{self.damping!r}")
+        if not (math.isfinite(self.threshold) and self.threshold > 1):
+            raise ValueError(f"curvature growth threshold must be > 1, got {self.threshold!r}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"curvature growth smoothing must be in [0, 1), got "
+                             f"{self.smoothing!r}")
+
+    @property
+    def max_level(self) -> int:
+        """The first level whose fraction reaches ``fraction_max``."""
+        return max(0, math.ceil(math.log2(self.fraction_max / self.fraction) - 1e-12))
+
+    def fractions(self) -> list[float]:
+        """Every fraction the rule can reach, from the first (the shapes to compile)."""
+        return [min(self.fraction_max, self.fraction * 2.0 ** j)
+                for j in range(self.max_level + 1)]
+
+    def current(self) -> float:
+        """The fraction the next iteration uses."""
+        return min(self.fraction_max, self.fraction * 2.0 ** self.level)
+
+    def update(self, damping: float | None) -> float:
+        """Take the step's damping into account; the fraction of the next iteration."""
+        if damping is None or not (math.isfinite(damping) and damping > 0):
+            return self.current()
+        ref = math.log(self.damping)
+        avg = ref if self.log_avg is None else self.log_avg
+        avg = self.smoothing * avg + (1.0 - self.smoothing) * math.log(damping)
+        if avg > ref + math.log(self.threshold) and self.level < self.max_level:
+            self.level, avg = self.level + 1, ref
+        self.log_avg = avg
+        return self.current()
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (``log_avg`` None before the first step)."""
+        return {"level": self.level, "log_avg": self.log_avg}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` of an earlier run with the same settings."""
+        self.level = min(self.max_level, int(state["level"]))
+        self.log_avg = None if state.get("log_avg") is None else float(state["log_avg"])

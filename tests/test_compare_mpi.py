@@ -34,12 +34,19 @@ def test_compare_races_variants_from_the_same_weights(dataset, tmp_path):
                     "--variant", "gd=gd,learning_rate=0.5",
                     "--variant", "hf=newton,curvature=gauss_newton,"
                                  "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
-                    "--variant", "lbfgs=lbfgs")
+                    "--variant", "lbfgs=lbfgs",
+                    # damping >= 10 x its initial value: the sample doubles after each step
+                    "--variant", "grow=newton,curvature=gauss_newton,damping_rule="
+                                 "levenberg_marquardt,curvature_fraction=0.2,damping=1e-2,"
+                                 "damping_min=0.1,curvature_growth=damping,"
+                                 "curvature_growth_threshold=1.001,curvature_fraction_max=1.0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     results = {r["label"]: r for r in report["results"]}
-    assert list(results) == ["gd", "hf", "lbfgs"]
+    assert list(results) == ["gd", "hf", "lbfgs", "grow"]
+    # 101 samples: ceil(0.2 x 101) = 21, then 41 (0.4), 81 (0.8)
+    assert [s["curvature_samples"] for s in results["grow"]["steps"]] == [21, 41, 81]
     starts = {r["trace"][0]["loss"] for r in results.values()}
     assert len(starts) == 1 and report["start_loss"] in starts  # one starting point
     for r in results.values():
@@ -107,11 +114,12 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
                     "--variant", "gd-again=gd,learning_rate=0.3",
                     "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
                     "--variant", "hf=newton,curvature=gauss_newton,"
-                                 "damping_rule=levenberg_marquardt,curvature_fraction=0.5")
+                                 "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
+                    "--variant", "lbfgs=lbfgs")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["batch_size"] == 20 and report["eval_samples"] == 30
-    assert report["complete"] is True and len(report["variants"]) == 4  # rewritten per variant
+    assert report["complete"] is True and len(report["variants"]) == 5  # rewritten per variant
     results = {r["label"]: r for r in report["results"]}
     assert results["gd"]["trace"] == [{**p, "seconds": results["gd"]["trace"][i]["seconds"]}
                                       for i, p in enumerate(results["gd-again"]["trace"])]
@@ -127,6 +135,13 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     assert results["gd-b40"]["trace"][1]["loss"] != results["gd"]["trace"][1]["loss"]
     assert len({r["trace"][0]["loss"] for r in results.values()}) == 1
     assert {s["curvature"] for s in results["hf"]["steps"]} == {"gauss_newton"}
+    # L-BFGS keeps its last trial's loss and gradient for the next step; on a new
+    # batch it must not use them: each step's loss is on its own batch, not the
+    # previous step's new_loss (which a reused cache would give bit for bit).
+    lbfgs = results["lbfgs"]["steps"]
+    assert len(lbfgs) == 4
+    assert all(now["loss"] != before["new_loss"]
+               for before, now in zip(lbfgs[:-1], lbfgs[1:], strict=True))
 
     run_dir = tmp_path / "run"
     cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",

@@ -152,6 +152,32 @@ def test_batch_growth_needs_mini_batches_and_sane_values():
         load_job(None, ["optimizer.batch_size=100", "optimizer.batch_theta=0"])
 
 
+def test_curvature_growth_settings_and_where_it_is_off():
+    lm = ["optimizer.curvature='gauss_newton'", "optimizer.damping_rule='levenberg_marquardt'"]
+    job = load_job(None, [*lm, "optimizer.curvature_fraction=0.05",
+                          "optimizer.curvature_growth='damping'",
+                          "optimizer.curvature_fraction_max=0.4"])
+    opt = job.optimizer
+    assert (opt.curvature_growth, opt.curvature_growth_threshold, opt.curvature_fraction_max) == \
+        ("damping", 2.0, 0.4)
+    # Where there is nothing to grow or no damping to read, the rule is off (as
+    # curvature_fraction is for methods without curvature), so the default job's
+    # growth does not stand in the way of --set optimizer.method=... or fraction 1.
+    from mpinewton.train.loop import curvature_growth
+
+    assert curvature_growth(opt) is not None
+    for sets in (["optimizer.curvature_fraction=1.0"], ["optimizer.damping_rule='fixed'"],
+                 ["optimizer.method='gd'"], ["optimizer.curvature_fraction=0.5"]):
+        job = load_job(None, [*lm, "optimizer.curvature_growth='damping'", *sets])
+        assert curvature_growth(job.optimizer) is None, sets
+    with pytest.raises(ConfigError, match="did you mean 'damping'"):
+        load_job(None, ["optimizer.curvature_growth='dampin'"])
+    with pytest.raises(ConfigError, match=r"curvature_fraction_max = 1.5 must be a number in"):
+        load_job(None, ["optimizer.curvature_fraction_max=1.5"])
+    with pytest.raises(ConfigError, match="curvature_growth_threshold"):
+        load_job(None, ["optimizer.curvature_growth_threshold=1"])
+
+
 def test_recommended_optimizer_is_the_default_jobs():
     """mpinewton.fit's default Newton-CG is the default job's, but for pre-training and length."""
     from mpinewton.config import RECOMMENDED_OPTIMIZER

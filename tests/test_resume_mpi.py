@@ -141,9 +141,15 @@ def test_corrupt_latest_falls_back_to_older_checkpoint(dataset, tmp_path):
     ["optimizer.curvature='gauss_newton'", "optimizer.damping_rule='levenberg_marquardt'",
      "optimizer.preconditioner='fisher'", "optimizer.forcing='eisenstat_walker'",
      "optimizer.warm_start='previous'"],
-], ids=["lbfgs", "newton-gauss-newton-lm"])
+    ["optimizer.curvature='gauss_newton'", "optimizer.damping_rule='levenberg_marquardt'",
+     "optimizer.curvature_fraction=0.2", "optimizer.curvature_growth='damping'",
+     "optimizer.curvature_growth_threshold=1.001", "optimizer.curvature_fraction_max=1.0",
+     "optimizer.damping=1e-2",
+     "optimizer.damping_min=0.1"],  # damping >= 10 x its initial value: growth at every step
+], ids=["lbfgs", "newton-gauss-newton-lm", "curvature-growth"])
 def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
-    """The L-BFGS memory and gradient cache, the LM damping and forcing state resume exactly."""
+    """The L-BFGS memory and gradient cache, the LM damping and forcing state, and the
+    curvature fraction's growth resume exactly."""
     sets = [arg for item in method for arg in ("--set", item)]
     straight = tmp_path / "straight"
     proc = run_job(2, *small_job(dataset), *sets, "--run-dir", str(straight))
@@ -159,3 +165,8 @@ def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
     drop = TIMING | {"weights_sha256"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(run_dir)] == \
         [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(straight)]
+    if "optimizer.curvature_growth='gradient'" in method:
+        # The sample doubled after every step, also across the checkpoint after iteration 2
+        # (a fresh rule would have started over at 20 %).
+        sizes = [r["curvature_samples"] for r in read_metrics(straight) if "curvature_samples" in r]
+        assert len(sizes) == 4 and sizes[0] < sizes[1] < sizes[2] < sizes[3], sizes

@@ -114,3 +114,59 @@ def test_sampler_grows_and_restores_a_grown_size():
     restored = MiniBatchSampler.from_state(state, num_samples=50, batch_size=5, growing=True)
     assert restored.batch_size == 12
     np.testing.assert_array_equal(restored.next(), s.next())
+
+
+
+def test_curvature_growth_follows_the_hand_computed_sequence():
+    """Levels from the running average of log(damping) (smoothing 1/2, threshold 2), by hand.
+
+    ref = log 1e-2. 8e-2: avg = ref + 1.5 ln 2 > ref + ln 2, level 1, avg back to ref;
+    1e-2: ref; 3e-2: ref + 0.5 ln 3 < ln 2 (stays); 3e-2: ref + 0.75 ln 3 > ln 2, level 2;
+    a NaN or None changes nothing; 1e3 twice: level 3 = 0.4, the cap, where it stays.
+    """
+    from mpinewton.sampling import CurvatureGrowth
+
+    g = CurvatureGrowth(0.05, 1e-2, threshold=2.0, fraction_max=0.4, smoothing=0.5)
+    assert g.current() == 0.05 and g.fractions() == [0.05, 0.1, 0.2, 0.4]
+    got = [g.update(x) for x in (8e-2, 1e-2, 3e-2, 3e-2, float("nan"), None, 1e3, 1e3, 1e3)]
+    assert got == [0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.4, 0.4, 0.4]
+    assert g.level == 3 == g.max_level
+
+
+def test_curvature_growth_never_shrinks_and_caps_between_levels():
+    """Low damping never lowers the fraction; a cap between two levels is the last one."""
+    from mpinewton.sampling import CurvatureGrowth
+
+    g = CurvatureGrowth(0.05, 1e-2, threshold=2.0, fraction_max=0.3, smoothing=0.0)
+    assert g.fractions() == [0.05, 0.1, 0.2, 0.3]
+    assert [g.update(x) for x in (1e-1, 1e-6, 1e-6, 1e-1, 1e-1, 1e-1, 1e-1)] == \
+        [0.1, 0.1, 0.1, 0.2, 0.3, 0.3, 0.3]
+
+
+def test_curvature_growth_state_continues_the_same_sequence():
+    from mpinewton.sampling import CurvatureGrowth
+
+    damping = [1e-2, 3e-2, 5e-2, 2e-2, 8e-2, 8e-2, 1e-2, 9e-2, 9e-2, 9e-2]
+    straight = CurvatureGrowth(0.05, 1e-2)
+    expected = [straight.update(x) for x in damping]
+    first = CurvatureGrowth(0.05, 1e-2)
+    for x in damping[:3]:
+        first.update(x)
+    resumed = CurvatureGrowth(0.05, 1e-2)
+    resumed.restore(first.state())
+    assert [resumed.update(x) for x in damping[3:]] == expected[3:]
+    assert expected[0] == expected[3] < expected[-1], expected  # it grows after the restart
+    fresh = CurvatureGrowth(0.05, 1e-2)  # before any step: nothing to restore but level 0
+    fresh.restore(CurvatureGrowth(0.05, 1e-2).state())
+    assert fresh.state() == {"level": 0, "log_avg": None}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"fraction": 0.0}, {"fraction": 0.5, "fraction_max": 0.4}, {"damping": 0.0},
+    {"threshold": 1.0}, {"threshold": float("inf")}, {"smoothing": 1.0},
+    {"fraction_max": 1.5}])
+def test_curvature_growth_rejects_bad_settings(kwargs):
+    from mpinewton.sampling import CurvatureGrowth
+
+    with pytest.raises(ValueError, match="curvature growth"):
+        CurvatureGrowth(**{"fraction": 0.1, "damping": 1e-2, **kwargs})

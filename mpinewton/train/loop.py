@@ -176,7 +176,25 @@ def format_line(rec: dict[str, Any]) -> str:
             f"|g| {rec['grad_norm']:.3e}"
             f"  cg {cg}  step {rec['step_size']:.3g}{' FALLBACK' if rec['fallback'] else ''}"
             f"  {rec['iter_seconds']:6.2f}s  t={rec['wall_time']:7.1f}s"
-            + (f"  batch -> {rec['next_batch_size']}" if rec.get("next_batch_size") else ""))
+            + (f"  batch -> {rec['next_batch_size']}" if rec.get("next_batch_size") else "")
+            + (f"  curvature -> {rec['next_curvature_fraction']:.3g}" if rec.get("curvature_grew")
+               else ""))
+
+
+def curvature_growth(opt: Any) -> Any:
+    """The job's :class:`mpinewton.sampling.CurvatureGrowth`, or None.
+
+    None without growth, without room to grow (``curvature_fraction >=
+    curvature_fraction_max``, which 1 always is), or for a method whose damping
+    does not adapt (the rule reads Levenberg-Marquardt damping).
+    """
+    if opt.curvature_growth == "none" or opt.curvature_fraction >= opt.curvature_fraction_max or \
+            getattr(opt.params, "damping_rule", None) != "levenberg_marquardt":
+        return None
+    from mpinewton.sampling import CurvatureGrowth
+
+    return CurvatureGrowth(opt.curvature_fraction, opt.params.damping,
+                           opt.curvature_growth_threshold, opt.curvature_fraction_max)
 
 
 class TrainingHooks(LoopHooks):
@@ -215,6 +233,11 @@ class TrainingHooks(LoopHooks):
             self.curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
                                                curvature_count(batch, opt.curvature_fraction))
             self.problem = SplitProblem(self.objective, self.curvature)
+        self.growth = curvature_growth(opt)
+        if self.growth is not None and session.resume is not None:
+            saved_growth = session.resume.state.get("schedule", {}).get("curvature_growth")
+            if saved_growth is not None:
+                self.growth.restore(saved_growth)
         stats = self.objective.stats
         self.products_before = self.progress["hvps"]  # curvature products of earlier runs
         stats.grads = self.progress["gradients"]
@@ -341,9 +364,10 @@ class TrainingHooks(LoopHooks):
         from mpinewton.train.subsample import set_curvature_rows
 
         job = self.session.job
+        fraction = job.optimizer.curvature_fraction if self.growth is None \
+            else self.growth.current()
         self.record["curvature_samples"] = set_curvature_rows(
-            self.curvature, self.comm.size, batch, job.optimizer.curvature_fraction,
-            job.run.seed, k, x, y, lo, hi)
+            self.curvature, self.comm.size, batch, fraction, job.run.seed, k, x, y, lo, hi)
 
     def after_step(self, k: int, phase: Phase, w: np.ndarray, state: SolverState,
                    info: StepRecord) -> tuple[np.ndarray, bool | LoopReason]:
@@ -367,6 +391,10 @@ class TrainingHooks(LoopHooks):
             self.progress["cg_iters"] += record["cg_iters"] or 0
             self.progress["method_iters"] += 1
             self._grow_batch(record, info)
+            if self.growth is not None:
+                before = self.growth.current()
+                record["next_curvature_fraction"] = self.growth.update(record.get("damping"))
+                record["curvature_grew"] = record["next_curvature_fraction"] > before
         self.out.log(record)
         if self.out.tensorboard is not None:
             self.out.tensorboard.iteration(record)
@@ -443,10 +471,13 @@ class TrainingHooks(LoopHooks):
         sampler, job = self.session.sampler, self.session.job
         sampling = sampler.state() if sampler is not None else {
             "mode": "full_batch", "epoch": iteration, "position": 0, "seed": job.run.seed}
-        return {"iteration": iteration, "total_iterations": len(names),
-                "phase": names[iteration - 1] if 0 < iteration <= len(names) else "start",
-                "next_phase": names[iteration] if iteration < len(names) else "done",
-                "method": job.optimizer.method, "sampling": sampling}
+        state = {"iteration": iteration, "total_iterations": len(names),
+                 "phase": names[iteration - 1] if 0 < iteration <= len(names) else "start",
+                 "next_phase": names[iteration] if iteration < len(names) else "done",
+                 "method": job.optimizer.method, "sampling": sampling}
+        if self.growth is not None:  # the curvature fraction's rule (optimizer.curvature_growth)
+            state["curvature_growth"] = self.growth.state()
+        return state
 
 
 class Validation:
