@@ -123,7 +123,7 @@ class _Race:
 
     def __init__(self, session: Any, problem: Any, objective: Any, curvature: Any,
                  fraction: float, limit: float, sampler: Any = None, evaluator: Any = None,
-                 eval_seconds: float = 0.0) -> None:
+                 eval_seconds: float = 0.0, growth: Any = None) -> None:
         self.session, self.comm = session, session.comm
         self.problem, self.objective, self.curvature = problem, objective, curvature
         self.fraction, self.limit, self.sampler = fraction, limit, sampler
@@ -136,7 +136,7 @@ class _Race:
         self.paused = 0.0
         self.pass_total = 0.0
         self.last_eval = -math.inf
-        self.growth = None  # optimizer.curvature_growth (set by race)
+        self.growth = growth  # optimizer.curvature_growth's rule, or None
 
     def counts(self) -> tuple[int, int]:
         """Evaluations over the batch, and curvature products over the curvature rows.
@@ -219,6 +219,7 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
 
     comm, opt = session.comm, variant.optimizer
     problem, curvature = objective, None
+    growth = curvature_growth(opt)
     if opt.curvature_fraction < 1:
         from mpinewton.sampling import curvature_count
 
@@ -226,15 +227,14 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
         curvature = session.objective(session.shard.x[:0], session.shard.y[:0],
                                       curvature_count(batch, opt.curvature_fraction))
         problem = SplitProblem(objective, curvature)
-        growth = curvature_growth(opt)  # every fraction it can reach compiles here, unclocked
+        # every fraction the rule can reach compiles here, unclocked
         for fraction in [opt.curvature_fraction] if growth is None else growth.fractions():
             _warm_up_curvature(session, objective, curvature, w0, fraction, batch,
                                products_used([opt]))
     method = METHODS[opt.method](opt.params)
     comm.barrier()
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
-                  sampler, evaluator, eval_seconds)
-    hooks.growth = curvature_growth(opt)
+                  sampler, evaluator, eval_seconds, growth)
     if sampler is not None:
         if sampler.batch_size != session.sampler.batch_size:  # compile its shapes unclocked
             from mpinewton.train.subsample import load_batch

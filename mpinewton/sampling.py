@@ -147,7 +147,6 @@ def norm_test(batch_size: int, mean_squares: float, grad_norm_sq: float,
     return math.ceil(variance / (theta**2 * grad_norm_sq))
 
 
-
 @dataclass
 class CurvatureGrowth:
     """The curvature fraction of each iteration: it grows while the damping stays high.
@@ -197,14 +196,17 @@ class CurvatureGrowth:
         """The first level whose fraction reaches ``fraction_max``."""
         return max(0, math.ceil(math.log2(self.fraction_max / self.fraction) - 1e-12))
 
+    def at_level(self, level: int) -> float:
+        """The fraction of ``level``: ``fraction * 2**level``, at most ``fraction_max``."""
+        return min(self.fraction_max, self.fraction * 2.0 ** level)
+
     def fractions(self) -> list[float]:
         """Every fraction the rule can reach, from the first (the shapes to compile)."""
-        return [min(self.fraction_max, self.fraction * 2.0 ** j)
-                for j in range(self.max_level + 1)]
+        return [self.at_level(j) for j in range(self.max_level + 1)]
 
     def current(self) -> float:
         """The fraction the next iteration uses."""
-        return min(self.fraction_max, self.fraction * 2.0 ** self.level)
+        return self.at_level(self.level)
 
     def update(self, damping: float | None) -> float:
         """Take the step's damping into account; the fraction of the next iteration."""
