@@ -8,6 +8,9 @@ Speed and memory targets are checked here, never by timed unit tests.
 ``table``     one HVP at b = 1 ... 10,000 beside the thesis' table 14.2.
 ``ranks``     one Newton iteration on 2 ranks x 1 thread against 1 rank x 2 threads
               (launches mpirun itself), and the share of time inside Allreduce.
+``micro-batches``  the gradient, Gauss-Newton product, HVP, and the products on a 5 %
+              curvature sample on 2 ranks x 1 thread at micro-batches of 250, 500,
+              1,000 and 2,000 (``--sizes``): the speed that ``objective.micro_batch`` sets.
 ``memory``    peak RSS of one rank computing a full-shard HVP, shard 25,000 and 50,000
               (one fresh process each).
 
@@ -117,8 +120,43 @@ def _set_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
+def _interleaved(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Times of ``repeats`` rounds in which every function runs once, in turn.
+
+    The machine's speed drifts between minutes (10-30 % on a shared virtual
+    machine); timing one product's repeats and then the other's puts that
+    drift into their ratio. Within a round the products run seconds apart, so
+    the ratio of two times of one round is nearly free of it; the order turns
+    every round, so neither product always runs first. Each is called once to
+    compile before the first round.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _round_ratios(num: list[float], den: list[float]) -> dict[str, float]:
+    """The median and range of the per-round ratios ``num / den``."""
+    ratios = np.array(num) / np.array(den)
+    return {"median": float(np.median(ratios)), "min": float(ratios.min()),
+            "max": float(ratios.max())}
+
+
 def bench_products(args: argparse.Namespace) -> dict[str, Any]:
-    """HVP / gradient time ratio at b = 10,000 and 50,000 or ``--sizes`` (both HVP modes)."""
+    """HVP / gradient time ratio at b = 10,000 and 50,000 or ``--sizes`` (both HVP modes).
+
+    The products of one case run interleaved (:func:`_interleaved`); each
+    case reports the best time of each product, the ratio of the bests, and
+    the median and range of the per-round ratios (the figure least moved by
+    the machine's drift).
+    """
     out: dict[str, Any] = {}
     sizes = args.sizes or PRODUCTS_SIZES
     cases = [(b, mode, True) for b in sizes
@@ -127,15 +165,26 @@ def bench_products(args: argparse.Namespace) -> dict[str, Any]:
     for b, mode, jit in cases:
         local, w = _objective(b, args.data, args.micro_batch, hvp=mode, jit=jit)
         v = np.random.default_rng(1).standard_normal(w.size)
-        grad_s = _best_of(lambda local=local, w=w: local.loss_grad_sum(w), args.repeats)
-        hvp_s = _best_of(lambda local=local, w=w, v=v: local.hvp_sum(w, v), args.repeats)
+        fns = {"grad": lambda local=local, w=w: local.loss_grad_sum(w),
+               "hvp": lambda local=local, w=w, v=v: local.hvp_sum(w, v)}
+        gn = mode == "reverse_over_reverse"  # the Gauss-Newton product has one mode
+        if gn:
+            fns["gnvp"] = lambda local=local, w=w, v=v: local.gnvp_sum(w, v)
+        times = _interleaved(fns, args.repeats)
+        grad_s, hvp_s = min(times["grad"]), min(times["hvp"])
+        rounds = _round_ratios(times["hvp"], times["grad"])
         key = f"b={b} {mode}{'' if jit else ' (no XLA)'}"
-        out[key] = {"grad_s": grad_s, "hvp_s": hvp_s, "ratio": hvp_s / grad_s}
+        out[key] = {"grad_s": grad_s, "hvp_s": hvp_s, "ratio": hvp_s / grad_s,
+                    "ratio_median": rounds["median"], "ratio_min": rounds["min"],
+                    "ratio_max": rounds["max"], "rounds": args.repeats}
         line = (f"{key:<46} gradient {grad_s:7.3f}s  HVP {hvp_s:7.3f}s  "
-                f"HVP/gradient {hvp_s / grad_s:5.2f}")
-        if mode == "reverse_over_reverse":  # the Gauss-Newton product has one mode
-            gn_s = _best_of(lambda local=local, w=w, v=v: local.gnvp_sum(w, v), args.repeats)
-            out[key].update(gnvp_s=gn_s, gnvp_over_hvp=gn_s / hvp_s, gnvp_over_grad=gn_s / grad_s)
+                f"HVP/gradient {hvp_s / grad_s:5.2f} (rounds: median {rounds['median']:5.2f}, "
+                f"{rounds['min']:.2f}-{rounds['max']:.2f})")
+        if gn:
+            gn_s = min(times["gnvp"])
+            out[key].update(gnvp_s=gn_s, gnvp_over_hvp=gn_s / hvp_s, gnvp_over_grad=gn_s / grad_s,
+                            gnvp_over_hvp_median=_round_ratios(times["gnvp"],
+                                                               times["hvp"])["median"])
             line += f"  GN {gn_s:7.3f}s  GN/HVP {gn_s / hvp_s:5.2f}"
         print(line, flush=True)
     return out
@@ -220,6 +269,87 @@ def bench_ranks(args: argparse.Namespace) -> dict[str, Any]:
     ratio = out["2x1"]["seconds"] / out["1x2"]["seconds"]
     out["ratio_2x1_over_1x2"] = ratio
     print(f"ratio (2x1)/(1x2) = {ratio:.3f}", flush=True)
+    return out
+
+
+#: Micro-batches of ``micro-batches`` unless ``--sizes`` is given.
+MICRO_BATCHES = (250, 500, 1000, 2000)
+#: The curvature sample of ``micro-batches``: the default job's first fraction.
+MICRO_BATCH_CURVATURE_FRACTION = 0.05
+
+
+def micro_batch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Time one rank's share of a training step's products at each micro-batch size.
+
+    For every size of ``--sizes``: the gradient, a Gauss-Newton product and an
+    HVP on this rank's shard of ``--samples``, and a Gauss-Newton product and
+    the Fisher diagonal on its part of a 5 % curvature sample, padded as the
+    trainer pads it (:func:`mpinewton.train.subsample.set_curvature_rows`).
+    Each call includes its Allreduce; all run interleaved (:func:`_interleaved`).
+    """
+    from mpinewton.comm import world
+    from mpinewton.data import shard_bounds
+    from mpinewton.objective import DistributedObjective
+    from mpinewton.sampling import curvature_count
+
+    comm = world()
+    sizes = args.sizes or MICRO_BATCHES
+    lo, hi = shard_bounds(args.samples, comm.rank, comm.size)
+    m = curvature_count(args.samples, MICRO_BATCH_CURVATURE_FRACTION)
+    part = -(-m // comm.size)
+    x, y = _images(args.samples, args.data)
+    fns: dict[str, Any] = {}
+    for mb in sizes:
+        local, w = _objective(args.samples, args.data, mb, lo=lo, hi=hi)
+        full = DistributedObjective(local, comm, args.samples)
+        sub_local, _ = _objective(args.samples, args.data, mb, lo=lo, hi=hi)
+        sub_local.set_samples(x[lo:lo + part], y[lo:lo + part],
+                              pad_to=max(1, -(-5 * m // (4 * comm.size))))
+        sub = DistributedObjective(sub_local, comm, m)
+        v = np.random.default_rng(1).standard_normal(w.size)
+        fns[f"{mb} gradient"] = lambda full=full, w=w: full.value_and_grad(w)
+        fns[f"{mb} gauss-newton"] = lambda full=full, w=w, v=v: full.gnvp(w, v)
+        fns[f"{mb} hvp"] = lambda full=full, w=w, v=v: full.hvp(w, v)
+        fns[f"{mb} gauss-newton on 5 %"] = lambda sub=sub, w=w, v=v: sub.gnvp(w, v)
+        fns[f"{mb} fisher diagonal on 5 %"] = lambda sub=sub, w=w: sub.grad_squares(w)
+    times = _interleaved(fns, args.repeats)
+    out: dict[str, Any] = {"ranks": comm.size, "samples": args.samples,
+                           "curvature_samples": m}
+    for key, t in times.items():
+        mb, product = key.split(" ", 1)
+        out.setdefault(mb, {})[product] = {"median_s": float(np.median(t)), "best_s": min(t)}
+    return out
+
+
+def bench_micro_batches(args: argparse.Namespace) -> dict[str, Any]:
+    """A step's products on 2 ranks x 1 thread at micro-batches of 250 ... 2,000 (``--sizes``).
+
+    The micro-batch (``objective.micro_batch``) is how many samples one
+    compiled call takes; it sets how much of the activations stays in the
+    caches. Launches mpirun itself, as ``ranks`` does.
+    """
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise SystemExit("mpirun not found: run scripts/setup.sh")
+    sizes = ",".join(str(s) for s in (args.sizes or MICRO_BATCHES))
+    cmd = [mpirun, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.bench",
+           "_micro_batch_worker", "--threads", "1", "--samples", str(args.samples),
+           "--repeats", str(args.repeats), "--sizes", sizes]
+    if args.data:
+        cmd += ["--data", args.data]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
+                          check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed:\n{proc.stdout}\n{proc.stderr}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    products = list(next(v for k, v in out.items() if k.isdigit()))
+    print(f"{'micro-batch':>11}  " + "  ".join(f"{p:>24}" for p in products)
+          + "   (median seconds of the rounds, rank 0)", flush=True)
+    for mb in (k for k in out if k.isdigit()):
+        print(f"{mb:>11}  " + "  ".join(f"{out[mb][p]['median_s']:24.4f}" for p in products),
+              flush=True)
     return out
 
 
@@ -629,19 +759,21 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["all", "products", "table", "ranks", "memory", "hessian",
                                  "resnet", "resnet-memory", "resnet-small", "_newton_worker",
                                  "_memory_worker", "_resnet_memory_worker",
-                                 "_hessian_jacobian_worker"])
+                                 "_hessian_jacobian_worker", "micro-batches",
+                                 "_micro_batch_worker"])
     parser.add_argument("--data", default="data/mnist.h5", help="HDF5 dataset (MNIST)")
     parser.add_argument("--synthetic", action="store_true", help="random images instead")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="samples per compiled call (default 2000; hessian: 250; "
+                        help="samples per compiled call (default 500; hessian: 250; "
                         "resnet: 16, resnet-memory: 8)")
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--sizes", type=_sizes, default=None,
                         help="batch sizes of products, table and hessian, e.g. 10,20 "
-                        "(default: 10000,50000; the thesis' 1,10,100,1000,10000; 1,10,100,1000)")
+                        "(default: 10000,50000; the thesis' 1,10,100,1000,10000; 1,10,100,1000)"
+                        "; the micro-batches of micro-batches (default 250,500,1000,2000)")
     parser.add_argument("--cg", type=int, default=10, help="HVPs per Newton iteration (ranks)")
     parser.add_argument("--hvp", default="reverse_over_reverse",
                         help="HVP mode of hessian, resnet-memory and resnet-small")
@@ -664,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.micro_batch is None:
         args.micro_batch = {"resnet": 16, "resnet-small": 16, "resnet-memory": 8,
-                            "_resnet_memory_worker": 8, "hessian": 250}.get(args.which, 2000)
+                            "_resnet_memory_worker": 8, "hessian": 250}.get(args.which, 500)
     if args.synthetic or not Path(args.data).exists():
         args.data = None
     _set_threads(args.threads)
@@ -681,6 +813,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "_resnet_memory_worker":
         print(json.dumps(resnet_memory_worker(args)))
         return 0
+    if args.which == "_micro_batch_worker":
+        result = micro_batch_worker(args)
+        from mpinewton.comm import world
+
+        if world().is_root:
+            print(json.dumps(result))
+        return 0
     if args.which == "_hessian_jacobian_worker":
         print(json.dumps(hessian_jacobian_worker(args)))
         return 0
@@ -694,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["machine"]["tensorflow"] = tf.__version__
     steps = {"products": bench_products, "table": bench_table, "ranks": bench_ranks,
+             "micro-batches": bench_micro_batches,
              "memory": bench_memory, "hessian": bench_hessian, "resnet": bench_resnet,
              "resnet-memory": bench_resnet_memory, "resnet-small": bench_resnet_small}
     for name, fn in steps.items():

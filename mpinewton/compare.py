@@ -32,7 +32,9 @@ caps that variant's iterations below ``--max-iters``. In a mini-batch race
 ``batch_size=B`` gives one variant batches of ``B`` instead of the job's,
 cut from the same sequence of samples (the same epoch permutations from the
 same position), e.g. Newton-CG on larger batches than the first-order
-methods. Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
+methods; ``batch_growth=norm_test`` (with ``batch_theta``, ``batch_max``) lets
+one variant's batches grow from that size as the trainer's do.
+Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def parse_variant(spec: str, job: JobConfig) -> Variant:
         except tomllib.TOMLDecodeError:
             value = text
         table[key.strip()] = value
+    if table.get("batch_growth", "none") != "none" and "batch_size" not in table \
+            and job.optimizer.batch_size:  # progressive batches start from the job's size
+        table["batch_size"] = job.optimizer.batch_size
     notes: list[str] = []
     optimizer = _build_optimizer(table, f"--variant {label.strip()}", notes)
     optimizer = without_trial_gradient_on_batches(
@@ -119,11 +124,20 @@ class _Race:
     time with the clock stopped. Passes count samples: an evaluation of the
     loss, gradient, Fisher diagonal or a curvature product on ``m`` of the
     ``n_train`` training samples counts ``m / n_train``.
+
+    Progressive batches (``batch_growth``, the variant's optimizer config with
+    ``batch_growth != "none"``): before each step the mean squared per-sample
+    gradient on its batch (clocked, one pass of the batch), after it the norm
+    test, as the trainer does (:func:`mpinewton.sampling.grow_by_norm_test`).
+    A batch that grows gets its new shapes compiled with the clock stopped,
+    as every variant's shapes are before its race.
     """
 
     def __init__(self, session: Any, problem: Any, objective: Any, curvature: Any,
                  fraction: float, limit: float, sampler: Any = None, evaluator: Any = None,
-                 eval_seconds: float = 0.0, growth: Any = None) -> None:
+                 eval_seconds: float = 0.0, growth: Any = None,
+                 batch_growth: OptimizerConfig | None = None, w: np.ndarray | None = None
+                 ) -> None:
         self.session, self.comm = session, session.comm
         self.problem, self.objective, self.curvature = problem, objective, curvature
         self.fraction, self.limit, self.sampler = fraction, limit, sampler
@@ -137,6 +151,9 @@ class _Race:
         self.pass_total = 0.0
         self.last_eval = -math.inf
         self.growth = growth  # optimizer.curvature_growth's rule, or None
+        self.batch_growth = batch_growth if sampler is not None else None
+        self.w = w  # the weights of the next step (the norm test's statistic is taken there)
+        self.mean_squares = 0.0
 
     def counts(self) -> tuple[int, int]:
         """Evaluations over the batch, and curvature products over the curvature rows.
@@ -172,6 +189,10 @@ class _Race:
             batch = self.sampler.next()
             x, y, lo, hi = load_batch(session, self.objective, batch)
             self.batch = self.curvature_rows = batch.size
+            if self.batch_growth is not None:  # the norm test's mean_i |g_i|^2: one pass
+                self.mean_squares = float(np.sum(self.objective.grad_squares(self.w)))
+                self.counts0 = self.counts()
+                self.pass_total += self.batch / self.n_train
         if self.curvature is not None:
             t0 = time.perf_counter()  # choosing the rows is bookkeeping, not optimisation
             fraction = self.fraction if self.growth is None else self.growth.current()
@@ -190,9 +211,20 @@ class _Race:
         if self.sampler is None:
             self.trace.append({"iter": k - 1, "seconds": self.t_before,
                                "passes": self.p_before, "loss": info.loss})
-        self.records.append({"iter": k, **info.record(), "curvature_samples": self.curvature_rows})
+        self.records.append({"iter": k, **info.record(), "batch_size": self.batch,
+                             "curvature_samples": self.curvature_rows})
         if self.growth is not None:
             self.growth.update(self.records[-1].get("damping"))
+        self.w = w
+        if self.batch_growth is not None:
+            from mpinewton.sampling import grow_by_norm_test
+
+            opt = self.batch_growth
+            grown = grow_by_norm_test(self.sampler, self.mean_squares, info.grad_norm ** 2,
+                                      opt.batch_theta, opt.batch_max)
+            if grown is not None:
+                self.records[-1]["next_batch_size"] = grown
+                self._compile_batch(grown, w)
         # Each rank reads its own clock; one Allreduce makes both decisions the same on
         # every rank (any rank past the limit stops all; any rank due evaluates), so the
         # evaluation's collectives are taken by every rank or by none (design: lockstep).
@@ -203,6 +235,26 @@ class _Race:
         if self.sampler is not None and evaluate:
             self.evaluate(k, w)
         return w, bool(over)
+
+
+    def _compile_batch(self, size: int, w: np.ndarray) -> None:
+        """Compile the products at a grown batch's shapes, the clock stopped."""
+        from mpinewton.train.subsample import load_batch
+
+        t0 = time.perf_counter()
+        load_batch(self.session, self.objective, np.arange(size))
+        self.objective.value(w)
+        self.objective.value_and_grad(w)
+        used = products_used([self.batch_growth])
+        if self.curvature is None:
+            _compile_products(self.objective, w, used)
+        else:
+            _compile_products(self.objective, w, used & {"grad_squares"})
+            levels = [self.fraction] if self.growth is None else self.growth.fractions()
+            for fraction in levels:
+                _warm_up_curvature(self.session, self.objective, self.curvature, w, fraction,
+                                   size, used)
+        self.paused += time.perf_counter() - t0
 
 
 def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
@@ -234,7 +286,9 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     method = METHODS[opt.method](opt.params)
     comm.barrier()
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
-                  sampler, evaluator, eval_seconds, growth)
+                  sampler, evaluator, eval_seconds, growth,
+                  opt if opt.batch_growth != "none" else None, w0)
+    first_batch = None if sampler is None else sampler.batch_size
     if sampler is not None:
         if sampler.batch_size != session.sampler.batch_size:  # compile its shapes unclocked
             from mpinewton.train.subsample import load_batch
@@ -255,7 +309,8 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     say(f"{variant.label:<24} {result.iteration:5d} iterations  {seconds:7.1f}s  "
         f"{passes:8.1f} passes  loss {final['loss']:.6f}  ({result.reason.value})", flush=True)
     return {"label": variant.label, "spec": variant.spec, "method": opt.method,
-            "batch_size": None if sampler is None else sampler.batch_size,
+            "batch_size": first_batch,
+            "final_batch_size": None if sampler is None else sampler.batch_size,
             "optimizer": opt.table(), "ended": result.reason.value, "trace": hooks.trace,
             "steps": hooks.records}
 
@@ -530,9 +585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = print if comm.is_root else (lambda *a, **k: None)
     try:
         job = comm.run_agreed(lambda: load_job(args.job, args.overrides), "reading the job")
-        if job.optimizer.batch_growth != "none":
-            raise ConfigError("mpinewton.compare draws batches of one size: set "
-                              "optimizer.batch_growth = \"none\"")
         variants = comm.run_agreed(lambda: [parse_variant(s, job) for s in
                                             (args.variant or DEFAULT_VARIANTS)],
                                    "reading the variants")
@@ -540,9 +592,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--variant: labels must differ, got {labels}")
         for v in variants:
-            if v.optimizer.batch_growth != "none":
-                raise ConfigError(f"--variant {v.spec!r}: mpinewton.compare draws batches "
-                                  "of one size per variant: batch_growth must be \"none\"")
             if v.optimizer.batch_size and not job.optimizer.batch_size:
                 raise ConfigError(f"--variant {v.spec!r}: batch_size needs a mini-batch "
                                   "race; set optimizer.batch_size in the job (--set)")

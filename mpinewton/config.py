@@ -116,7 +116,9 @@ class ObjectiveConfig:
 
     loss: str = "categorical_crossentropy"  # one of LOSSES, or "keras:<name>" for any Keras loss
     from_logits: bool = False  # the model outputs logits (the numerically stable cross-entropy)
-    micro_batch: int = 2000  # samples per compiled call; bounds per-rank memory
+    # samples per compiled call; bounds per-rank memory. 500: the thesis CNN's products are
+    # 30-40 % faster than on 2,000 (cache-sized activations; docs/benchmarks.md)
+    micro_batch: int = 500
     jit: bool = True  # compile with XLA (measured faster on CPU, docs/benchmarks.md)
     hvp: str = "reverse_over_reverse"  # reverse_over_reverse | forward_over_reverse
 

@@ -147,6 +147,23 @@ def norm_test(batch_size: int, mean_squares: float, grad_norm_sq: float,
     return math.ceil(variance / (theta**2 * grad_norm_sq))
 
 
+def grow_by_norm_test(sampler: MiniBatchSampler, mean_squares: float, grad_norm_sq: float,
+                      theta: float, batch_max: int = 0) -> int | None:
+    """Grow ``sampler``'s batches as :func:`norm_test` asks; the new size, or None.
+
+    ``mean_squares`` and ``grad_norm_sq`` are :func:`norm_test`'s, taken on
+    the step's batch at the step's weights; batches grow to at most
+    ``batch_max`` samples (0: all of them) and never shrink. The trainer and
+    ``mpinewton.compare`` both decide with this, from numbers reduced over all
+    ranks, so every rank grows alike.
+    """
+    wanted = norm_test(sampler.batch_size, mean_squares, grad_norm_sq, theta)
+    cap = batch_max or sampler.num_samples
+    if wanted is None or sampler.batch_size >= cap:
+        return None
+    return sampler.grow(min(wanted, cap))
+
+
 @dataclass
 class CurvatureGrowth:
     """The curvature fraction of each iteration: it grows while the damping stays high.

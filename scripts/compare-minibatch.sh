@@ -12,10 +12,13 @@
 #          -> docs/compare/tuning/minibatch3.json.gz
 #   batches2 seed 1: past the edges of that grid (Newton-CG on 20,000, Adam on 4,000)
 #          -> docs/compare/tuning/minibatch4.json.gz
+#   growth seed 1: Newton-CG with progressive batches (optimizer.batch_growth, the norm
+#          test) from the job's 1,000, theta 0.5, 0.9 and 2, beside the best fixed batch
+#          (10,000); BATCH_TIME (100) s each -> docs/compare/tuning/minibatch-growth.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|race|all]   (2 ranks; about 60 minutes for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|race|all]   (2 ranks; about 75 minutes for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -81,6 +84,17 @@ if [[ $stage == batches2 || $stage == all ]]; then
         --variant "adam-lr0.01-b4000=adam,learning_rate=0.01,batch_size=4000" \
         --variant "adam-lr0.03-b4000=adam,learning_rate=0.03,batch_size=4000" \
         --out docs/compare/tuning/minibatch4.json.gz
+fi
+if [[ $stage == growth || $stage == all ]]; then
+    # Round 5: batches that grow when the norm test says a step is mostly noise
+    # (Bollapragada, Byrd & Nocedal 2018), from the job's 1,000: cheap steps early, the
+    # large batches that suit Newton-CG later. Smaller theta grows sooner.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "newton-b10000=newton,batch_size=10000" \
+        --variant "newton-grow0.5=newton,batch_growth=norm_test,batch_theta=0.5" \
+        --variant "newton-grow0.9=newton,batch_growth=norm_test,batch_theta=0.9" \
+        --variant "newton-grow2=newton,batch_growth=norm_test,batch_theta=2.0" \
+        --out docs/compare/tuning/minibatch-growth.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The speed target's 10-minute window (thesis CNN, full batch of the 50,000 MNIST training
-# images, float64, 2 ranks): the default Newton-CG, the same with a fixed 5 % curvature
-# sample (the default until curvature_growth), L-BFGS and Adam, each for TIME seconds from
+# images, float64, 2 ranks): the default Newton-CG, L-BFGS and Adam, each for TIME seconds from
 # the same pre-trained weights (seed 0), and the fixed-step gradient-descent
 # references (lr 1, 2, 4; 200 iterations each) that define the target loss. Adam's rate
 # was chosen on seed 1 (scripts/compare-tune.sh). Writes docs/compare/cnn-window.json, .png.
@@ -16,7 +15,6 @@ limit=${2:-600}
 bash scripts/mpirun.sh -n "$ranks" python -m mpinewton.compare --time-limit "$limit" \
     --reference gd-lr1,gd-lr2,gd-lr4 --reference-iters 200 \
     --variant "newton=newton" \
-    --variant "newton-fixed5=newton,curvature_growth=none" \
     --variant "lbfgs=lbfgs" \
     --variant "adam-lr0.03=adam,learning_rate=0.03" \
     --variant "gd-lr1=gd,learning_rate=1.0,iters=200" \

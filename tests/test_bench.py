@@ -33,7 +33,7 @@ def _bench(tmp_path, which):
     results = json.loads(out.read_text())
     assert set(results) == {"machine", "data", "threads", "micro_batch", which}, list(results)
     assert results["data"] == "synthetic" and results["threads"] == 1
-    assert results["micro_batch"] == {"hessian": 250}.get(which, 2000)
+    assert results["micro_batch"] == {"hessian": 250}.get(which, 500)
     assert results["machine"]["tensorflow"]
     return proc.stdout, results[which]
 
@@ -50,16 +50,35 @@ def test_products(tmp_path):
     assert set(products) == {f"b={b} {mode}" for b in (10, 20) for mode in modes} | {
         "b=10 reverse_over_reverse (no XLA)"}
     for key, figures in products.items():
-        gn = {"gnvp_s", "gnvp_over_hvp", "gnvp_over_grad"} \
+        gn = {"gnvp_s", "gnvp_over_hvp", "gnvp_over_grad", "gnvp_over_hvp_median"} \
             if key.split()[1] == "reverse_over_reverse" else set()
-        assert set(figures) == {"grad_s", "hvp_s", "ratio"} | gn, key
+        assert set(figures) == {"grad_s", "hvp_s", "ratio", "ratio_median", "ratio_min",
+                                "ratio_max", "rounds"} | gn, key
+        assert figures.pop("rounds") == 1  # --repeats
         assert all(_positive(x) for x in figures.values()), (key, figures)
         assert figures["ratio"] == pytest.approx(figures["hvp_s"] / figures["grad_s"])
+        assert figures["ratio_min"] <= figures["ratio_median"] <= figures["ratio_max"]
         if gn:
             assert figures["gnvp_over_hvp"] == pytest.approx(figures["gnvp_s"] / figures["hvp_s"])
         assert key in stdout
     assert stdout.count("HVP/gradient") == len(products)
     assert stdout.count("GN/HVP") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_micro_batches(tmp_path):
+    """Micro-batches 10 and 20 (``--sizes``) on 2 ranks: every product timed at each."""
+    stdout, out = _bench(tmp_path, "micro-batches")
+    products = {"gradient", "gauss-newton", "hvp", "gauss-newton on 5 %",
+                "fisher diagonal on 5 %"}
+    assert out["ranks"] == 2 and out["samples"] == 40 and out["curvature_samples"] >= 1
+    for mb in ("10", "20"):
+        assert set(out[mb]) == products, out[mb]
+        for figures in out[mb].values():
+            assert _positive(figures["median_s"]) and _positive(figures["best_s"])
+            assert figures["best_s"] <= figures["median_s"]
+    assert stdout.count("\n         10  ") == 1 and "(median seconds" in stdout
 
 
 @pytest.mark.slow
@@ -122,3 +141,15 @@ def test_sizes_must_be_positive_integers(sizes, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["table", "--sizes", sizes])
     assert exc.value.code == 2 and "--sizes" in capsys.readouterr().err
+
+
+def test_interleaved_rounds_turn_the_order_and_ratios_are_per_round():
+    """Each round calls every product once, the order reversed every other round."""
+    from mpinewton.bench import _interleaved, _round_ratios
+
+    calls = []
+    times = _interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a b / b a / a b
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    ratios = _round_ratios([2.0, 3.0, 9.0], [1.0, 2.0, 3.0])  # 2, 1.5, 3
+    assert ratios == {"median": 2.0, "min": 1.5, "max": 3.0}

@@ -158,10 +158,57 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     assert raced == pytest.approx(trained, rel=1e-10)
 
 
-def test_a_growing_or_too_large_batch_is_refused(dataset, tmp_path):
-    proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",
-                    "--set", "optimizer.batch_growth='norm_test'", "--variant", "a=gd")
-    assert proc.returncode == 2 and "batch_growth" in proc.stderr, proc.stderr
+def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
+    """``batch_growth=norm_test`` in a variant: the batches grow as in training.
+
+    The gradient-descent variant and ``python -m mpinewton.train`` with the
+    same settings take the same steps on the same batches, which grow by the
+    norm test from 20 samples to the cap of 60; each step counts its batch
+    twice (the gradient, and the mean squared per-sample gradient the test
+    needs). A Newton-CG variant with a curvature sample grows as well.
+    """
+    from mpijobs import read_metrics
+
+    job = ["--set", "optimizer.batch_size=20", "--set", "optimizer.pretrain_lr=0.5"]
+    grow = "batch_growth=norm_test,batch_theta=0.2,batch_max=60"
+    out = tmp_path / "race.json"
+    proc = _compare(dataset, out, *job, "--max-iters", "4", "--eval-samples", "30",
+                    "--eval-seconds", "0", "--variant", f"gd=gd,learning_rate=0.3,{grow}",
+                    "--variant", "hf=newton,curvature=gauss_newton,damping_rule="
+                                 f"levenberg_marquardt,curvature_fraction=0.5,{grow}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = {r["label"]: r for r in json.loads(out.read_text())["results"]}
+    sizes = [s["batch_size"] for s in results["gd"]["steps"]]
+    assert sizes[0] == 20 and sizes[1] > 20 and max(sizes) <= 60 and sizes == sorted(sizes)
+    assert results["gd"]["batch_size"] == 20 and results["gd"]["final_batch_size"] == sizes[-1]
+    assert [s.get("next_batch_size") for s in results["gd"]["steps"][:1]] == [sizes[1]]
+    passes = [0.0]
+    for size in sizes:
+        passes.append(passes[-1] + 2 * size / 101)
+    assert [p["passes"] for p in results["gd"]["trace"]] == pytest.approx(passes)
+    hf = [s["batch_size"] for s in results["hf"]["steps"]]
+    assert len(hf) == 4 and hf[0] == 20 and hf[-1] > 20
+
+    run_dir = tmp_path / "run"
+    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",
+           "--run-dir", str(run_dir), "--set", f"data.path={json.dumps(str(dataset))}",
+           "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
+           "--set", "objective.micro_batch=16", *job, "--set", "optimizer.method='gd'",
+           "--set", "optimizer.learning_rate=0.3", "--set", "optimizer.iters=4",
+           "--set", "optimizer.batch_growth='norm_test'", "--set", "optimizer.batch_theta=0.2",
+           "--set", "optimizer.batch_max=60", "--set", "data.eval_splits=[]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained = [m for m in read_metrics(run_dir) if m.get("phase") == "gd"]
+    assert [m["batch_size"] for m in trained] == sizes
+    assert [m["loss"] for m in trained] == pytest.approx(
+        [s["loss"] for s in results["gd"]["steps"]], rel=1e-10)
+
+
+def test_a_growing_full_batch_or_too_large_batch_is_refused(dataset, tmp_path):
+    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_growth=norm_test")
+    assert proc.returncode == 2 and "full-batch runs" in proc.stderr, proc.stderr
     proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_size=10")
     assert proc.returncode == 2 and "set optimizer.batch_size in the job" in proc.stderr
     proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",

@@ -427,13 +427,12 @@ class TrainingHooks(LoopHooks):
         opt, sampler = self.session.job.optimizer, self.session.sampler
         if sampler is None or opt.batch_growth == "none":
             return
-        from mpinewton.sampling import norm_test
+        from mpinewton.sampling import grow_by_norm_test
 
-        wanted = norm_test(sampler.batch_size, self.mean_squares, info.grad_norm ** 2,
-                           opt.batch_theta)
-        cap = opt.batch_max or sampler.num_samples
-        if wanted is not None and sampler.batch_size < cap:
-            record["next_batch_size"] = sampler.grow(min(wanted, cap))
+        grown = grow_by_norm_test(sampler, self.mean_squares, info.grad_norm ** 2,
+                                  opt.batch_theta, opt.batch_max)
+        if grown is not None:
+            record["next_batch_size"] = grown
 
     def save(self, iteration: int) -> None:
         """Write a checkpoint of the weights and every state at ``iteration`` (rank 0)."""
