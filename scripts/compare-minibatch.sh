@@ -14,7 +14,8 @@
 #          -> docs/compare/tuning/minibatch4.json.gz
 #   growth seed 1: Newton-CG with progressive batches (optimizer.batch_growth, the norm
 #          test) from the job's 1,000, theta 0.5, 0.9 and 2, beside the best fixed batch
-#          (10,000); BATCH_TIME (100) s each -> docs/compare/tuning/minibatch-growth.json.gz
+#          (10,000); BATCH_TIME (100) s each -> docs/compare/tuning/minibatch-growth.json.gz;
+#          then from 10,000, theta 0.9 and 2 -> docs/compare/tuning/minibatch-growth2.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
@@ -95,17 +96,27 @@ if [[ $stage == growth || $stage == all ]]; then
         --variant "newton-grow0.9=newton,batch_growth=norm_test,batch_theta=0.9" \
         --variant "newton-grow2=newton,batch_growth=norm_test,batch_theta=2.0" \
         --out docs/compare/tuning/minibatch-growth.json.gz
+    # Round 6: from 1,000 every theta lost to the fixed 10,000 (the small batches cost
+    # the first minute): growth from 10,000 instead, towards the full batch.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "newton-b10000=newton,batch_size=10000" \
+        --variant "newton-b10000-grow0.9=newton,batch_size=10000,batch_growth=norm_test,batch_theta=0.9" \
+        --variant "newton-b10000-grow2=newton,batch_size=10000,batch_growth=norm_test,batch_theta=2.0" \
+        --out docs/compare/tuning/minibatch-growth2.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
     # Newton-CG: the default job's settings (5 % of each batch for the curvature) were
     # the best of rounds 1 and 2, on batches of 10,000 the best of rounds 3 and 4 (the
-    # job's 1,000 raced beside it); Adam lr 0.01 on batches of 2,000, momentum lr 0.1,
+    # job's 1,000 raced beside it); progressive batches from 1,000 with theta 0.9, the
+    # best of rounds 5 and 6 that grows (none beat the fixed 10,000); Adam lr 0.01 on
+    # batches of 2,000, momentum lr 0.1,
     # gradient descent lr 0.5 (both on the job's 1,000).
     race --set run.seed=0 --time-limit "${TIME:-150}" \
         --reference "gd-lr0.5" --reference-iters 1000 \
         --variant "newton-b10000=newton,batch_size=10000" \
         --variant "newton=newton" \
+        --variant "newton-grow0.9=newton,batch_growth=norm_test,batch_theta=0.9" \
         --variant "trust-region=trust_region,curvature=gauss_newton,cg_rtol=0.1,curvature_fraction=0.05" \
         --variant "lbfgs=lbfgs" \
         --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \

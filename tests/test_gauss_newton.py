@@ -187,6 +187,28 @@ def test_micro_batch_and_padding_do_not_change_results(mlp_ce):
             assert _rel(a, b) <= 1e-12
 
 
+def test_grad_squares_in_blocks_of_a_long_micro_batch(mlp_ce, monkeypatch):
+    """Micro-batches longer than GRAD_SQUARES_BLOCK are taken in blocks: the same sums.
+
+    Blocks of 3 rows in micro-batches of 9, the last one 4 samples padded to 9
+    (its block of padding only is skipped, its block of 1 sample and 2 padding
+    rows is masked), against one call per micro-batch of 16.
+    """
+    import mpinewton.local as local_module
+
+    local, w, x, y = mlp_ce
+    ref = local.grad_squares_sum(w)
+    padded = LocalObjective(local.model, x[:1], y[:1], micro_batch=9, jit=False)
+    padded.set_samples(x, y, pad_to=64)  # micro-batches of 9, the last one padded
+    calls = []
+    original = padded._grad_squares_fn
+    monkeypatch.setattr(padded, "_grad_squares_fn",
+                        lambda *a: calls.append(int(a[1].shape[0])) or original(*a))
+    monkeypatch.setattr(local_module, "GRAD_SQUARES_BLOCK", 3)
+    assert _rel(padded.grad_squares_sum(w), ref) <= 1e-12
+    assert len(x) == 40 and calls == [3, 3, 3] * 4 + [3, 3]
+
+
 def test_jit_matches_eager(mlp_ce):
     local, w, x, y = mlp_ce
     jitted = LocalObjective(local.model, x, y, micro_batch=16, jit=True)
