@@ -310,7 +310,9 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
         f"{passes:8.1f} passes  loss {final['loss']:.6f}  ({result.reason.value})", flush=True)
     return {"label": variant.label, "spec": variant.spec, "method": opt.method,
             "batch_size": first_batch,
-            "final_batch_size": None if sampler is None else sampler.batch_size,
+            # the last step's batch (progressive batches: the size they had grown to)
+            "final_batch_size": None if sampler is None else
+            hooks.records[-1]["batch_size"] if hooks.records else first_batch,
             "optimizer": opt.table(), "ended": result.reason.value, "trace": hooks.trace,
             "steps": hooks.records}
 

@@ -221,3 +221,14 @@ def test_trial_gradient_is_off_on_mini_batches_with_a_note():
     assert job.optimizer.params.trial_gradient is False
     assert any("optimizer.trial_gradient is off" in note for note in job.notes)
     assert not any("trial_gradient" in note for note in load_job().notes)
+
+
+def test_curvature_growth_on_mini_batches_is_kept_with_a_note():
+    """The default job's curvature_growth reads a damping that batches' noise also raises."""
+    assert not any("curvature_growth" in note for note in load_job().notes)
+    job = load_job(None, ["optimizer.batch_size=1000"])
+    assert job.optimizer.curvature_growth == "damping"  # kept: a method choice, not waste
+    assert any("optimizer.curvature_growth with mini-batches" in note for note in job.notes)
+    for off in ("optimizer.curvature_growth='none'", "optimizer.curvature_fraction=1.0"):
+        job = load_job(None, ["optimizer.batch_size=1000", off])
+        assert not any("curvature_growth" in note for note in job.notes), off
