@@ -236,7 +236,6 @@ class _Race:
             self.evaluate(k, w)
         return w, bool(over)
 
-
     def _compile_batch(self, size: int, w: np.ndarray) -> None:
         """Compile the products at a grown batch's shapes, the clock stopped."""
         from mpinewton.train.subsample import load_batch
