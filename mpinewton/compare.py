@@ -33,7 +33,12 @@ caps that variant's iterations below ``--max-iters``. In a mini-batch race
 cut from the same sequence of samples (the same epoch permutations from the
 same position), e.g. Newton-CG on larger batches than the first-order
 methods; ``batch_growth=norm_test`` (with ``batch_theta``, ``batch_max``) lets
-one variant's batches grow from that size as the trainer's do.
+one variant's batches grow from that size as the trainer's do, and
+``average=D`` makes the variant's model the exponential average of its
+iterates (``optimizer.average``): its trace is the average's loss, the
+iterate's beside it (``iterate_loss``). ``--average D1,D2,...`` traces, for
+every variant, the loss at such averages with each decay as well (the
+``averaged`` losses of each trace point, and a table), with the clock stopped.
 Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 """
 
@@ -136,8 +141,8 @@ class _Race:
     def __init__(self, session: Any, problem: Any, objective: Any, curvature: Any,
                  fraction: float, limit: float, sampler: Any = None, evaluator: Any = None,
                  eval_seconds: float = 0.0, growth: Any = None,
-                 batch_growth: OptimizerConfig | None = None, w: np.ndarray | None = None
-                 ) -> None:
+                 batch_growth: OptimizerConfig | None = None, w: np.ndarray | None = None,
+                 averages: Sequence[float] = (), average: float = 0.0) -> None:
         self.session, self.comm = session, session.comm
         self.problem, self.objective, self.curvature = problem, objective, curvature
         self.fraction, self.limit, self.sampler = fraction, limit, sampler
@@ -154,6 +159,14 @@ class _Race:
         self.batch_growth = batch_growth if sampler is not None else None
         self.w = w  # the weights of the next step (the norm test's statistic is taken there)
         self.mean_squares = 0.0
+        # Exponential averages of the iterates after w_0 (--average), one per decay.
+        from mpinewton.solvers import IterateAverage
+
+        self.averages = {float(d): IterateAverage(d, w) for d in averages} \
+            if w is not None else {}
+        # The variant's own optimizer.average: its trace is the average's loss, as the
+        # trainer delivers the average (the iterate's loss beside it, "iterate_loss").
+        self.average = IterateAverage(average, w) if average and w is not None else None
 
     def counts(self) -> tuple[int, int]:
         """Evaluations over the batch, and curvature products over the curvature rows.
@@ -171,8 +184,15 @@ class _Race:
         """A trace point at ``w_k`` from the evaluation samples, the clock stopped."""
         t0 = time.perf_counter()
         seconds = self.elapsed()
-        self.trace.append({"iter": k, "seconds": seconds, "passes": self.pass_total,
-                           "loss": float(self.evaluator.value(w))})
+        point = {"iter": k, "seconds": seconds, "passes": self.pass_total,
+                 "loss": float(self.evaluator.value(w))}
+        if self.average is not None:
+            point["iterate_loss"] = point["loss"]
+            point["loss"] = float(self.evaluator.value(self.average.weights))
+        if self.averages:
+            point["averaged"] = {f"{d:g}": float(self.evaluator.value(a.weights))
+                                 for d, a in self.averages.items()}
+        self.trace.append(point)
         self.last_eval = seconds
         self.paused += time.perf_counter() - t0
 
@@ -216,6 +236,11 @@ class _Race:
         if self.growth is not None:
             self.growth.update(self.records[-1].get("damping"))
         self.w = w
+        averages = list(self.averages.values())
+        if self.average is not None:
+            averages.append(self.average)
+        for average in averages:  # clocked: a user averaging pays for it
+            average.update(w)
         if self.batch_growth is not None:
             from mpinewton.sampling import grow_by_norm_test
 
@@ -258,7 +283,7 @@ class _Race:
 
 def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
          limit: float, max_iters: int, say: Any, sampler: Any = None, evaluator: Any = None,
-         eval_seconds: float = 0.0) -> dict[str, Any]:
+         eval_seconds: float = 0.0, averages: Sequence[float] = ()) -> dict[str, Any]:
     """Run one variant from ``w0``; its trace, its step records and where it ended.
 
     With ``sampler`` (a copy per variant, so every variant sees the same
@@ -286,7 +311,8 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     comm.barrier()
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
                   sampler, evaluator, eval_seconds, growth,
-                  opt if opt.batch_growth != "none" else None, w0)
+                  opt if opt.batch_growth != "none" else None, w0,
+                  averages if sampler is not None else (), opt.average)
     first_batch = None if sampler is None else sampler.batch_size
     if sampler is not None:
         if sampler.batch_size != session.sampler.batch_size:  # compile its shapes unclocked
@@ -399,6 +425,12 @@ def summarise(results: list[dict[str, Any]], reference: str | None,
                            if any(s.get("cg_iters") for s in r["steps"])}
     best = {r["label"]: min(p["loss"] for p in r["trace"]) for r in results}
     out["best_loss"] = best
+    averaged = {r["label"]: {d: {"final": r["trace"][-1]["averaged"][d],
+                                 "lowest": min(p["averaged"][d] for p in r["trace"])}
+                             for d in r["trace"][-1]["averaged"]}
+                for r in results if r["trace"] and "averaged" in r["trace"][-1]}
+    if averaged:  # --average: the loss at each exponential average of the iterates
+        out["averaged"] = averaged
     # A ladder of 12 losses from the common start down to the best any variant reached.
     levels = np.geomspace(min(best.values()), max(r["trace"][0]["loss"] for r in results), 12)
     out["seconds_to_loss"] = {f"{lv:.6f}": {r["label"]: (hit["seconds"] if (
@@ -468,6 +500,20 @@ def markdown(report: dict[str, Any]) -> str:
         row = levels[level]
         lines.append(f"| {float(level):.4f} | " + " | ".join(
             "-" if row[k] is None else f"{row[k]:.1f}" for k in labels) + " |")
+    averaged = summary.get("averaged")
+    if averaged:
+        decays = sorted({d for v in averaged.values() for d in v}, key=float)
+        lines += ["", "Final (lowest) loss of the iterate and of its exponential averages:",
+                  "", "| method | iterate | " + " | ".join(f"average {d}" for d in decays)
+                  + " |", "|---|---:|" + "---:|" * len(decays)]
+        for r in results:
+            if r["label"] not in averaged:
+                continue
+            row = averaged[r["label"]]
+            lines.append(f"| {r['label']} | {r['trace'][-1]['loss']:.4f} "
+                         f"({summary['best_loss'][r['label']]:.4f}) | " + " | ".join(
+                             f"{row[d]['final']:.4f} ({row[d]['lowest']:.4f})" for d in decays)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -561,6 +607,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "samples (default 10000)")
     parser.add_argument("--eval-seconds", type=float, default=1.0,
                         help="mini-batches: race seconds between two traced losses (default 1)")
+    parser.add_argument("--average", default="", metavar="DECAYS",
+                        help="mini-batches: also trace the loss at exponential averages of "
+                        "the iterates with these decays, comma-separated (e.g. 0.9,0.99)")
     parser.add_argument("--out", default=None, help="JSON results, gzip-compressed if it "
                         "ends in .gz (and a PNG beside it)")
     parser.add_argument("--report", default=None, metavar="FILE.json",
@@ -568,6 +617,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report is None and args.out is None:
         parser.error("--out is required (or --report FILE.json)")
+    try:
+        args.average = tuple(float(d) for d in args.average.split(",") if d.strip())
+    except ValueError:
+        parser.error(f"--average: comma-separated decays, got {args.average!r}")
+    if any(not 0 < d < 1 for d in args.average):
+        parser.error(f"--average: every decay in (0, 1), got {args.average}")
     return args
 
 
@@ -593,9 +648,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--variant: labels must differ, got {labels}")
         for v in variants:
-            if v.optimizer.batch_size and not job.optimizer.batch_size:
-                raise ConfigError(f"--variant {v.spec!r}: batch_size needs a mini-batch "
-                                  "race; set optimizer.batch_size in the job (--set)")
+            for key in ("batch_size", "average"):
+                if getattr(v.optimizer, key) and not job.optimizer.batch_size:
+                    raise ConfigError(f"--variant {v.spec!r}: {key} needs a mini-batch "
+                                      "race; set optimizer.batch_size in the job (--set)")
+        if args.average and not job.optimizer.batch_size:
+            raise ConfigError("--average needs a mini-batch race; set optimizer.batch_size "
+                              "in the job (--set)")
         from mpinewton.train.session import open_session
 
         # The race reports training loss only: the evaluation splits are not read.
@@ -683,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches.batch_size = variant.optimizer.batch_size
         results.append(race(variant, session, objective, w0, limit=args.time_limit,
                             max_iters=args.max_iters, say=say, sampler=batches,
-                            evaluator=evaluator, eval_seconds=args.eval_seconds))
+                            evaluator=evaluator, eval_seconds=args.eval_seconds,
+                            averages=args.average))
         if comm.is_root and len(results) < len(variants):
             report(complete=False)
     if comm.is_root:

@@ -157,6 +157,9 @@ class OptimizerConfig:
     batch_growth: str = "none"  # "norm_test": grow mini-batches by the norm test (BBN 2018)
     batch_theta: float = 0.9  # the norm test's theta > 0: smaller grows batches sooner
     batch_max: int = 0  # batches grow to at most this many samples; 0 = all of them
+    # the model is the exponential average of the method's iterates with this decay, in [0, 1)
+    # (mini-batches: less of the batches' noise; Polyak & Juditsky 1992); 0 = the last iterate
+    average: float = 0.0
     params: Any = None  # the method's configuration (its config_class); None = its defaults
 
     def __post_init__(self) -> None:
@@ -182,6 +185,10 @@ class OptimizerConfig:
         require(self, "batch_growth", "choice", choices=BATCH_GROWTH)
         require(self, "batch_theta", "> 0")
         require(self, "batch_max", "int >= 0")
+        require(self, "average", ">= 0")
+        if self.average >= 1:
+            raise ParameterError("OptimizerConfig", "average", self.average,
+                                 "a decay in [0, 1) (0 = no averaging)")
         if self.batch_growth != "none" and self.batch_size == 0:
             raise ParameterError("OptimizerConfig", "batch_growth", self.batch_growth,
                                  "'none' for full-batch runs (optimizer.batch_size = 0)",

@@ -19,10 +19,15 @@
 #          (both with the job's curvature_growth, which these variants inherited)
 #   growth3 seed 1: round 5 again with the curvature sample fixed at 5 %, and that rule
 #          on batches of 10,000 -> docs/compare/tuning/minibatch-growth3.json.gz
+#   knobs  seed 1: Newton-CG on 10,000 with fewer CG iterations, a smaller or larger
+#          curvature sample, a damping floor, half steps, CG from zero, a tighter CG
+#          tolerance -> docs/compare/tuning/minibatch-knobs.json.gz, minibatch-knobs2.json.gz
+#   average  seed 1: every method with its iterates averaged (optimizer.average), the
+#          decay, rates and batch sizes -> docs/compare/tuning/minibatch-average*.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|race|all]   (2 ranks; about 75 minutes for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|race|race-average|all]   (2 ranks; about 75 minutes for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -117,6 +122,58 @@ if [[ $stage == growth3 || $stage == all ]]; then
         --variant "newton-grow0.9=newton,batch_growth=norm_test,batch_theta=0.9,$fixed" \
         --variant "newton-grow2=newton,batch_growth=norm_test,batch_theta=2.0,$fixed" \
         --out docs/compare/tuning/minibatch-growth3.json.gz
+fi
+if [[ $stage == knobs || $stage == all ]]; then
+    # Round 8: the step of Newton-CG on 10,000 itself: fewer CG iterations, a smaller
+    # curvature sample, a damping floor, half steps (noise averaged over steps), CG from
+    # zero instead of the previous solution.
+    fixed="batch_size=10000,curvature_growth=none"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "newton-b10000=newton,$fixed" \
+        --variant "newton-b10000-cg5=newton,$fixed,cg_max_iter=5" \
+        --variant "newton-b10000-f0.02=newton,$fixed,curvature_fraction=0.02" \
+        --variant "newton-b10000-dmin0.1=newton,$fixed,damping_min=0.1" \
+        --variant "newton-b10000-lr0.5=newton,$fixed,step_rule=fixed,learning_rate=0.5" \
+        --variant "newton-b10000-zero=newton,$fixed,warm_start=zero" \
+        --out docs/compare/tuning/minibatch-knobs.json.gz
+    # ... and the other side of two of them: a tighter CG tolerance, a larger sample.
+    # (The stored JSON also traces averages of the iterates by an earlier version of
+    # --average that kept w_0 in them with weight d^k; its iterates' losses are as here.)
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "newton-b10000=newton,$fixed" \
+        --variant "newton-b10000-rtol0.03=newton,$fixed,cg_rtol=0.03" \
+        --variant "newton-b10000-f0.1=newton,$fixed,curvature_fraction=0.1" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --variant "momentum-lr0.1=momentum,learning_rate=0.1" \
+        --out docs/compare/tuning/minibatch-knobs2.json.gz
+fi
+if [[ $stage == average || $stage == all ]]; then
+    # Rounds 9-11: the model as the average of the iterates (optimizer.average); every
+    # variant traces the averages of six decays (--average), so one run per setting
+    # tunes the decay too. Batch sizes and rates again, as averaging may move them.
+    fixed="curvature_growth=none"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.8,0.9,0.95,0.98,0.99,0.995 \
+        --variant "newton-b10000=newton,batch_size=10000,$fixed" \
+        --variant "newton-b5000=newton,batch_size=5000,$fixed" \
+        --variant "newton-b20000=newton,batch_size=20000,$fixed" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --variant "adam-lr0.03-b2000=adam,learning_rate=0.03,batch_size=2000" \
+        --variant "adam-lr0.01-b4000=adam,learning_rate=0.01,batch_size=4000" \
+        --out docs/compare/tuning/minibatch-average.json.gz
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.8,0.9,0.95,0.98,0.99,0.995 \
+        --variant "adam-lr0.1-b2000=adam,learning_rate=0.1,batch_size=2000" \
+        --variant "momentum-lr0.1=momentum,learning_rate=0.1" \
+        --variant "momentum-lr0.3=momentum,learning_rate=0.3" \
+        --variant "gd-lr0.5=gd,learning_rate=0.5" \
+        --variant "gd-lr1=gd,learning_rate=1.0" \
+        --out docs/compare/tuning/minibatch-average2.json.gz
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.9,0.98,0.99,0.995,0.998,0.999 \
+        --variant "adam-lr0.3-b2000=adam,learning_rate=0.3,batch_size=2000" \
+        --variant "adam-lr0.1-b4000=adam,learning_rate=0.1,batch_size=4000" \
+        --out docs/compare/tuning/minibatch-average3.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).

@@ -206,11 +206,42 @@ def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
         [s["loss"] for s in results["gd"]["steps"]], rel=1e-10)
 
 
+def test_averaged_iterates_in_a_race(dataset, tmp_path):
+    """``average=D`` traces the loss of the iterates' average; ``--average`` traces it for all.
+
+    The averaged variant walks the same path as the plain one (the method never
+    sees the average): its ``iterate_loss`` is the plain variant's loss, and its
+    loss is the plain variant's ``averaged`` loss at the same decay.
+    """
+    out = tmp_path / "race.json"
+    proc = _compare(dataset, out, "--set", "optimizer.batch_size=20", "--max-iters", "4",
+                    "--eval-samples", "30", "--eval-seconds", "0", "--average", "0.5,0.9",
+                    "--variant", "gd=gd,learning_rate=0.3",
+                    "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    plain, averaged = report["results"]
+    assert averaged["optimizer"]["average"] == 0.5
+    assert [p["iterate_loss"] for p in averaged["trace"]] == pytest.approx(
+        [p["loss"] for p in plain["trace"]], rel=1e-12)
+    assert [p["loss"] for p in averaged["trace"]] == pytest.approx(
+        [p["averaged"]["0.5"] for p in plain["trace"]], rel=1e-12)
+    first = plain["trace"][0]  # before any step every average is the start
+    assert first["averaged"] == pytest.approx({"0.5": first["loss"], "0.9": first["loss"]})
+    assert plain["trace"][-1]["averaged"]["0.9"] != plain["trace"][-1]["averaged"]["0.5"]
+    assert set(report["summary"]["averaged"]) == {"gd", "gd-avg"}
+    assert "| gd | " in markdown(report) and "average 0.9" in markdown(report)
+
+
 def test_a_growing_full_batch_or_too_large_batch_is_refused(dataset, tmp_path):
     proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_growth=norm_test")
     assert proc.returncode == 2 and "full-batch runs" in proc.stderr, proc.stderr
     proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_size=10")
     assert proc.returncode == 2 and "set optimizer.batch_size in the job" in proc.stderr
+    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,average=0.9")
+    assert proc.returncode == 2 and "average needs a mini-batch race" in proc.stderr
+    proc = _compare(dataset, tmp_path / "x.json", "--average", "0.9")
+    assert proc.returncode == 2 and "--average needs a mini-batch race" in proc.stderr
     proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",
                     "--variant", "a=gd,batch_size=500")
     assert proc.returncode == 2 and "batch_size 500 exceeds the 101 training samples" \

@@ -63,6 +63,8 @@ def test_unknown_key_names_nearest(override, nearest):
     ("model.dtype='float16'", "model.dtype = 'float16' must be one of float32, float64"),
     ("optimizer.descent_threshold=0.5", "optimizer.descent_threshold = 0.5 must be a number <= 0"),
     ("optimizer.method='trust-region'", "must be one of newton, .*; did you mean 'trust_region'"),
+    ("optimizer.average=1.0", r"optimizer.average = 1.0 must be a decay in \[0, 1\)"),
+    ("optimizer.average=-0.1", "optimizer.average = -0.1 must be a finite number >= 0"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,6 +12,7 @@
   baselines a user would otherwise pick (heavy ball / Nesterov, Adam, L-BFGS).
 - :mod:`.steihaug`, :mod:`.trust_region`: Newton with a trust region, the
   subproblem by Steihaug-CG (Nocedal & Wright Algorithms 4.1, 7.2).
+- :mod:`.averaging`: the exponential average of the iterates (``optimizer.average``).
 - :mod:`.loop`: the one loop that runs phases of methods, used by
   :func:`minimize` and by the training driver.
 
@@ -20,6 +21,7 @@ is one module with a config dataclass, a state and a step, and one entry here.
 """
 
 from .adam import Adam, AdamConfig, AdamState
+from .averaging import IterateAverage
 from .base import Method, ParameterError, Problem, SolverState, StepRecord
 from .cg import CGReason, CGResult, cg
 from .gd import GDConfig, GDInfo, GDState, GradientDescent, gd_armijo_step, gd_step
@@ -86,6 +88,7 @@ __all__ = [
     "GaussNewtonOperator",
     "GradientDescent",
     "HessianOperator",
+    "IterateAverage",
     "LineSearchResult",
     "LinearOperator",
     "LoopHooks",

@@ -19,7 +19,11 @@ Around the steps the driver also
   times the loss of the run's first iteration (:class:`RunDiverged`, exit
   code 3), and checks the training loss at any weights before they are
   saved, so that no checkpoint or weights file holds diverged weights;
-- writes TensorBoard events (``run.tensorboard``, :mod:`.tensorboard`).
+- writes TensorBoard events (``run.tensorboard``, :mod:`.tensorboard`);
+- with ``optimizer.average``, keeps the exponential average of the method's
+  iterates (:class:`~mpinewton.solvers.averaging.IterateAverage`): the
+  validation, the best weights, the summary and ``weights.h5`` are the
+  average's, the checkpoint holds both (the method resumes from its iterate).
 
 Every decision that changes the control flow (divergence, early stopping,
 a signal) is taken from globally reduced values or agreed by a collective,
@@ -46,6 +50,7 @@ from mpinewton.solvers import (
     METHODS,
     GDConfig,
     GradientDescent,
+    IterateAverage,
     LoopHooks,
     LoopReason,
     LoopResult,
@@ -249,9 +254,27 @@ class TrainingHooks(LoopHooks):
         self.start_loss: float | None = self.progress.pop("start_loss", None)
         self.w = session.w0
         self.w_loss: float | None = None  # the loss at self.w, where known
+        # optimizer.average: the model is the average of the method's iterates (the method
+        # steps from its own); it travels in the checkpoint, so a resume continues it exactly
+        self.average: IterateAverage | None = None
+        if opt.average > 0:
+            saved_average = session.resume.state.get("average") \
+                if session.resume is not None else None
+            self.average = IterateAverage.from_dict(saved_average) if saved_average \
+                else IterateAverage(opt.average, session.w0)
         self.first_line = True  # the first iteration of this process compiles
         self._evaluators: dict[int, Any] = {}
         self.validation = Validation(self)
+
+    def model_weights(self) -> np.ndarray:
+        """The weights the run delivers (validation, best, summary, ``weights.h5``).
+
+        With ``optimizer.average``, the iterates' average once the method has
+        stepped; else the current iterate.
+        """
+        if self.average is not None and self.average.total > 0:
+            return self.average.weights
+        return self.w
 
     def eval_objective(self, index: int) -> Any:
         """The objective of ``data.eval_splits[index]``, built (and compiled) once."""
@@ -295,9 +318,19 @@ class TrainingHooks(LoopHooks):
         return self.w_loss
 
     def write_best(self, k: int, info: dict[str, Any]) -> None:
-        """Rank 0 writes the current weights to ``DIR/best`` (after checking their loss)."""
-        info = {**info, "train_loss": self.verified_loss(k)}
-        self.comm.run_agreed(lambda: self.out.write_best(weights_file(self.session, self.w),
+        """Rank 0 writes the model's weights to ``DIR/best`` (after checking their loss)."""
+        w = self.model_weights()
+        if w is self.w:
+            loss = self.verified_loss(k)
+        else:  # the average's loss on this iteration's data, left out of the counts
+            stats = self.objective.stats
+            values = stats.values
+            loss = float(self.objective.value(w))
+            stats.values = values
+            self.check_loss(k, self.record.get("phase", "start"), loss,
+                            "the loss at the averaged weights")
+        info = {**info, "train_loss": loss}
+        self.comm.run_agreed(lambda: self.out.write_best(weights_file(self.session, w),
                                                          info) if self.comm.is_root else None,
                              "writing the best weights")
 
@@ -390,6 +423,8 @@ class TrainingHooks(LoopHooks):
         if phase.name != "pretrain":
             self.progress["cg_iters"] += record["cg_iters"] or 0
             self.progress["method_iters"] += 1
+            if self.average is not None:  # the same w on every rank, so the same average
+                self.average.update(w)
             self._grow_batch(record, info)
             if self.growth is not None:
                 before = self.growth.current()
@@ -447,6 +482,8 @@ class TrainingHooks(LoopHooks):
                  "progress": {**self.progress, "start_loss": self.start_loss},
                  "schedule": self.schedule_state(iteration),
                  "validation": dict(self.validation.state)}
+        if self.average is not None:
+            state["average"] = self.average.to_dict()
         saved = self.comm.run_agreed(lambda: write_checkpoint(
             self.out.checkpoints, iteration=iteration,
             weights=session.layout.as_dict(self.w), state=state,
@@ -536,7 +573,8 @@ class Validation:
         t0 = time.perf_counter()
         compiling = self.index not in hooks._evaluators  # the first evaluation compiles
         objective = hooks.eval_objective(self.index)  # type: ignore[arg-type]
-        values = objective.evaluate(hooks.w)  # loss and accuracy (or MAE), one Allreduce
+        # loss and accuracy (or MAE) of the model (the average, with optimizer.average)
+        values = objective.evaluate(hooks.model_weights())
         loss = float(values["loss"])
         metrics = {f"val_{name}": float(value) for name, value in values.items()}
         finite = math.isfinite(loss)
@@ -585,7 +623,8 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
                                                                   else None),
                                 "reading the training set for the summary")
         objective = session.objective(shard.x, shard.y, shard.total)
-    w, progress, opt = result.w, hooks.progress, job.optimizer
+    progress, opt = hooks.progress, job.optimizer
+    w = result.w if hooks.average is None else hooks.model_weights()
     method_iters = progress["method_iters"]
     summary: dict[str, Any] = {
         "job": job.run.name, "mpinewton_version": __version__, "world_size": comm.size,
@@ -606,6 +645,9 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
         "best_iteration": hooks.validation.state["best_iteration"],
         "best_val_loss": hooks.validation.state["best_loss"],
     }
+    if hooks.average is not None:  # final_loss and the accuracies are the average's
+        summary["average"] = opt.average
+        summary["final_iterate_loss"] = objective.value(result.w)
     if objective.metric_name is not None:  # accuracy, or MAE for regression
         summary[f"train_{objective.metric_name}"] = objective.metric(w)
     for index, (split, eval_shard) in enumerate(zip(job.data.eval_splits, session.eval_shards,
