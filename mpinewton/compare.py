@@ -510,8 +510,10 @@ def markdown(report: dict[str, Any]) -> str:
             if r["label"] not in averaged:
                 continue
             row = averaged[r["label"]]
-            lines.append(f"| {r['label']} | {r['trace'][-1]['loss']:.4f} "
-                         f"({summary['best_loss'][r['label']]:.4f}) | " + " | ".join(
+            # a variant with its own average traces the average; its iterate is beside it
+            iterate = [p.get("iterate_loss", p["loss"]) for p in r["trace"]]
+            lines.append(f"| {r['label']} | {iterate[-1]:.4f} ({min(iterate):.4f}) | "
+                         + " | ".join(
                              f"{row[d]['final']:.4f} ({row[d]['lowest']:.4f})" for d in decays)
                          + " |")
     return "\n".join(lines)

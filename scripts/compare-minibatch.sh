@@ -174,6 +174,41 @@ if [[ $stage == average || $stage == all ]]; then
         --variant "adam-lr0.3-b2000=adam,learning_rate=0.3,batch_size=2000" \
         --variant "adam-lr0.1-b4000=adam,learning_rate=0.1,batch_size=4000" \
         --out docs/compare/tuning/minibatch-average3.json.gz
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.9,0.95,0.98,0.99,0.995,0.998 \
+        --variant "adam-lr0.3-b4000=adam,learning_rate=0.3,batch_size=4000" \
+        --variant "adam-lr0.03-b4000=adam,learning_rate=0.03,batch_size=4000" \
+        --variant "adam-lr0.1-b8000=adam,learning_rate=0.1,batch_size=8000" \
+        --out docs/compare/tuning/minibatch-average4.json.gz
+    # Newton-CG's damping with averaging: the damping shrinks sooner or faster; and
+    # no preconditioner (its Fisher diagonal is one per-sample pass of the sample a step).
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.8,0.9,0.95,0.98,0.99 \
+        --variant "newton-b10000=newton,batch_size=10000,$fixed" \
+        --variant "newton-b10000-rho0.5=newton,batch_size=10000,$fixed,lm_rho_high=0.5" \
+        --variant "newton-b10000-dec0.5=newton,batch_size=10000,$fixed,lm_decrease=0.5" \
+        --variant "newton-b10000-nopre=newton,batch_size=10000,$fixed,preconditioner=none" \
+        --out docs/compare/tuning/minibatch-average5.json.gz
+    # lm_rho_high = 0.5 won at its grid's edge: past it, and a lower rho_low with it.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.8,0.9,0.95,0.98,0.99 \
+        --variant "newton-b10000-rho0.35=newton,batch_size=10000,$fixed,lm_rho_high=0.35" \
+        --variant "newton-b10000-rho0.5-low0.1=newton,batch_size=10000,$fixed,lm_rho_high=0.5,lm_rho_low=0.1" \
+        --out docs/compare/tuning/minibatch-average6.json.gz
+fi
+if [[ $stage == race-average || $stage == all ]]; then
+    # Seed 0 (not tuned on), TIME (150) s each: the winners of rounds 9-11 with their
+    # iterates averaged (average= in the variant: the trace is the average's loss), the
+    # previous race's Adam without averaging, and every variant's averages (--average).
+    race --set run.seed=0 --time-limit "${TIME:-150}" \
+        --average 0.9,0.98,0.99 \
+        --variant "newton-b10000-rho0.5-avg0.95=newton,batch_size=10000,curvature_growth=none,lm_rho_high=0.5,average=0.95" \
+        --variant "newton-b10000=newton,batch_size=10000,curvature_growth=none" \
+        --variant "adam-lr0.1-b4000-avg0.98=adam,learning_rate=0.1,batch_size=4000,average=0.98" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
+        --variant "gd-lr0.5-avg0.9=gd,learning_rate=0.5,average=0.9" \
+        --out docs/compare/cnn-minibatch-average.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
