@@ -60,6 +60,9 @@ class FakeHooks:
     def say(self, *args, **kwargs):
         self.lines.append(" ".join(map(str, args)))
 
+    def model_weights(self):
+        return self.w
+
     def eval_objective(self, index):
         self._evaluators[index] = self.objective
         return self.objective
