@@ -309,13 +309,18 @@ class TrainingHooks(LoopHooks):
         that an interrupted run counts what an uninterrupted one does.
         """
         if self.w_loss is None:
-            stats = self.objective.stats
-            values = stats.values
-            self.w_loss = float(self.objective.value(self.w))
-            stats.values = values
+            self.w_loss = self._uncounted_loss(self.w)
         self.check_loss(k, self.record.get("phase", "start"), self.w_loss,
                         "the loss at the weights to be saved")
         return self.w_loss
+
+    def _uncounted_loss(self, w: np.ndarray) -> float:
+        """The training loss at ``w``, left out of the run's evaluation count."""
+        stats = self.objective.stats
+        values = stats.values
+        loss = float(self.objective.value(w))
+        stats.values = values
+        return loss
 
     def write_best(self, k: int, info: dict[str, Any]) -> None:
         """Rank 0 writes the model's weights to ``DIR/best`` (after checking their loss)."""
@@ -323,10 +328,7 @@ class TrainingHooks(LoopHooks):
         if w is self.w:
             loss = self.verified_loss(k)
         else:  # the average's loss on this iteration's data, left out of the counts
-            stats = self.objective.stats
-            values = stats.values
-            loss = float(self.objective.value(w))
-            stats.values = values
+            loss = self._uncounted_loss(w)
             self.check_loss(k, self.record.get("phase", "start"), loss,
                             "the loss at the averaged weights")
         info = {**info, "train_loss": loss}
