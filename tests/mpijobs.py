@@ -16,7 +16,9 @@ import pytest
 from mpinewton.data import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-MPIRUN = shutil.which("mpirun")
+#: Every test launches mpirun through the scripts' wrapper (scripts/mpirun.sh): it clears
+#: what a killed launcher left under the pid the new one takes, which would stop it.
+MPIRUN = str(ROOT / "scripts" / "mpirun.sh") if shutil.which("mpirun") else None
 #: Skip marker of every test that launches mpirun: without it (the set-up installs it) they
 #: cannot run; CI always has it.
 requires_mpirun = pytest.mark.skipif(

@@ -26,7 +26,8 @@ from mpinewton.data.imagenet import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-MPIRUN = shutil.which("mpirun")
+# Through the scripts' wrapper, as every test's mpirun (see tests/mpijobs.py).
+MPIRUN = str(ROOT / "scripts" / "mpirun.sh") if shutil.which("mpirun") else None
 SYNSETS = ["n01440764", "n01443537", "n01484850"]
 SHAPES = [(17, 29), (29, 17), (23, 11), (8, 40), (31, 31), (40, 9)]
 SIZE = 32
