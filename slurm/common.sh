@@ -184,6 +184,12 @@ $max; nodes ${SLURM_JOB_NODELIST:-$(hostname -s)}; $ntasks ranks x $threads thre
     "${cmd[@]}" &
     _mpinewton_launcher_pid=$!
     mpinewton_wait "$_mpinewton_launcher_pid"
+    # A killed Open MPI launcher leaves its session files in $TMPDIR/ompi.<pid>, which
+    # stop a later launcher that draws the same pid (scripts/mpirun.sh): it is gone now.
+    if [ "${MPINEWTON_LAUNCHER:-srun}" = mpirun ] &&
+            [ -d "${TMPDIR:-/tmp}/ompi.$_mpinewton_launcher_pid" ]; then
+        rm -rf -- "${TMPDIR:-/tmp}/ompi.$_mpinewton_launcher_pid"
+    fi
     _mpinewton_launcher_pid=""
     mpinewton_log "trainer exited with code $status"
 
