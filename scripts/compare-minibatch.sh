@@ -24,10 +24,14 @@
 #          tolerance -> docs/compare/tuning/minibatch-knobs.json.gz, minibatch-knobs2.json.gz
 #   average  seed 1: every method with its iterates averaged (optimizer.average), the
 #          decay, rates and batch sizes -> docs/compare/tuning/minibatch-average*.json.gz
+#   linesearch  seed 1: Newton-CG's line search with averaging: fewer trials, or none
+#          -> docs/compare/tuning/minibatch-linesearch.json.gz
+#   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
+#          momentum -> docs/compare/cnn-minibatch-linesearch.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|race|race-average|all]   (2 ranks; about 75 minutes for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|race|race-average|race-linesearch|all]   (2 ranks; about 75 minutes for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -196,6 +200,20 @@ if [[ $stage == average || $stage == all ]]; then
         --variant "newton-b10000-rho0.5-low0.1=newton,batch_size=10000,$fixed,lm_rho_high=0.5,lm_rho_low=0.1" \
         --out docs/compare/tuning/minibatch-average6.json.gz
 fi
+if [[ $stage == linesearch || $stage == all ]]; then
+    # Round 15: the line search of Newton-CG with lm_rho_high = 0.5 tried 2.06 step
+    # sizes a step in the race below, and 5 % of its steps ran 13-15 trials to steps of
+    # 1e-4 and less: give up sooner (the step is rejected and the damping grows), or
+    # take every step whole (the damping alone keeps it in check).
+    fixed="batch_size=10000,curvature_growth=none,lm_rho_high=0.5"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.9,0.95,0.98 \
+        --variant "newton-b10000-rho0.5=newton,$fixed" \
+        --variant "newton-b10000-rho0.5-ls1=newton,$fixed,armijo_max_trials=1" \
+        --variant "newton-b10000-rho0.5-ls3=newton,$fixed,armijo_max_trials=3" \
+        --variant "newton-b10000-rho0.5-whole=newton,$fixed,step_rule=fixed,learning_rate=1.0" \
+        --out docs/compare/tuning/minibatch-linesearch.json.gz
+fi
 if [[ $stage == race-average || $stage == all ]]; then
     # Seed 0 (not tuned on), TIME (150) s each: the winners of rounds 9-11 with their
     # iterates averaged (average= in the variant: the trace is the average's loss), the
@@ -209,6 +227,17 @@ if [[ $stage == race-average || $stage == all ]]; then
         --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
         --variant "gd-lr0.5-avg0.9=gd,learning_rate=0.5,average=0.9" \
         --out docs/compare/cnn-minibatch-average.json.gz
+fi
+if [[ $stage == race-linesearch || $stage == all ]]; then
+    # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
+    # Newton-CG of the race above and the two first-order methods that beat it there.
+    fixed="batch_size=10000,curvature_growth=none,lm_rho_high=0.5,average=0.95"
+    race --set run.seed=0 --time-limit "${TIME:-150}" \
+        --variant "newton-b10000-rho0.5-ls3-avg0.95=newton,$fixed,armijo_max_trials=3" \
+        --variant "newton-b10000-rho0.5-avg0.95=newton,$fixed" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
+        --out docs/compare/cnn-minibatch-linesearch.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
