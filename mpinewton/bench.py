@@ -242,14 +242,26 @@ def newton_iteration_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": best, "allreduce_share_max": max(shares), "ranks": comm.size}
 
 
-def bench_ranks(args: argparse.Namespace) -> dict[str, Any]:
-    """2 ranks x 1 thread against 1 rank x 2 threads on the same global batch."""
+#: Removes what a launcher killed with SIGKILL left under the pid that mpirun, exec'd from
+#: this shell, takes: Open MPI 5 then stops with "The PMIx server's listener thread failed
+#: to start" (scripts/mpirun.sh, which the scripts use, does the same).
+_CLEAR_STALE_SESSION = ('d="${TMPDIR:-/tmp}/ompi.$$"; if [ -O "$d" ]; then rm -rf -- "$d"; fi; '
+                        'exec "$@"')
+
+
+def _mpirun() -> list[str]:
+    """The start of an mpirun command line (more ranks than cores allowed)."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise SystemExit("mpirun not found: run scripts/setup.sh")
+    return ["bash", "-c", _CLEAR_STALE_SESSION, "mpirun", mpirun, "--oversubscribe"]
+
+
+def bench_ranks(args: argparse.Namespace) -> dict[str, Any]:
+    """2 ranks x 1 thread against 1 rank x 2 threads on the same global batch."""
     out: dict[str, Any] = {}
     for ranks, threads in ((1, 2), (2, 1)):
-        cmd = [mpirun, "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
+        cmd = [*_mpirun(), "-n", str(ranks), sys.executable, "-m",
                "mpinewton.bench", "_newton_worker", "--threads", str(threads),
                "--samples", str(args.samples), "--cg", str(args.cg),
                "--repeats", str(args.repeats), "--micro-batch", str(args.micro_batch)]
@@ -328,11 +340,8 @@ def bench_micro_batches(args: argparse.Namespace) -> dict[str, Any]:
     compiled call takes; it sets how much of the activations stays in the
     caches. Launches mpirun itself, as ``ranks`` does.
     """
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise SystemExit("mpirun not found: run scripts/setup.sh")
     sizes = ",".join(str(s) for s in (args.sizes or MICRO_BATCHES))
-    cmd = [mpirun, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.bench",
+    cmd = [*_mpirun(), "-n", "2", sys.executable, "-m", "mpinewton.bench",
            "_micro_batch_worker", "--threads", "1", "--samples", str(args.samples),
            "--repeats", str(args.repeats), "--sizes", sizes]
     if args.data:
