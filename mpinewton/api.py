@@ -241,7 +241,8 @@ class Objective(DistributedObjective):
 
     def __init__(self, model: Any, data: Data, *, comm: Comm | None = None,
                  split: str = "train", loss: str = "categorical_crossentropy",
-                 from_logits: bool = False, micro_batch: int = 500, jit: bool = True,
+                 from_logits: bool = False,
+                 micro_batch: int = ObjectiveConfig.micro_batch, jit: bool = True,
                  hvp: str = "reverse_over_reverse", pixel_scale: float = 255.0,
                  limit: int | None = None) -> None:
         from mpinewton.local import LocalObjective

@@ -51,7 +51,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
-from mpinewton.config import HVP_MODES, KERAS_LOSS_PREFIX, LOSSES, PREPROCESSES
+from mpinewton.config import HVP_MODES, KERAS_LOSS_PREFIX, LOSSES, PREPROCESSES, ObjectiveConfig
 from mpinewton.objective import ObjectiveError
 from mpinewton.params import ParamLayout, get_flat
 
@@ -458,7 +458,8 @@ class LocalObjective:
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, *,
                  loss: str = "categorical_crossentropy", from_logits: bool = False,
-                 num_classes: int | None = None, micro_batch: int = 10000, jit: bool = True,
+                 num_classes: int | None = None,
+                 micro_batch: int = ObjectiveConfig.micro_batch, jit: bool = True,
                  hvp: str = "reverse_over_reverse", pixel_scale: float = 255.0,
                  preprocess: str = "scale") -> None:
         self._where = where = f"model {model.name!r}, loss {loss!r}"
