@@ -26,12 +26,14 @@
 #          decay, rates and batch sizes -> docs/compare/tuning/minibatch-average*.json.gz
 #   linesearch  seed 1: Newton-CG's line search with averaging: fewer trials, or none
 #          -> docs/compare/tuning/minibatch-linesearch.json.gz
+#   knobs2 seed 1: CG backtracking, Eisenstat-Walker forcing, the preconditioner's power,
+#          Hessian curvature -> docs/compare/tuning/minibatch-knobs3.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
 #          momentum -> docs/compare/cnn-minibatch-linesearch.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|race|race-average|race-linesearch|all]   (2 ranks; about 75 minutes for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|race|race-average|race-linesearch|all]   (2 ranks; about 75 minutes for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -227,6 +229,20 @@ if [[ $stage == race-average || $stage == all ]]; then
         --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
         --variant "gd-lr0.5-avg0.9=gd,learning_rate=0.5,average=0.9" \
         --out docs/compare/cnn-minibatch-average.json.gz
+fi
+if [[ $stage == knobs2 || $stage == all ]]; then
+    # Round 16: Newton-CG knobs not yet tried on mini-batches, with round 13's damping
+    # and averaging: Martens' CG backtracking, Eisenstat-Walker forcing, the Fisher
+    # diagonal to the power 1 (not 0.75), Hessian curvature instead of Gauss-Newton.
+    fixed="batch_size=10000,curvature_growth=none,lm_rho_high=0.5"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --average 0.9,0.95,0.98 \
+        --variant "newton-b10000-rho0.5=newton,$fixed" \
+        --variant "newton-b10000-rho0.5-backtrack=newton,$fixed,cg_backtracking=true" \
+        --variant "newton-b10000-rho0.5-ew=newton,$fixed,forcing=eisenstat_walker" \
+        --variant "newton-b10000-rho0.5-pow1=newton,$fixed,preconditioner_power=1.0" \
+        --variant "newton-b10000-rho0.5-hessian=newton,$fixed,curvature=hessian" \
+        --out docs/compare/tuning/minibatch-knobs3.json.gz
 fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
