@@ -66,8 +66,10 @@ def _launch_on_leftover(tmpdir, leftover, pid, *launcher):
 def test_a_killed_launchers_leftover_does_not_stop_the_next(tmp_path):
     pid, leftover = _leftover(tmp_path)
     if not leftover.is_dir():
-        pytest.skip(f"this MPI keeps no session directory ompi.<pid> in $TMPDIR: "
-                    f"{sorted(os.listdir(tmp_path))}")
+        # The failure reproduced here is Open MPI 5's (the wheel scripts/setup.sh installs);
+        # an MPI that keeps no such directory cannot have it.
+        pytest.skip(f"this mpirun left no session directory ompi.<pid> in $TMPDIR (only "
+                    f"Open MPI 5 does, and only it fails on one): {sorted(os.listdir(tmp_path))}")
     assert any(str(pid) in name for name in os.listdir(leftover)), os.listdir(leftover)
 
     plain = _launch_on_leftover(tmp_path, leftover, pid, shutil.which("mpirun"), "--oversubscribe")
