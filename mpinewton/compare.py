@@ -171,11 +171,14 @@ class _Race:
     def counts(self) -> tuple[int, int]:
         """Evaluations over the batch, and curvature products over the curvature rows.
 
-        The Fisher diagonal (``grad_squares``) is curvature: with a curvature
-        sub-sample it is computed on the sub-sample (:class:`SplitProblem`).
+        The Fisher diagonal (``grad_squares``) and K-FAC's factors are curvature:
+        with a curvature sub-sample they are computed on the sub-sample
+        (:class:`SplitProblem`). K-FAC's factors count as one pass (one forward
+        pass and one backward pass per model output).
         """
         stats = self.problem.stats
-        return stats.values + stats.grads, stats.hvps + stats.gnvps + stats.grad_squares
+        return stats.values + stats.grads, \
+            stats.hvps + stats.gnvps + stats.grad_squares + stats.kfac
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused
@@ -520,7 +523,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
-    """The curvature products (``hvp``, ``gnvp``, ``grad_squares``) these methods take.
+    """The curvature products (``hvp``, ``gnvp``, ``grad_squares``, ``kfac``) these methods take.
 
     Only those are compiled before the race: ResNet-50's per-sample squared
     gradients (``grad_squares``, the Fisher preconditioner) alone would take
@@ -536,6 +539,8 @@ def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
             used.add("grad_squares")
         if getattr(params, "preconditioner", "none") == "hutchinson":
             used.add("hvp")
+        if opt.method == "kfac":
+            used.add("kfac")
     return used
 
 
@@ -564,6 +569,8 @@ def _compile_products(objective: Any, w: np.ndarray, used: set[str]) -> None:
         objective.gnvp(w, v)
     if "grad_squares" in used:
         objective.grad_squares(w)
+    if "kfac" in used:
+        objective.kfac_factors(w)
 
 
 def _warm_up_curvature(session: Any, objective: Any, curvature: Any, w: np.ndarray,

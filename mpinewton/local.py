@@ -420,6 +420,64 @@ def _linear_head(layer: keras.layers.Layer | None) -> Iterator[None]:
             layer.activation = saved
 
 
+# -- K-FAC taps: a layer's input and pre-activation while a graph is built ------------
+#
+# K-FAC's factors (mpinewton.solvers.kfac) need, for every Dense and Conv2D
+# layer, the layer's input a and the derivative of the loss factor w.r.t. its
+# pre-activation s. Neither is an output of the model, so while the K-FAC graph
+# is built the layer's ``call`` is wrapped to record a, and its ``activation``
+# (applied last in every Keras Dense and Conv2D ``call``) to record s; both are
+# restored in ``finally`` under the same lock as the Gauss-Newton head. Nothing
+# changes outside graph building.
+
+#: Layers K-FAC gives a Kronecker block; every other weight takes the plain step.
+KFAC_LAYER_TYPES = (keras.layers.Dense, keras.layers.Conv2D)
+#: K-FAC's output factor takes one backward pass per model output: above this
+#: many outputs it is refused (ImageNet's 1,000 classes).
+KFAC_MAX_OUTPUTS = 100
+
+
+@contextmanager
+def _kfac_taps(layers: list[Any], taps: dict[int, list[tf.Tensor]]) -> Iterator[None]:
+    """Record ``[input, pre-activation]`` of each layer in ``taps[id(layer)]`` (graph building)."""
+    with _HEAD_LOCK:
+        saved = []
+        try:
+            for layer in layers:
+                call, activation = layer.call, layer.activation
+                saved.append((layer, vars(layer).get("call"), activation))
+
+                def tapped_call(inputs: Any, *args: Any, _layer: Any = layer, _call: Any = call,
+                                **kwargs: Any) -> Any:
+                    if id(_layer) in taps:
+                        raise ObjectiveError(f"kfac: layer {_layer.name!r} is called more than "
+                                             "once in the model; K-FAC needs one use a layer")
+                    taps[id(_layer)] = [inputs]
+                    return _call(inputs, *args, **kwargs)
+
+                def tapped_activation(s: tf.Tensor, _layer: Any = layer,
+                                      _activation: Any = activation) -> tf.Tensor:
+                    taps[id(_layer)].append(s)
+                    return _activation(s)
+
+                layer.call, layer.activation = tapped_call, tapped_activation
+            yield
+        finally:
+            for layer, own_call, activation in saved:
+                layer.activation = activation
+                if own_call is None:
+                    del layer.call  # the instance attribute: the class's call shows again
+                else:
+                    layer.call = own_call
+
+
+def _walk_layers(model: Any) -> Iterator[Any]:
+    """Every layer of ``model``, nested models' layers included, in order."""
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _walk_layers(layer)
+
+
 class LocalObjective:
     """Loss, gradient, curvature and metric sums of one model over one rank's shard.
 
@@ -511,6 +569,8 @@ class LocalObjective:
         self._gnvp_many_fn = compile_(self._gnvp_many_graph)
         self._split_loss_fn = compile_(self._split_loss_graph)
         self._grad_squares_fn = compile_(self._grad_squares_graph)
+        self._kfac_fn = compile_(self._kfac_graph)
+        self._kfac_layers: list[tuple[Any, Any]] | None = None
 
     # -- what the data and the loss ask of each other (checked before compiling) -----
 
@@ -959,6 +1019,75 @@ class LocalObjective:
             rows = tf.vectorized_map(squared_gradient, (x, y, self._mask(y, n, self.dtype)))
         return tf.reduce_sum(rows, axis=0)
 
+    def _loss_factor(self, z: tf.Tensor) -> list[tf.Tensor]:
+        """Columns ``c_k`` (each (b, K)) with ``H_L,i = sum_k c_k,i c_k,i^T`` for every sample.
+
+        Softmax cross-entropy of logits: ``c_k = sqrt(p_k) (e_k - p)``, so that
+        ``sum_k c_k c_k^T = diag(p) - p p^T``, the Fisher of the model's own
+        predictive distribution in expectation over its labels (no sampling);
+        binary cross-entropy of logits: ``sqrt(s_k (1 - s_k) / K) e_k``; mean
+        squared error: ``sqrt(2 / K) e_k``.
+        """
+        z = tf.stop_gradient(z)
+        k = int(z.shape[-1])
+        eye = tf.eye(k, dtype=z.dtype)
+        if self._curvature == "softmax":
+            p = tf.nn.softmax(z)
+            return [tf.sqrt(p[:, j:j + 1]) * (eye[j][None, :] - p) for j in range(k)]
+        if self._curvature == "sigmoid":
+            s = tf.math.sigmoid(z)
+            return [tf.sqrt(s[:, j:j + 1] * (1 - s[:, j:j + 1]) / k) * eye[j][None, :]
+                    for j in range(k)]
+        scale = tf.sqrt(tf.constant(2.0 / k, z.dtype))
+        return [scale * tf.ones_like(z[:, :1]) * eye[j][None, :] for j in range(k)]
+
+    def _kfac_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                    n: tf.Tensor) -> list[tf.Tensor]:
+        """Sums over the micro-batch of every K-FAC layer's ``A`` and ``G`` (in layer order).
+
+        ``A = sum_i mean_t a_it a_it^T`` over the layer's input vectors (a
+        Dense layer's input rows, a Conv2D layer's patches; a 1 appended for
+        the bias), ``G = sum_i sum_t sum_k g_itk g_itk^T`` over the
+        backpropagated columns of :meth:`_loss_factor` at the pre-activation
+        (Martens & Grosse 2015, sec. 3; Grosse & Martens 2016 for the positions
+        t of a convolution). One forward pass and K backward passes.
+        """
+        layers = [layer for layer, _ in self._kfac_layers or []]
+        taps: dict[int, list[tf.Tensor]] = {}
+        mask = self._mask(y, n, self.dtype)
+        with _linear_head(self._head), _kfac_taps(layers, taps), \
+                tf.GradientTape(persistent=True) as tape:
+            tape.watch(w)
+            z = tf.reshape(self._outputs(w, x), [tf.shape(x)[0], _size(self._out_shape)])
+        missing = [layer.name for layer in layers if len(taps.get(id(layer), [])) != 2]
+        if missing:
+            raise ObjectiveError(f"kfac: layers {missing} were not run as Dense/Conv2D layers "
+                                 "with an activation in the model's forward pass")
+        pre = [taps[id(layer)][1] for layer in layers]
+        gs = [tf.zeros([int(s.shape[-1])] * 2, self.dtype) for s in pre]
+        for column in self._loss_factor(z):
+            back = tape.gradient(z, pre, output_gradients=column * mask[:, None],
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for i, g in enumerate(back):
+                flat = tf.reshape(g, [-1, g.shape[-1]])
+                gs[i] += tf.matmul(flat, flat, transpose_a=True)
+        out = []
+        for i, layer in enumerate(layers):
+            a = taps[id(layer)][0]
+            if isinstance(layer, keras.layers.Conv2D):
+                kh, kw = layer.kernel_size
+                a = tf.image.extract_patches(
+                    a, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
+                    rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+            a = tf.reshape(a, [tf.shape(a)[0], -1, a.shape[-1]])  # (b, positions, rows)
+            positions = tf.cast(tf.shape(a)[1], self.dtype)
+            a = a * mask[:, None, None]
+            if layer.use_bias:
+                a = tf.concat([a, tf.ones_like(a[..., :1]) * mask[:, None, None]], axis=-1)
+            flat = tf.reshape(a, [-1, a.shape[-1]])
+            out += [tf.matmul(flat, flat, transpose_a=True) / positions, gs[i]]
+        return out
+
     def _hits(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
         """(b, m) booleans: arg-max equals the label (m = 1), or each thresholded output."""
         if self._metric == "argmax":
@@ -1164,6 +1293,83 @@ class LocalObjective:
                                              y[lo:lo + GRAD_SQUARES_BLOCK],
                                              tf.constant(real, tf.int32)).numpy()
         return out
+
+    def _kfac_setup(self) -> list[tuple[Any, Any]]:
+        """The K-FAC layers and their blocks, found once; refuses what K-FAC cannot take."""
+        if self._kfac_layers is not None:
+            return self._kfac_layers
+        from mpinewton.solvers.kfac import KroneckerBlock
+
+        self._check_split()
+        where = self._where
+        if self._curvature not in ("softmax", "sigmoid", "mse"):
+            raise ObjectiveError(
+                f"{where}: kfac needs the Fisher of a matching loss: softmax or binary "
+                "cross-entropy of a softmax (sigmoid) output or of logits, or mean squared "
+                "error; this loss has no closed-form curvature")
+        width = _size(self._out_shape or (None,))
+        if width is None or width > KFAC_MAX_OUTPUTS:
+            raise ObjectiveError(f"{where}: kfac takes one backward pass per model output; the "
+                                 f"model has {width or 'an unknown number of'} outputs a sample "
+                                 f"(at most {KFAC_MAX_OUTPUTS})")
+        offsets = dict(zip(self.layout.names, np.cumsum((0, *self.layout.sizes))[:-1],
+                           strict=True))
+        found = []
+        for layer in _walk_layers(self.model):
+            if not isinstance(layer, KFAC_LAYER_TYPES) or not layer.trainable:
+                continue
+            if isinstance(layer, keras.layers.Conv2D) and (
+                    layer.data_format != "channels_last" or getattr(layer, "groups", 1) != 1
+                    or layer.padding not in ("same", "valid")):
+                continue  # its weights take the plain step
+            if len(getattr(layer, "_inbound_nodes", ())) > 1:
+                raise ObjectiveError(f"{where}: kfac: layer {layer.name!r} is called more than "
+                                     "once in the model; K-FAC needs one use a layer")
+            kernel = layer.kernel
+            if kernel.path not in offsets:
+                continue
+            shape = tuple(int(d) for d in kernel.shape)
+            rows, cols = int(np.prod(shape[:-1])), shape[-1]
+            bias = getattr(layer, "bias", None) if layer.use_bias else None
+            bias_offset = int(offsets[bias.path]) if bias is not None and bias.path in offsets \
+                else -1
+            if layer.use_bias and bias_offset < 0:
+                continue  # a frozen bias: not a block this method can step
+            found.append((layer, KroneckerBlock(layer.name, int(offsets[kernel.path]), rows, cols,
+                                                bias_offset)))
+        if not found:
+            raise ObjectiveError(f"{where}: kfac found no trainable Dense or Conv2D layer in "
+                                 f"model {self.model.name!r}")
+        self._kfac_layers = found
+        return found
+
+    def kfac_blocks(self) -> tuple[Any, ...]:
+        """The :class:`~mpinewton.solvers.kfac.KroneckerBlock` of each Dense and Conv2D layer.
+
+        Layers in model order (nested models included); a Conv2D layer that is
+        not NHWC with "same"/"valid" padding and one group, or a layer whose
+        kernel or bias is frozen, gets none (its weights take K-FAC's plain
+        step). The tuple is the same object on every call.
+        """
+        if not hasattr(self, "_kfac_block_tuple"):
+            self._kfac_block_tuple = tuple(block for _, block in self._kfac_setup())
+        return self._kfac_block_tuple
+
+    def kfac_factor_sums(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per block, the sums over the shard of ``A`` and ``G`` (:meth:`_kfac_graph`).
+
+        Divided by the global sample count they are K-FAC's factors
+        (Martens & Grosse 2015): batch additive, so the distributed objective
+        adds the ranks' sums. One compiled call per micro-batch.
+        """
+        blocks = self._kfac_setup()
+        tw = self._w(w)
+        sums = [np.zeros((b.a_dim, b.a_dim)) if i % 2 == 0 else np.zeros((b.g_dim, b.g_dim))
+                for _, b in blocks for i in range(2)]
+        for x, y, n in self._chunks:
+            for total, part in zip(sums, self._kfac_fn(tw, x, y, n), strict=True):
+                total += part.numpy()
+        return [(sums[2 * i], sums[2 * i + 1]) for i in range(len(blocks))]
 
     def correct_count(self, w: np.ndarray) -> int:
         """Number of shard samples classified correctly (classification only).

@@ -3,14 +3,15 @@
 ``DistributedObjective`` is the ``Problem`` the solvers see: ``value``,
 ``value_and_grad``, ``hvp`` and ``hvp_many`` (k products at once, for
 ``HessianOperator.matmat``), ``gnvp`` and ``gnvp_many`` (generalised
-Gauss-Newton products; Schraudolph 2002, Martens 2010) and ``grad_squares``
-(the empirical Fisher diagonal) return the same numbers whatever the number of
-ranks (thesis Corollary 9.2), because every rank contributes sums over its own
-samples and the result is divided by the global sample count. Each call issues
-exactly one ``Allreduce`` of one contiguous float64 buffer, on every rank in
-the same order (design invariant 2). ``metric`` and ``evaluate`` (loss and
-metric in one buffer) report accuracy (classification) or the mean absolute
-error (regression) the same way.
+Gauss-Newton products; Schraudolph 2002, Martens 2010), ``grad_squares``
+(the empirical Fisher diagonal) and ``kfac_factors`` (K-FAC's Kronecker
+factors) return the same numbers whatever the number of ranks (thesis
+Corollary 9.2), because every rank contributes sums over its own samples and
+the result is divided by the global sample count. Each call issues exactly one
+``Allreduce`` of one contiguous float64 buffer, on every rank in the same
+order (design invariant 2). ``metric`` and ``evaluate`` (loss and metric in
+one buffer) report accuracy (classification) or the mean absolute error
+(regression) the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class LocalSums(Protocol):
     def gnvp_sum(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
     def gnvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
     def grad_squares_sum(self, w: np.ndarray) -> np.ndarray: ...
+    def kfac_blocks(self) -> tuple: ...
+    def kfac_factor_sums(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]: ...
     def correct_count(self, w: np.ndarray) -> int: ...
     def metric_sum(self, w: np.ndarray) -> float: ...
     @property
@@ -54,6 +57,7 @@ class ObjectiveStats:
     hvps: int = 0
     gnvps: int = 0
     grad_squares: int = 0
+    kfac: int = 0
     compute_seconds: float = 0.0
 
 
@@ -159,6 +163,30 @@ class DistributedObjective:
         self.stats.compute_seconds += time.perf_counter() - start
         self.stats.grad_squares += 1
         return self._reduce(local)
+
+    def kfac_blocks(self) -> tuple:
+        """The model's K-FAC blocks (the same on every rank: they come from the model)."""
+        return self.local.kfac_blocks()
+
+    def kfac_factors(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """K-FAC's ``(A, G)`` of each block: means over all samples (Martens & Grosse 2015).
+
+        The ranks' sums travel in one Allreduce of one packed buffer; counts one
+        call in ``stats.kfac``.
+        """
+        start = time.perf_counter()
+        pairs = self.local.kfac_factor_sums(w)
+        local = np.concatenate([m.reshape(-1) for pair in pairs for m in pair]) if pairs \
+            else np.zeros(0)
+        self.stats.compute_seconds += time.perf_counter() - start
+        self.stats.kfac += 1
+        flat = self._reduce(np.ascontiguousarray(local, dtype=np.float64))
+        out, i = [], 0
+        for a, g in pairs:
+            out.append((flat[i:i + a.size].reshape(a.shape),
+                        flat[i + a.size:i + a.size + g.size].reshape(g.shape)))
+            i += a.size + g.size
+        return out
 
     @property
     def metric_name(self) -> str | None:

@@ -31,7 +31,7 @@ class _OtherRank:
 
 
 def _hooks(comm, evaluated):
-    stats = SimpleNamespace(values=0, grads=0, grad_squares=0, hvps=0, gnvps=0)
+    stats = SimpleNamespace(values=0, grads=0, grad_squares=0, hvps=0, gnvps=0, kfac=0)
     problem = SimpleNamespace(stats=stats)
     session = SimpleNamespace(comm=comm, shard=SimpleNamespace(total=10))
     evaluator = SimpleNamespace(value=lambda w: evaluated.append(w.copy()) or 0.5)
@@ -73,6 +73,7 @@ def test_only_the_products_the_variants_take_are_compiled():
         return products_used([parse_variant(s, job).optimizer for s in specs])
 
     assert used("a=gd", "b=adam,learning_rate=0.01", "c=lbfgs") == set()
+    assert used("a=kfac,curvature_fraction=0.05") == {"kfac"}
     assert used("a=newton,curvature=gauss_newton,preconditioner=none") == {"gnvp"}
     assert used("a=newton,curvature=hessian,preconditioner=fisher") == {"hvp", "grad_squares"}
     assert used("a=trust_region,curvature=gauss_newton", "b=newton,curvature=hessian,"

@@ -146,10 +146,14 @@ def test_corrupt_latest_falls_back_to_older_checkpoint(dataset, tmp_path):
      "optimizer.curvature_growth_threshold=1.001", "optimizer.curvature_fraction_max=1.0",
      "optimizer.damping=1e-2",
      "optimizer.damping_min=0.1"],  # damping >= 10 x its initial value: growth at every step
-], ids=["lbfgs", "newton-gauss-newton-lm", "curvature-growth"])
+    # the factors' running averages, the inverses of the last refresh (every 3 steps, so
+    # the resumed step 3 uses step 1's) and the velocity
+    ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5", "optimizer.inverse_every=3",
+     "optimizer.stats_every=2", "optimizer.learning_rate=0.05"],
+], ids=["lbfgs", "newton-gauss-newton-lm", "curvature-growth", "kfac"])
 def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
-    """The L-BFGS memory and gradient cache, the LM damping and forcing state, and the
-    curvature fraction's growth resume exactly."""
+    """The L-BFGS memory and gradient cache, the LM damping and forcing state, the
+    curvature fraction's growth and K-FAC's factors and inverses resume exactly."""
     sets = [arg for item in method for arg in ("--set", item)]
     straight = tmp_path / "straight"
     proc = run_job(2, *small_job(dataset), *sets, "--run-dir", str(straight))

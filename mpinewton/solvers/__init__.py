@@ -12,6 +12,8 @@
   baselines a user would otherwise pick (heavy ball / Nesterov, Adam, L-BFGS).
 - :mod:`.steihaug`, :mod:`.trust_region`: Newton with a trust region, the
   subproblem by Steihaug-CG (Nocedal & Wright Algorithms 4.1, 7.2).
+- :mod:`.kfac`: K-FAC, natural-gradient steps with a Kronecker-factored Fisher
+  (Martens & Grosse 2015), the second-order method built for mini-batches.
 - :mod:`.averaging`: the exponential average of the iterates (``optimizer.average``).
 - :mod:`.loop`: the one loop that runs phases of methods, used by
   :func:`minimize` and by the training driver.
@@ -25,6 +27,7 @@ from .averaging import IterateAverage
 from .base import Method, ParameterError, Problem, SolverState, StepRecord
 from .cg import CGReason, CGResult, cg
 from .gd import GDConfig, GDInfo, GDState, GradientDescent, gd_armijo_step, gd_step
+from .kfac import KFAC, KFACConfig, KFACState, KroneckerBlock
 from .lbfgs import LBFGS, LBFGSConfig, LBFGSState, two_loop
 from .linesearch import LineSearchResult, armijo, fixed_step
 from .loop import LoopHooks, LoopReason, LoopResult, MinimizeResult, Phase, minimize, run
@@ -63,14 +66,18 @@ from .trust_region import (
 
 #: The methods a job's ``optimizer.method`` can name.
 METHODS: dict[str, type] = {cls.name: cls for cls in (
-    NewtonCG, TrustRegionNewton, GradientDescent, Momentum, Adam, LBFGS)}
+    NewtonCG, TrustRegionNewton, GradientDescent, Momentum, Adam, LBFGS, KFAC)}
 
 __all__ = [
+    "KFAC",
     "LBFGS",
     "Adam",
     "AdamConfig",
     "AdamState",
     "CURVATURES",
+    "KFACConfig",
+    "KFACState",
+    "KroneckerBlock",
     "LBFGSConfig",
     "LBFGSState",
     "Momentum",

@@ -22,8 +22,8 @@ from mpinewton.sampling import curvature_rows
 class SplitProblem:
     """Values and gradients from ``full``; curvature from ``curvature``.
 
-    Curvature means the Hessian and Gauss-Newton products and the Fisher
-    diagonal of a preconditioner.
+    Curvature means the Hessian and Gauss-Newton products, the Fisher
+    diagonal of a preconditioner and K-FAC's factors.
     """
 
     def __init__(self, full: Any, curvature: Any) -> None:
@@ -49,6 +49,13 @@ class SplitProblem:
     def grad_squares(self, w: np.ndarray) -> np.ndarray:
         """The Fisher diagonal is curvature: it comes from the sub-sample too (Martens 2010)."""
         return self.curvature.grad_squares(w)
+
+    def kfac_blocks(self) -> tuple:
+        return self.full.kfac_blocks()
+
+    def kfac_factors(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """K-FAC's factors are curvature: from the sub-sample too."""
+        return self.curvature.kfac_factors(w)
 
     def accuracy(self, w: np.ndarray) -> float:
         return self.full.accuracy(w)

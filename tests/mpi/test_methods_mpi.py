@@ -33,6 +33,8 @@ VARIANTS = {
     "lbfgs": {},
     "adam": {"learning_rate": 0.01},
     "momentum": {"learning_rate": 0.1, "nesterov": True},
+    # inverse_every 3, stats_every 2: steps with and without fresh factors and inverses
+    "kfac": {"learning_rate": 0.2, "inverse_every": 3, "stats_every": 2},
 }
 
 

@@ -1,0 +1,304 @@
+"""K-FAC: natural-gradient steps with a Kronecker-factored Fisher (Martens & Grosse 2015).
+
+A second-order method built for mini-batches.  Each layer's block of the
+Fisher (the Gauss-Newton matrix of a matching loss) is approximated by a
+Kronecker product ``F_l ~ A_l (x) G_l`` of the second moments of the layer's
+inputs ``a`` and of the loss's backpropagated pre-activation derivatives
+``g`` (Martens & Grosse 2015, "Optimizing neural networks with
+Kronecker-factored approximate curvature", sec. 3; convolutions as in Grosse &
+Martens 2016, "A Kronecker-factored approximate Fisher matrix for convolution
+layers": ``A`` over the input patches, ``G`` summed over output positions).
+The problem supplies the factors (``problem.kfac_blocks()``,
+``problem.kfac_factors(w)``); here they are averaged over steps, damped and
+inverted, and one step is::
+
+    A, G <- decay (A, G) + (1 - decay) (A_batch, G_batch)      every stats_every steps
+    inverses of A + pi sqrt(lambda) I and G + sqrt(lambda)/pi I  every inverse_every steps
+    p_l = (A_l + ...)^-1 dW_l (G_l + ...)^-1                    each layer's gradient block
+    nu = min(1, sqrt(kl_clip / (lr^2 p . g)))                   (Ba, Grosse & Martens 2017)
+    v <- momentum v + nu p,  w <- w - lr v
+
+with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, the factored Tikhonov
+damping of Martens & Grosse (2015, sec. 6.3).  A layer's bias is the last row
+of its block (the input's homogeneous coordinate 1).  Weights no block covers
+(batch-norm scales, embeddings) take the plain momentum step ``nu g``.
+
+numpy (and scipy's LAPACK, loaded on first use); the factors come from the
+problem, which is where TensorFlow and MPI live.  With ``kl_clip = 0``,
+``momentum = 0``, ``lr = 1`` and ``damping -> 0`` a step on a quadratic whose
+Hessian is exactly ``A (x) G`` lands on its minimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import ParameterError, Problem, SolverState, check_value_and_grad, is_real, require
+from .momentum import FixedStepInfo, _check_counter, _float_array
+
+__all__ = ["KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock", "factored_damping",
+           "kfac_direction"]
+
+
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """Where one layer's weights sit in the flat vector, as a (rows [+ 1]) x cols matrix.
+
+    The kernel occupies ``rows * cols`` entries from ``kernel_offset`` in
+    row-major order (a Dense kernel ``(in, out)``; a Conv2D kernel ``(kh, kw,
+    cin, cout)`` as ``(kh * kw * cin, cout)``); a bias of ``cols`` entries at
+    ``bias_offset`` (-1: none) is the block's last row.
+    """
+
+    name: str
+    kernel_offset: int
+    rows: int
+    cols: int
+    bias_offset: int = -1
+
+    def __post_init__(self) -> None:
+        for field in ("kernel_offset", "rows", "cols"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                    and value >= (0 if field == "kernel_offset" else 1)):
+                raise ValueError(f"KroneckerBlock {self.name!r}: {field} = {value!r}")
+        if not isinstance(self.bias_offset, (int, np.integer)) or self.bias_offset < -1:
+            raise ValueError(f"KroneckerBlock {self.name!r}: bias_offset = {self.bias_offset!r}")
+
+    @property
+    def a_dim(self) -> int:
+        """Order of the input factor A: the kernel's rows, plus 1 for a bias."""
+        return self.rows + (self.bias_offset >= 0)
+
+    @property
+    def g_dim(self) -> int:
+        """Order of the output factor G: the layer's outputs (channels)."""
+        return self.cols
+
+    def indices(self) -> np.ndarray:
+        """Flat positions of the block's matrix entries, as an (a_dim, g_dim) array."""
+        k = self.kernel_offset + np.arange(self.rows * self.cols).reshape(self.rows, self.cols)
+        if self.bias_offset < 0:
+            return k
+        return np.vstack([k, self.bias_offset + np.arange(self.cols)[None, :]])
+
+
+def check_blocks(blocks: Any, n: int) -> tuple[KroneckerBlock, ...]:
+    """The problem's blocks, checked to lie inside ``n`` weights without overlapping."""
+    blocks = tuple(blocks)
+    seen = np.zeros(n, dtype=bool)
+    for b in blocks:
+        if not isinstance(b, KroneckerBlock):
+            raise TypeError(f"kfac: kfac_blocks() gave a {type(b).__name__}, not a KroneckerBlock")
+        idx = b.indices()
+        if idx.size and idx.max() >= n:
+            raise ValueError(f"kfac: block {b.name!r} reaches weight {idx.max()}, the vector "
+                             f"has {n}")
+        if seen[idx].any():
+            raise ValueError(f"kfac: block {b.name!r} overlaps another block")
+        seen[idx] = True
+    return blocks
+
+
+def factored_damping(a: np.ndarray, g: np.ndarray, damping: float) -> tuple[float, float]:
+    """The ``(A, G)`` shifts ``(pi sqrt(lambda), sqrt(lambda) / pi)`` (Martens & Grosse, 6.3).
+
+    ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` balances the two factors so
+    that the damped product is close to ``A (x) G + lambda I``; a factor with
+    zero trace gives ``pi = 1``.
+    """
+    ta, tg = float(np.trace(a)) / a.shape[0], float(np.trace(g)) / g.shape[0]
+    pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+    root = math.sqrt(damping)
+    return pi * root, root / pi
+
+
+def _inverse(m: np.ndarray, shift: float, who: str) -> np.ndarray:
+    """``(m + shift I)^-1`` of a symmetric positive (semi-)definite factor, symmetrised."""
+    from scipy.linalg import lapack  # loaded on first use: importing the solvers stays light
+
+    shifted = (m + m.T) / 2 + shift * np.eye(m.shape[0])
+    c, info = lapack.dpotrf(shifted, lower=1)
+    if info == 0:
+        inv, info = lapack.dpotri(c, lower=1)  # the inverse from the Cholesky factor
+    if info != 0:
+        raise FloatingPointError(f"kfac: factor {who} plus {shift:.3g} I is not positive "
+                                 "definite; raise the damping")
+    return np.tril(inv) + np.tril(inv, -1).T
+
+
+def kfac_direction(blocks: tuple[KroneckerBlock, ...], inverses: list[tuple[np.ndarray,
+                   np.ndarray]], g: np.ndarray) -> np.ndarray:
+    """``F^-1 g`` block by block: ``A_l^-1 dW_l G_l^-1``; entries outside the blocks are ``g``."""
+    p = np.array(g, dtype=np.float64, copy=True)
+    for block, (ai, gi) in zip(blocks, inverses, strict=True):
+        idx = block.indices()
+        p[idx] = ai @ g[idx] @ gi
+    return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class KFACConfig:
+    """Hyper-parameters of K-FAC (defaults: Martens & Grosse 2015; Ba et al. 2017)."""
+
+    learning_rate: float = 0.1  # lr > 0, the step along the natural gradient
+    momentum: float = 0.9  # mu in [0, 1)
+    damping: float = 1e-3  # lambda > 0, Tikhonov damping shared by the two factors
+    stat_decay: float = 0.95  # decay of the factors' running averages, in [0, 1)
+    stats_every: int = 1  # new factors from the curvature sample every this many steps
+    inverse_every: int = 10  # damped inverses every this many steps
+    kl_clip: float = 1e-3  # step scaled so that lr^2 p.g <= kl_clip; 0 = never
+
+    def __post_init__(self) -> None:
+        require(self, "learning_rate", "> 0")
+        require(self, "damping", "> 0")
+        for name in ("momentum", "stat_decay"):
+            value = getattr(self, name)
+            if not (is_real(value) and 0.0 <= value < 1.0):
+                raise ParameterError(type(self).__name__, name, value, "a number in [0, 1)")
+        require(self, "stats_every", "int >= 1")
+        require(self, "inverse_every", "int >= 1")
+        require(self, "kl_clip", ">= 0")
+
+
+@dataclass(frozen=True, eq=False)
+class KFACState(SolverState):
+    """Step count, running factors, their damped inverses and the velocity.
+
+    ``factors`` and ``inverses`` are the blocks' ``A`` then ``G`` matrices,
+    flattened and concatenated in block order (None before the first step);
+    ``inverses`` is what the last refresh computed, so a resumed run steps
+    exactly as an uninterrupted one.
+    """
+
+    iteration: int = 0
+    factors: np.ndarray | None = None
+    inverses: np.ndarray | None = None
+    velocity: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        _check_counter(self, "iteration")
+        owner = type(self).__name__
+        for name in ("factors", "inverses", "velocity"):
+            object.__setattr__(self, name, _float_array(getattr(self, name), owner, name))
+        if (self.factors is None) != (self.inverses is None) or (
+                self.factors is not None and self.inverses is not None
+                and self.factors.shape != self.inverses.shape):
+            raise ValueError(f"{owner}: factors and inverses must both be None or vectors "
+                             "of one shape")
+        super().__post_init__()
+
+
+def _pack(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    if not pairs:
+        return np.zeros(0)
+    return np.concatenate([m.reshape(-1) for pair in pairs for m in pair])
+
+
+def _unpack(flat: np.ndarray, blocks: tuple[KroneckerBlock, ...],
+            ) -> list[tuple[np.ndarray, np.ndarray]]:
+    need = sum(b.a_dim ** 2 + b.g_dim ** 2 for b in blocks)
+    if flat.size != need:
+        raise ValueError(f"kfac: the state holds {flat.size} factor entries, the model's "
+                         f"blocks need {need}")
+    out, i = [], 0
+    for b in blocks:
+        a = flat[i:i + b.a_dim ** 2].reshape(b.a_dim, b.a_dim)
+        i += b.a_dim ** 2
+        g = flat[i:i + b.g_dim ** 2].reshape(b.g_dim, b.g_dim)
+        i += b.g_dim ** 2
+        out.append((a, g))
+    return out
+
+
+@dataclass(frozen=True)
+class KFACInfo(FixedStepInfo):
+    """What one K-FAC step did (``step_size`` is the learning rate)."""
+
+    clip: float  # nu, the KL clip's scale of the step (1: not clipped)
+    stats: bool  # whether new factors were taken this step
+    inverted: bool  # whether the damped inverses were refreshed this step
+    update_norm: float  # |w_new - w|
+
+
+class KFAC:
+    """K-FAC (Martens & Grosse 2015) with momentum and KL clipping, on the method interface."""
+
+    name: ClassVar[str] = "kfac"
+    config_class: ClassVar[type] = KFACConfig
+    state_class: ClassVar[type[SolverState]] = KFACState
+
+    def __init__(self, config: KFACConfig | None = None) -> None:
+        self.config = KFACConfig() if config is None else config
+        self._checked: tuple[Any, int, tuple[KroneckerBlock, ...]] | None = None
+
+    def init(self, w: np.ndarray) -> KFACState:
+        """No factors yet: the first step takes them and inverts them."""
+        return KFACState()
+
+    def step(self, problem: Problem, w: np.ndarray, state: KFACState, *,
+             value_and_grad: tuple[float, np.ndarray] | None = None,
+             ) -> tuple[np.ndarray, KFACState, KFACInfo]:
+        """One K-FAC step; raises ``FloatingPointError`` on NaN/Inf weights or factors."""
+        w = np.asarray(w)
+        get_blocks = getattr(problem, "kfac_blocks", None)
+        get_factors = getattr(problem, "kfac_factors", None)
+        if not (callable(get_blocks) and callable(get_factors)):
+            raise TypeError(f"kfac: the problem ({type(problem).__name__}) has no "
+                            "kfac_blocks() and kfac_factors(w)")
+        found = get_blocks()
+        if self._checked is None or self._checked[0] is not found or self._checked[1] != w.size:
+            self._checked = (found, w.size, check_blocks(found, w.size))
+        blocks = self._checked[2]
+        loss, g = check_value_and_grad(problem, w, value_and_grad, "kfac")
+        cfg = self.config
+        t = state.iteration
+        stats = state.factors is None or t % cfg.stats_every == 0
+        factors = None if state.factors is None else _unpack(state.factors, blocks)
+        if stats:
+            new = [(np.asarray(a, dtype=np.float64), np.asarray(gg, dtype=np.float64))
+                   for a, gg in get_factors(w)]
+            if len(new) != len(blocks) or any(
+                    a.shape != (b.a_dim, b.a_dim) or gg.shape != (b.g_dim, b.g_dim)
+                    for (a, gg), b in zip(new, blocks, strict=False)):
+                raise ValueError("kfac: kfac_factors(w) does not match kfac_blocks()")
+            d = float(cfg.stat_decay)
+            factors = new if factors is None else [
+                (d * a0 + (1 - d) * a1, d * g0 + (1 - d) * g1)
+                for (a0, g0), (a1, g1) in zip(factors, new, strict=True)]
+        assert factors is not None
+        if not np.all(np.isfinite(_pack(factors))):
+            raise FloatingPointError(f"kfac: step {t + 1}: the Kronecker factors hold NaN or Inf")
+        invert = state.inverses is None or t % cfg.inverse_every == 0
+        if invert:
+            inverses = []
+            for b, (a, gg) in zip(blocks, factors, strict=True):
+                sa, sg = factored_damping(a, gg, float(cfg.damping))
+                inverses.append((_inverse(a, sa, f"A of {b.name}"),
+                                 _inverse(gg, sg, f"G of {b.name}")))
+        else:
+            assert state.inverses is not None
+            inverses = _unpack(state.inverses, blocks)
+        p = kfac_direction(blocks, inverses, g)
+        lr = float(cfg.learning_rate)
+        nu = 1.0
+        if cfg.kl_clip > 0:
+            vg = lr * lr * float(p @ g)
+            if vg > cfg.kl_clip:
+                nu = math.sqrt(float(cfg.kl_clip) / vg)
+        v0 = np.zeros_like(p) if state.velocity is None else state.velocity
+        if v0.shape != w.shape:
+            raise ValueError(f"kfac: velocity has shape {v0.shape}, weights have shape {w.shape}")
+        velocity = float(cfg.momentum) * v0 + nu * p
+        new_w = (w - lr * velocity).astype(w.dtype, copy=False)
+        if not np.all(np.isfinite(new_w)):
+            raise FloatingPointError(f"kfac: step {t + 1} with learning_rate={lr!r} gives "
+                                     "NaN/Inf weights")
+        info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert,
+                        float(np.linalg.norm(new_w - w)))
+        return new_w, state.replace(iteration=t + 1, factors=_pack(factors),
+                                    inverses=_pack(inverses), velocity=velocity), info

@@ -1,0 +1,248 @@
+"""K-FAC's solver mathematics against hand-computed references (no TensorFlow, no MPI)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mpinewton.solvers import METHODS
+from mpinewton.solvers.base import ParameterError
+from mpinewton.solvers.kfac import (
+    KFAC,
+    KFACConfig,
+    KFACState,
+    KroneckerBlock,
+    check_blocks,
+    factored_damping,
+    kfac_direction,
+)
+
+from .problems import spd_matrix
+
+
+class KroneckerQuadratic:
+    """``c(w) = 0.5 (w - w*)^T H (w - w*)`` with ``H`` block diagonal: ``A (x) G`` per block.
+
+    Weights outside every block have curvature ``outside``. ``factors`` may be
+    a list of factor lists, one per call (to check the running averages).
+    """
+
+    def __init__(self, blocks, pairs, n, outside=1.0, seed=0, factors=None):
+        self.blocks, self.pairs, self.n = tuple(blocks), pairs, n
+        self.h = outside * np.eye(n)
+        for b, (a, g) in zip(blocks, pairs, strict=True):
+            idx = b.indices().ravel()
+            self.h[np.ix_(idx, idx)] = np.kron(a, g)
+        self.w_star = np.random.default_rng(seed).standard_normal(n)
+        self.factor_calls = 0
+        self.factors = factors
+
+    def value(self, w):
+        d = w - self.w_star
+        return 0.5 * float(d @ self.h @ d)
+
+    def value_and_grad(self, w):
+        return self.value(w), self.h @ (w - self.w_star)
+
+    def hvp(self, w, v):
+        return self.h @ v
+
+    def kfac_blocks(self):
+        return self.blocks
+
+    def kfac_factors(self, w):
+        self.factor_calls += 1
+        if self.factors is not None:
+            return self.factors[self.factor_calls - 1]
+        return self.pairs
+
+
+def _two_blocks():
+    # a Dense-like block with a bias row (3 inputs + 1, 2 outputs) and one without, then
+    # two weights that no block covers
+    b1 = KroneckerBlock("dense", 0, 3, 2, bias_offset=6)
+    b2 = KroneckerBlock("out", 8, 2, 3)
+    pairs = [(spd_matrix(4, 20.0, 1), spd_matrix(2, 5.0, 2)),
+             (spd_matrix(2, 3.0, 3), spd_matrix(3, 50.0, 4))]
+    return [b1, b2], pairs, 16
+
+
+def test_block_indices_are_row_major_kernel_then_bias():
+    b = KroneckerBlock("d", 5, 2, 3, bias_offset=20)
+    np.testing.assert_array_equal(b.indices(), [[5, 6, 7], [8, 9, 10], [20, 21, 22]])
+    assert (b.a_dim, b.g_dim) == (3, 3)
+    assert KroneckerBlock("c", 0, 16, 1).indices().shape == (16, 1)
+
+
+def test_check_blocks_refuses_overlap_and_overreach():
+    with pytest.raises(ValueError, match="overlaps"):
+        check_blocks([KroneckerBlock("a", 0, 2, 2), KroneckerBlock("b", 3, 1, 2)], 10)
+    with pytest.raises(ValueError, match="reaches weight 10"):
+        check_blocks([KroneckerBlock("a", 5, 3, 2)], 10)
+    with pytest.raises(TypeError, match="KroneckerBlock"):
+        check_blocks([(0, 2, 2)], 10)
+    with pytest.raises(ValueError, match="rows"):
+        KroneckerBlock("a", 0, 0, 2)
+
+
+def test_factored_damping_matches_hand_computation():
+    a = np.diag([4.0, 2.0, 6.0])  # tr/dim = 4
+    g = np.diag([1.0, 0.0])  # tr/dim = 0.5
+    sa, sg = factored_damping(a, g, 0.01)
+    pi = math.sqrt(4.0 / 0.5)
+    assert sa == pytest.approx(pi * 0.1, rel=1e-15)
+    assert sg == pytest.approx(0.1 / pi, rel=1e-15)
+    assert sa * sg == pytest.approx(0.01, rel=1e-15)  # the product's shift is lambda
+    assert factored_damping(a, np.zeros((2, 2)), 0.04) == (0.2, 0.2)  # dead layer: pi = 1
+
+
+def test_direction_is_the_inverse_kronecker_product_per_block():
+    blocks, pairs, n = _two_blocks()
+    g = np.random.default_rng(5).standard_normal(n)
+    inverses = [(np.linalg.inv(a), np.linalg.inv(gg)) for a, gg in pairs]
+    p = kfac_direction(tuple(blocks), inverses, g)
+    for b, (a, gg) in zip(blocks, pairs, strict=True):
+        idx = b.indices().ravel()
+        np.testing.assert_allclose(p[idx], np.linalg.solve(np.kron(a, gg), g[idx]),
+                                   rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(p[[14, 15]], g[[14, 15]])  # outside: the gradient
+
+
+def test_one_undamped_step_lands_on_the_minimiser_of_a_kronecker_quadratic():
+    blocks, pairs, n = _two_blocks()
+    prob = KroneckerQuadratic(blocks, pairs, n)
+    method = KFAC(KFACConfig(learning_rate=1.0, momentum=0.0, damping=1e-24, kl_clip=0.0))
+    w0 = np.zeros(n)
+    w1, state, info = method.step(prob, w0, method.init(w0))
+    covered = np.concatenate([b.indices().ravel() for b in blocks])
+    np.testing.assert_allclose(w1[covered], prob.w_star[covered], rtol=1e-8, atol=1e-8)
+    # uncovered weights took the plain step -lr g; their curvature is 1, so they land too
+    np.testing.assert_allclose(w1, prob.w_star, rtol=1e-8, atol=1e-8)
+    assert info.clip == 1.0 and info.stats and info.inverted
+    assert info.loss == pytest.approx(prob.value(w0))
+    assert info.update_norm == pytest.approx(np.linalg.norm(prob.w_star))
+
+
+def test_damping_shifts_each_factor_as_martens_and_grosse():
+    blocks, pairs, n = _two_blocks()
+    prob = KroneckerQuadratic(blocks, pairs, n)
+    lam = 0.3
+    method = KFAC(KFACConfig(learning_rate=1.0, momentum=0.0, damping=lam, kl_clip=0.0))
+    w0 = np.zeros(n)
+    _, g = prob.value_and_grad(w0)
+    w1, _, _ = method.step(prob, w0, method.init(w0))
+    for b, (a, gg) in zip(blocks, pairs, strict=True):
+        pi = math.sqrt((np.trace(a) / a.shape[0]) / (np.trace(gg) / gg.shape[0]))
+        ad = a + pi * math.sqrt(lam) * np.eye(a.shape[0])
+        gd = gg + math.sqrt(lam) / pi * np.eye(gg.shape[0])
+        idx = b.indices().ravel()
+        np.testing.assert_allclose(w1[idx], -np.linalg.solve(np.kron(ad, gd), g[idx]),
+                                   rtol=1e-10)
+
+
+def test_kl_clip_scales_the_step():
+    blocks, pairs, n = _two_blocks()
+    prob = KroneckerQuadratic(blocks, pairs, n)
+    lr, kl = 0.5, 1e-3
+    w0 = np.zeros(n)
+    _, g = prob.value_and_grad(w0)
+    free = KFAC(KFACConfig(learning_rate=lr, momentum=0.0, damping=1e-3, kl_clip=0.0))
+    w_free, _, info_free = free.step(prob, w0, free.init(w0))
+    p = (w0 - w_free) / lr
+    vg = lr * lr * float(p @ g)
+    assert vg > kl  # the clip is active here
+    clipped = KFAC(KFACConfig(learning_rate=lr, momentum=0.0, damping=1e-3, kl_clip=kl))
+    w_clip, _, info = clipped.step(prob, w0, clipped.init(w0))
+    nu = math.sqrt(kl / vg)
+    assert info.clip == pytest.approx(nu, rel=1e-12) and info_free.clip == 1.0
+    np.testing.assert_allclose(w_clip, w0 - lr * nu * p, rtol=1e-12)
+
+
+def test_running_averages_refresh_and_momentum_by_hand():
+    blocks, pairs, n = _two_blocks()
+    rng = np.random.default_rng(9)
+    calls = [[(a * s, g * s) for a, g in pairs] for s in rng.uniform(0.5, 2.0, size=6)]
+    prob = KroneckerQuadratic(blocks, pairs, n, factors=calls)
+    cfg = KFACConfig(learning_rate=0.05, momentum=0.5, damping=1e-2, stat_decay=0.8,
+                     stats_every=2, inverse_every=3, kl_clip=0.0)
+    method = KFAC(cfg)
+    w = rng.standard_normal(n)
+    state = method.init(w)
+    ref_f, ref_inv, v = None, None, np.zeros(n)
+    used = 0
+    for t in range(6):
+        _, g = prob.value_and_grad(w)
+        w_new, state, info = method.step(prob, w, state)
+        assert info.stats == (t % 2 == 0) and info.inverted == (t % 3 == 0)
+        if t % 2 == 0:
+            new = calls[used]
+            used += 1
+            ref_f = new if ref_f is None else [
+                (0.8 * a0 + 0.2 * a1, 0.8 * g0 + 0.2 * g1)
+                for (a0, g0), (a1, g1) in zip(ref_f, new, strict=True)]
+        if t % 3 == 0:
+            ref_inv = []
+            for a, gg in ref_f:
+                sa, sg = factored_damping(a, gg, 1e-2)
+                ref_inv.append((np.linalg.inv(a + sa * np.eye(len(a))),
+                                np.linalg.inv(gg + sg * np.eye(len(gg)))))
+        v = 0.5 * v + kfac_direction(tuple(blocks), ref_inv, g)
+        np.testing.assert_allclose(w_new, w - 0.05 * v, rtol=1e-10, atol=1e-14)
+        w = w_new
+    assert prob.factor_calls == 3
+
+
+def test_resume_from_a_saved_state_is_bitwise_the_same():
+    blocks, pairs, n = _two_blocks()
+    cfg = KFACConfig(learning_rate=0.2, inverse_every=4, stats_every=2)
+    w0 = np.linspace(-1, 1, n)
+
+    def steps(w, state, k, prob):
+        for _ in range(k):
+            w, state, _ = KFAC(cfg).step(prob, w, state)
+        return w, state
+
+    w_all, s_all = steps(w0, KFACState(), 7, KroneckerQuadratic(blocks, pairs, n))
+    w_mid, s_mid = steps(w0, KFACState(), 3, KroneckerQuadratic(blocks, pairs, n))
+    saved = json.loads(json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
+                                   for k, v in s_mid.to_dict().items()}))
+    w_end, s_end = steps(w_mid, KFACState.from_dict(saved), 4,
+                         KroneckerQuadratic(blocks, pairs, n))
+    np.testing.assert_array_equal(w_end, w_all)
+    assert s_end == s_all
+
+
+def test_state_and_config_validate():
+    with pytest.raises(ValueError, match="factors and inverses"):
+        KFACState(factors=np.zeros(3))
+    with pytest.raises(ValueError, match="iteration"):
+        KFACState(iteration=-1)
+    for field, value in (("learning_rate", 0.0), ("damping", 0.0), ("momentum", 1.0),
+                         ("stat_decay", -0.1), ("stats_every", 0), ("inverse_every", 1.5),
+                         ("kl_clip", -1.0)):
+        with pytest.raises(ParameterError, match=f"KFACConfig.{field} ") as err:
+            KFACConfig(**{field: value})
+        assert err.value.name == field
+    assert METHODS["kfac"] is KFAC and KFAC.config_class is KFACConfig
+    assert KFAC().init(np.zeros(3)) == KFACState()
+
+
+def test_step_refuses_problems_without_factors_and_non_finite_factors():
+    from .problems import Quadratic
+
+    with pytest.raises(TypeError, match="kfac_blocks"):
+        KFAC().step(Quadratic(np.eye(2), np.ones(2)), np.zeros(2), KFACState())
+    blocks, pairs, n = _two_blocks()
+    bad = [(pairs[0][0] * np.nan, pairs[0][1]), pairs[1]]
+    prob = KroneckerQuadratic(blocks, pairs, n, factors=[bad])
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        KFAC().step(prob, np.zeros(n), KFACState())
+    wrong = [pairs[0]]
+    prob = KroneckerQuadratic(blocks, pairs, n, factors=[wrong])
+    with pytest.raises(ValueError, match="does not match"):
+        KFAC().step(prob, np.zeros(n), KFACState())
+    indefinite = [(-np.eye(4), pairs[0][1]), pairs[1]]
+    prob = KroneckerQuadratic(blocks, pairs, n, factors=[indefinite])
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        KFAC(KFACConfig(damping=1e-4)).step(prob, np.zeros(n), KFACState())
