@@ -28,12 +28,23 @@
 #          -> docs/compare/tuning/minibatch-linesearch.json.gz
 #   knobs2 seed 1: CG backtracking, Eisenstat-Walker forcing, the preconditioner's power,
 #          Hessian curvature -> docs/compare/tuning/minibatch-knobs3.json.gz
+#   kfac   seed 1: K-FAC's KL clip, damping, batch size and factor sample
+#          -> docs/compare/tuning/minibatch-kfac.json.gz
+#   kfac2  seed 1: K-FAC on 8,000, its momentum, decay, inverse period, KL clip
+#          -> docs/compare/tuning/minibatch-kfac2.json.gz
+#   kfac3  seed 1: K-FAC on 16,000, and on 8,000 its KL clip, momentum, factor sample
+#          -> docs/compare/tuning/minibatch-kfac3.json.gz
+#   kfac4  seed 1: K-FAC on 32,000, and factors from 50 images
+#          -> docs/compare/tuning/minibatch-kfac4.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
 #          momentum -> docs/compare/cnn-minibatch-linesearch.json.gz
+#   race-kfac  seed 0: K-FAC as rounds 17-20 chose it against the best Newton-CG, Adam
+#          and momentum -> docs/compare/cnn-minibatch-kfac.json.gz
+#   race-kfac-seed2  seed 2: K-FAC and Adam again -> docs/compare/cnn-minibatch-kfac-seed2.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|race|race-average|race-linesearch|all]   (2 ranks; about 75 minutes for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|all]   (2 ranks; about four hours for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -244,6 +255,61 @@ if [[ $stage == knobs2 || $stage == all ]]; then
         --variant "newton-b10000-rho0.5-hessian=newton,$fixed,curvature=hessian" \
         --out docs/compare/tuning/minibatch-knobs3.json.gz
 fi
+if [[ $stage == kfac || $stage == all ]]; then
+    # Round 17: K-FAC (method = "kfac") on batches of 2,000, its factors from 100 images
+    # of each batch: the KL clip (the step size while it binds), the damping, the batch
+    # (1,000 and 4,000, the factors still from 100 images) and a 20 % factor sample;
+    # Adam as on round 3's best beside it.
+    k="kfac,batch_size=2000,curvature_fraction=0.05"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" \
+        --variant "kfac-b2000=$k" \
+        --variant "kfac-b2000-clip3e-4=$k,kl_clip=3e-4" \
+        --variant "kfac-b2000-clip3e-3=$k,kl_clip=3e-3" \
+        --variant "kfac-b2000-d0.01=$k,damping=0.01" \
+        --variant "kfac-b2000-d0.01-clip3e-3=$k,damping=0.01,kl_clip=3e-3" \
+        --variant "kfac-b2000-d1e-4=$k,damping=1e-4" \
+        --variant "kfac-b1000=kfac,batch_size=1000,curvature_fraction=0.1" \
+        --variant "kfac-b4000=kfac,batch_size=4000,curvature_fraction=0.025" \
+        --variant "kfac-b2000-f0.2=kfac,batch_size=2000,curvature_fraction=0.2" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --out docs/compare/tuning/minibatch-kfac.json.gz
+fi
+if [[ $stage == kfac2 || $stage == all ]]; then
+    # Round 18: past round 17's edge (batches of 8,000), and K-FAC's other keys on
+    # batches of 4,000: a larger factor sample, momentum, the factors' decay, rarer
+    # inverses, a larger KL clip; every variant's averages traced.
+    k="kfac,batch_size=4000,curvature_fraction=0.025"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b4000=$k" \
+        --variant "kfac-b8000=kfac,batch_size=8000,curvature_fraction=0.0125" \
+        --variant "kfac-b4000-f0.05=kfac,batch_size=4000,curvature_fraction=0.05" \
+        --variant "kfac-b4000-mom0.8=$k,momentum=0.8" \
+        --variant "kfac-b4000-mom0.95=$k,momentum=0.95" \
+        --variant "kfac-b4000-decay0.99=$k,stat_decay=0.99" \
+        --variant "kfac-b4000-inv30=$k,inverse_every=30" \
+        --variant "kfac-b4000-clip3e-3=$k,kl_clip=3e-3" \
+        --out docs/compare/tuning/minibatch-kfac2.json.gz
+fi
+if [[ $stage == kfac3 || $stage == all ]]; then
+    # Round 19: past round 18's edge again (batches of 16,000), and on 8,000 a larger
+    # KL clip, momentum 0.95 and a factor sample of 200 images.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000=$k" \
+        --variant "kfac-b16000=kfac,batch_size=16000,curvature_fraction=0.00625" \
+        --variant "kfac-b8000-clip3e-3=$k,kl_clip=3e-3" \
+        --variant "kfac-b8000-mom0.95=$k,momentum=0.95" \
+        --variant "kfac-b8000-f0.025=kfac,batch_size=8000,curvature_fraction=0.025" \
+        --out docs/compare/tuning/minibatch-kfac3.json.gz
+fi
+if [[ $stage == kfac4 || $stage == all ]]; then
+    # Round 20: the other sides of round 19's edges: batches of 32,000, and factors from
+    # 50 images of batches of 8,000.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b32000=kfac,batch_size=32000,curvature_fraction=0.003125" \
+        --variant "kfac-b8000-f0.00625=kfac,batch_size=8000,curvature_fraction=0.00625" \
+        --out docs/compare/tuning/minibatch-kfac4.json.gz
+fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.
@@ -254,6 +320,33 @@ if [[ $stage == race-linesearch || $stage == all ]]; then
         --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
         --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
         --out docs/compare/cnn-minibatch-linesearch.json.gz
+fi
+if [[ $stage == race-kfac || $stage == all ]]; then
+    # Seed 0, TIME (150) s each: K-FAC as rounds 17-20 chose it (batches of 8,000, the
+    # factors from 100 images of each, the defaults, the average 0.95), its last iterate,
+    # the best Newton-CG (round 13), and Adam and momentum, each with the average seed 1
+    # chose for it (rounds 9-12) and Adam without one as in every race before.
+    fixed="batch_size=10000,curvature_growth=none,lm_rho_high=0.5,average=0.95"
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    race --set run.seed=0 --time-limit "${TIME:-150}" \
+        --variant "kfac-b8000-avg0.95=$k,average=0.95" \
+        --variant "kfac-b8000=$k" \
+        --variant "newton-b10000-rho0.5-avg0.95=newton,$fixed" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
+        --out docs/compare/cnn-minibatch-kfac.json.gz
+fi
+if [[ $stage == race-kfac-seed2 || $stage == all ]]; then
+    # Seed 2, TIME (150) s each: K-FAC and Adam (as in race-kfac) again on a third seed,
+    # neither tuned on: seed 0 ended in a tie.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    race --set run.seed=2 --time-limit "${TIME:-150}" \
+        --variant "kfac-b8000-avg0.95=$k,average=0.95" \
+        --variant "kfac-b8000=$k" \
+        --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out docs/compare/cnn-minibatch-kfac-seed2.json.gz
 fi
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
