@@ -1341,6 +1341,7 @@ class LocalObjective:
             raise ObjectiveError(f"{where}: kfac found no trainable Dense or Conv2D layer in "
                                  f"model {self.model.name!r}")
         self._kfac_layers = found
+        self._kfac_blocks = tuple(block for _, block in found)
         return found
 
     def kfac_blocks(self) -> tuple[Any, ...]:
@@ -1351,9 +1352,8 @@ class LocalObjective:
         kernel or bias is frozen, gets none (its weights take K-FAC's plain
         step). The tuple is the same object on every call.
         """
-        if not hasattr(self, "_kfac_block_tuple"):
-            self._kfac_block_tuple = tuple(block for _, block in self._kfac_setup())
-        return self._kfac_block_tuple
+        self._kfac_setup()
+        return self._kfac_blocks
 
     def kfac_factor_sums(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per block, the sums over the shard of ``A`` and ``G`` (:meth:`_kfac_graph`).

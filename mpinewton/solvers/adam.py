@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import ParameterError, Problem, SolverState, check_value_and_grad, is_real, require
+from .base import Problem, SolverState, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
 
 __all__ = ["Adam", "AdamConfig", "AdamInfo", "AdamState"]
@@ -38,10 +38,8 @@ class AdamConfig:
 
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not (is_real(value) and 0.0 <= value < 1.0):
-                raise ParameterError(type(self).__name__, name, value, "a number in [0, 1)")
+        require(self, "beta1", "[0, 1)")
+        require(self, "beta2", "[0, 1)")
         require(self, "epsilon", "> 0")
 
 

@@ -87,7 +87,8 @@ def require(obj: object, name: str, rule: str, *, choices: tuple[str, ...] = ())
     """Check field ``name`` of the dataclass ``obj`` against ``rule``; raise ParameterError.
 
     Rules: ``">= 0"``, ``"> 0"``, ``"<= 0"`` (finite reals; ``"<= 0"`` also
-    admits ``-inf``), ``"int >= 0"``, ``"int >= 1"``, ``"(0, 1)"``, ``"bool"``,
+    admits ``-inf``), ``"int >= 0"``, ``"int >= 1"``, ``"(0, 1)"``, ``"[0, 1)"``
+    (a decay or momentum), ``"bool"``,
     ``"choice"`` (one of ``choices``).
     """
     value = getattr(obj, name)
@@ -101,6 +102,7 @@ def require(obj: object, name: str, rule: str, *, choices: tuple[str, ...] = ())
         "int >= 0": (is_int(value) and value >= 0, "an integer >= 0"),
         "int >= 1": (is_int(value) and value >= 1, "an integer >= 1"),
         "(0, 1)": (is_real(value) and 0 < value < 1, "a number in (0, 1)"),
+        "[0, 1)": (is_real(value) and 0 <= value < 1, "a number in [0, 1)"),
         "bool": (isinstance(value, (bool, np.bool_)), "true or false"),
         "choice": (isinstance(value, str) and value in choices,
                    "one of " + ", ".join(choices)),

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import ParameterError, Problem, SolverState, check_value_and_grad, is_real, require
+from .base import Problem, SolverState, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
 
 __all__ = ["KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock", "factored_damping",
@@ -156,10 +156,8 @@ class KFACConfig:
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
         require(self, "damping", "> 0")
-        for name in ("momentum", "stat_decay"):
-            value = getattr(self, name)
-            if not (is_real(value) and 0.0 <= value < 1.0):
-                raise ParameterError(type(self).__name__, name, value, "a number in [0, 1)")
+        require(self, "momentum", "[0, 1)")
+        require(self, "stat_decay", "[0, 1)")
         require(self, "stats_every", "int >= 1")
         require(self, "inverse_every", "int >= 1")
         require(self, "kl_clip", ">= 0")
@@ -271,7 +269,8 @@ class KFAC:
                 (d * a0 + (1 - d) * a1, d * g0 + (1 - d) * g1)
                 for (a0, g0), (a1, g1) in zip(factors, new, strict=True)]
         assert factors is not None
-        if not np.all(np.isfinite(_pack(factors))):
+        packed = _pack(factors)
+        if not np.all(np.isfinite(packed)):
             raise FloatingPointError(f"kfac: step {t + 1}: the Kronecker factors hold NaN or Inf")
         invert = state.inverses is None or t % cfg.inverse_every == 0
         if invert:
@@ -300,5 +299,5 @@ class KFAC:
                                      "NaN/Inf weights")
         info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert,
                         float(np.linalg.norm(new_w - w)))
-        return new_w, state.replace(iteration=t + 1, factors=_pack(factors),
+        return new_w, state.replace(iteration=t + 1, factors=packed,
                                     inverses=_pack(inverses), velocity=velocity), info

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import ParameterError, Problem, SolverState, check_value_and_grad, is_real, require
+from .base import Problem, SolverState, check_value_and_grad, require
 
 __all__ = ["Momentum", "MomentumConfig", "MomentumInfo", "MomentumState"]
 
@@ -89,9 +89,7 @@ class MomentumConfig:
 
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
-        if not (is_real(self.momentum) and 0.0 <= self.momentum < 1.0):
-            raise ParameterError(type(self).__name__, "momentum", self.momentum,
-                                 "a number in [0, 1)")
+        require(self, "momentum", "[0, 1)")
         require(self, "nesterov", "bool")
 
 
