@@ -523,11 +523,12 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
-    """The curvature products (``hvp``, ``gnvp``, ``grad_squares``, ``kfac``) these methods take.
+    """The curvature products (``hvp``, ``gnvp``, ``grad_squares``, ``kfac:<dim>``) they take.
 
-    Only those are compiled before the race: ResNet-50's per-sample squared
-    gradients (``grad_squares``, the Fisher preconditioner) alone would take
-    gigabytes that a race without them never needs.
+    ``kfac:<dim>`` is K-FAC's factors with its ``max_factor_dim``. Only those
+    are compiled before the race: ResNet-50's per-sample squared gradients
+    (``grad_squares``, the Fisher preconditioner) alone would take gigabytes
+    that a race without them never needs.
     """
     used: set[str] = set()
     for opt in optimizers:
@@ -539,8 +540,8 @@ def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
             used.add("grad_squares")
         if getattr(params, "preconditioner", "none") == "hutchinson":
             used.add("hvp")
-        if opt.method == "kfac":
-            used.add("kfac")
+        if opt.method == "kfac":  # one compiled graph for each largest whole factor
+            used.add(f"kfac:{params.max_factor_dim}")
     return used
 
 
@@ -569,8 +570,9 @@ def _compile_products(objective: Any, w: np.ndarray, used: set[str]) -> None:
         objective.gnvp(w, v)
     if "grad_squares" in used:
         objective.grad_squares(w)
-    if "kfac" in used:
-        objective.kfac_factors(w)
+    for item in sorted(used):
+        if item.startswith("kfac:"):
+            objective.kfac_factors(w, int(item.removeprefix("kfac:")))
 
 
 def _warm_up_curvature(session: Any, objective: Any, curvature: Any, w: np.ndarray,

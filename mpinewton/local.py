@@ -1042,7 +1042,7 @@ class LocalObjective:
         return [scale * tf.ones_like(z[:, :1]) * eye[j][None, :] for j in range(k)]
 
     def _kfac_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
-                    n: tf.Tensor) -> list[tf.Tensor]:
+                    n: tf.Tensor, max_dim: int) -> list[tf.Tensor]:
         """Sums over the micro-batch of every K-FAC layer's ``A`` and ``G`` (in layer order).
 
         ``A = sum_i mean_t a_it a_it^T`` over the layer's input vectors (a
@@ -1050,7 +1050,8 @@ class LocalObjective:
         the bias), ``G = sum_i sum_t sum_k g_itk g_itk^T`` over the
         backpropagated columns of :meth:`_loss_factor` at the pre-activation
         (Martens & Grosse 2015, sec. 3; Grosse & Martens 2016 for the positions
-        t of a convolution). One forward pass and K backward passes.
+        t of a convolution). One forward pass and K backward passes. A factor
+        of order above ``max_dim`` is summed as its diagonal only (a vector).
         """
         layers = [layer for layer, _ in self._kfac_layers or []]
         taps: dict[int, list[tf.Tensor]] = {}
@@ -1063,14 +1064,19 @@ class LocalObjective:
         if missing:
             raise ObjectiveError(f"kfac: layers {missing} were not run as Dense/Conv2D layers "
                                  "with an activation in the model's forward pass")
+        def second_moment(flat: tf.Tensor) -> tf.Tensor:
+            """``flat^T flat``, or its diagonal above ``max_dim``."""
+            if int(flat.shape[-1]) > max_dim:
+                return tf.reduce_sum(flat * flat, axis=0)
+            return tf.matmul(flat, flat, transpose_a=True)
+
         pre = [taps[id(layer)][1] for layer in layers]
-        gs = [tf.zeros([int(s.shape[-1])] * 2, self.dtype) for s in pre]
+        gs: list[tf.Tensor | float] = [0.0 for _ in pre]
         for column in self._loss_factor(z):
             back = tape.gradient(z, pre, output_gradients=column * mask[:, None],
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
             for i, g in enumerate(back):
-                flat = tf.reshape(g, [-1, g.shape[-1]])
-                gs[i] += tf.matmul(flat, flat, transpose_a=True)
+                gs[i] += second_moment(tf.reshape(g, [-1, g.shape[-1]]))
         out = []
         for i, layer in enumerate(layers):
             a = taps[id(layer)][0]
@@ -1084,8 +1090,7 @@ class LocalObjective:
             a = a * mask[:, None, None]
             if layer.use_bias:
                 a = tf.concat([a, tf.ones_like(a[..., :1]) * mask[:, None, None]], axis=-1)
-            flat = tf.reshape(a, [-1, a.shape[-1]])
-            out += [tf.matmul(flat, flat, transpose_a=True) / positions, gs[i]]
+            out += [second_moment(tf.reshape(a, [-1, a.shape[-1]])) / positions, gs[i]]
         return out
 
     def _hits(self, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
@@ -1355,19 +1360,27 @@ class LocalObjective:
         self._kfac_setup()
         return self._kfac_blocks
 
-    def kfac_factor_sums(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def kfac_factor_sums(self, w: np.ndarray, max_dim: int | None = None,
+                         ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per block, the sums over the shard of ``A`` and ``G`` (:meth:`_kfac_graph`).
 
         Divided by the global sample count they are K-FAC's factors
         (Martens & Grosse 2015): batch additive, so the distributed objective
-        adds the ranks' sums. One compiled call per micro-batch.
+        adds the ranks' sums. A factor of order above ``max_dim`` comes as its
+        diagonal, shape (n,) (None: K-FAC's default ``max_factor_dim``). One
+        compiled call per micro-batch.
         """
+        from mpinewton.solvers.kfac import KFACConfig, factor_shapes
+
+        if max_dim is None:
+            max_dim = KFACConfig.max_factor_dim
+        if not (isinstance(max_dim, (int, np.integer)) and max_dim >= 1):
+            raise ObjectiveError(f"kfac: max_dim must be an integer >= 1, got {max_dim!r}")
         blocks = self._kfac_setup()
         tw = self._w(w)
-        sums = [np.zeros((b.a_dim, b.a_dim)) if i % 2 == 0 else np.zeros((b.g_dim, b.g_dim))
-                for _, b in blocks for i in range(2)]
+        sums = [np.zeros(shape) for _, b in blocks for shape in factor_shapes(b, int(max_dim))]
         for x, y, n in self._chunks:
-            for total, part in zip(sums, self._kfac_fn(tw, x, y, n), strict=True):
+            for total, part in zip(sums, self._kfac_fn(tw, x, y, n, int(max_dim)), strict=True):
                 total += part.numpy()
         return [(sums[2 * i], sums[2 * i + 1]) for i in range(len(blocks))]
 

@@ -93,6 +93,31 @@ def test_convolution_input_factor_is_the_mean_patch_second_moment():
     assert g.shape == (1, 1) and g[0, 0] > 0
 
 
+def test_factors_above_max_dim_are_the_diagonals_of_the_whole_ones():
+    """The thesis CNN's factors (A of orders 16, 784, 4; G of 1, 4, 10) with max_dim 10:
+    the convolution's A (16 patch entries) and the dense layer's A (784 inputs) come as
+    the diagonals of the whole matrices, the rest whole; XLA and the distributed means
+    alike."""
+    model = thesis_cnn(dtype="float64", seed=4, input_shape=(28, 28, 1))
+    x, y = _images(5, (28, 28, 1), 8)
+    w = get_flat(model)
+    whole = LocalObjective(model, x, y, micro_batch=3, jit=False).kfac_factor_sums(w)
+    local = LocalObjective(model, x, y, micro_batch=3, jit=True)
+    capped = local.kfac_factor_sums(w, 10)
+    assert [(a.shape, g.shape) for a, g in capped] == [((16,), (1, 1)), ((784,), (4, 4)),
+                                                       ((4, 4), (10, 10))]
+    for (a0, g0), (a1, g1) in zip(whole, capped, strict=True):
+        np.testing.assert_allclose(a1, np.diag(a0) if a1.ndim == 1 else a0, rtol=1e-12,
+                                   atol=1e-15)
+        np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-15)
+    means = DistributedObjective(local, Comm(None), 5).kfac_factors(w, 10)
+    for (a, g), (sa, sg) in zip(means, capped, strict=True):
+        np.testing.assert_allclose(a, sa / 5, rtol=1e-15)
+        np.testing.assert_allclose(g, sg / 5, rtol=1e-15)
+    with pytest.raises(ObjectiveError, match="max_dim"):
+        local.kfac_factor_sums(w, 0)
+
+
 def test_micro_batches_padding_and_jit_do_not_change_the_factors():
     model = thesis_cnn(dtype="float64", seed=2, input_shape=(8, 8, 1))
     x, y = _images(7, (8, 8, 1), 6)

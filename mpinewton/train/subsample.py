@@ -53,9 +53,10 @@ class SplitProblem:
     def kfac_blocks(self) -> tuple:
         return self.full.kfac_blocks()
 
-    def kfac_factors(self, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def kfac_factors(self, w: np.ndarray, max_dim: int | None = None,
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """K-FAC's factors are curvature: from the sub-sample too."""
-        return self.curvature.kfac_factors(w)
+        return self.curvature.kfac_factors(w, max_dim)
 
     def accuracy(self, w: np.ndarray) -> float:
         return self.full.accuracy(w)

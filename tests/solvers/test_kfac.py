@@ -51,11 +51,12 @@ class KroneckerQuadratic:
     def kfac_blocks(self):
         return self.blocks
 
-    def kfac_factors(self, w):
+    def kfac_factors(self, w, max_dim=KFACConfig.max_factor_dim):
+        """The factors; one of order above ``max_dim`` as its diagonal, as the model gives it."""
         self.factor_calls += 1
-        if self.factors is not None:
-            return self.factors[self.factor_calls - 1]
-        return self.pairs
+        pairs = self.pairs if self.factors is None else self.factors[self.factor_calls - 1]
+        return [tuple(m if len(m) <= max_dim else np.diag(m).copy() for m in pair)
+                for pair in pairs]
 
 
 def _two_blocks():
@@ -213,6 +214,39 @@ def test_resume_from_a_saved_state_is_bitwise_the_same():
     assert s_end == s_all
 
 
+def test_diagonal_factors_above_max_factor_dim_step_as_the_same_diagonal_matrices():
+    """A factor above ``max_factor_dim`` is held as its diagonal: where the factor is a
+    diagonal matrix, the steps are those of the whole-matrix path (damping, inverses,
+    averages, momentum and KL clip alike), and the state holds n, not n^2, entries."""
+    blocks, pairs, n = _two_blocks()
+    rng = np.random.default_rng(8)
+    diagonal = [(np.diag(rng.uniform(0.5, 20.0, 4)), pairs[0][1]),
+                (pairs[1][0], np.diag(rng.uniform(0.1, 50.0, 3)))]
+    later = [[(m * rng.uniform(0.5, 2.0) if m.shape[0] != 4 else np.diag(np.diag(m) * 1.5),
+               g) for m, g in diagonal] for _ in range(6)]
+
+    def run(max_dim):
+        cfg = KFACConfig(learning_rate=0.3, damping=1e-2, inverse_every=2, max_factor_dim=max_dim)
+        prob = KroneckerQuadratic(blocks, diagonal, n, factors=later)
+        w, state = np.zeros(n), KFACState()
+        for _ in range(6):
+            w, state, info = KFAC(cfg).step(prob, w, state)
+        return w, state
+
+    w_full, s_full = run(2048)
+    w_diag, s_diag = run(2)  # block 1's A (order 4) and block 2's G (order 3) as diagonals
+    np.testing.assert_allclose(w_diag, w_full, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(s_diag.velocity, s_full.velocity, rtol=1e-12, atol=1e-14)
+    assert s_full.factors.size == 16 + 4 + 4 + 9 and s_diag.factors.size == 4 + 4 + 4 + 3
+    with pytest.raises(ValueError, match="max_factor_dim"):  # a resume with another cap
+        KFAC(KFACConfig(max_factor_dim=2)).step(KroneckerQuadratic(blocks, diagonal, n),
+                                                np.zeros(n), s_full)
+    with pytest.raises(FloatingPointError, match="diagonal"):
+        bad = [(-np.eye(4), pairs[0][1]), pairs[1]]
+        KFAC(KFACConfig(max_factor_dim=3)).step(
+            KroneckerQuadratic(blocks, pairs, n, factors=[bad]), np.zeros(n), KFACState())
+
+
 def test_state_and_config_validate():
     with pytest.raises(ValueError, match="factors and inverses"):
         KFACState(factors=np.zeros(3))
@@ -220,7 +254,7 @@ def test_state_and_config_validate():
         KFACState(iteration=-1)
     for field, value in (("learning_rate", 0.0), ("damping", 0.0), ("momentum", 1.0),
                          ("stat_decay", -0.1), ("stats_every", 0), ("inverse_every", 1.5),
-                         ("kl_clip", -1.0)):
+                         ("kl_clip", -1.0), ("max_factor_dim", 0)):
         with pytest.raises(ParameterError, match=f"KFACConfig.{field} ") as err:
             KFACConfig(**{field: value})
         assert err.value.name == field
