@@ -160,9 +160,17 @@ def kfac_direction(blocks: tuple[KroneckerBlock, ...], inverses: list[tuple[np.n
     """
     p = np.array(g, dtype=np.float64, copy=True)
     for block, (ai, gi) in zip(blocks, inverses, strict=True):
-        idx = block.indices()
-        m = ai @ g[idx] if ai.ndim == 2 else ai[:, None] * g[idx]
-        p[idx] = m @ gi if gi.ndim == 2 else m * gi[None, :]
+        # the kernel and the bias are contiguous runs of the flat vector: slices, not
+        # gathers (ResNet-50's 23.5 M block entries would be an index array of 188 MB)
+        k0, kn = block.kernel_offset, block.rows * block.cols
+        dw = g[k0:k0 + kn].reshape(block.rows, block.cols)
+        if block.bias_offset >= 0:
+            dw = np.vstack([dw, g[block.bias_offset:block.bias_offset + block.cols][None, :]])
+        m = ai @ dw if ai.ndim == 2 else ai[:, None] * dw
+        m = m @ gi if gi.ndim == 2 else m * gi[None, :]
+        p[k0:k0 + kn] = m[:block.rows].reshape(-1)
+        if block.bias_offset >= 0:
+            p[block.bias_offset:block.bias_offset + block.cols] = m[block.rows]
     return p
 
 
