@@ -40,11 +40,12 @@
 #          momentum -> docs/compare/cnn-minibatch-linesearch.json.gz
 #   race-kfac  seed 0: K-FAC as rounds 17-20 chose it against the best Newton-CG, Adam
 #          and momentum -> docs/compare/cnn-minibatch-kfac.json.gz
-#   race-kfac-seed2  seed 2: K-FAC and Adam again -> docs/compare/cnn-minibatch-kfac-seed2.json.gz
+#   race-kfac-seed2, race-kfac-seed3, race-kfac-seed4  seeds 2, 3, 4: K-FAC and Adam again
+#          -> docs/compare/cnn-minibatch-kfac-seed{2,3,4}.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|all]   (2 ranks; about four hours for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|all]   (2 ranks; about four and a half hours for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -337,17 +338,18 @@ if [[ $stage == race-kfac || $stage == all ]]; then
         --variant "momentum-lr0.1-avg0.99=momentum,learning_rate=0.1,average=0.99" \
         --out docs/compare/cnn-minibatch-kfac.json.gz
 fi
-if [[ $stage == race-kfac-seed2 || $stage == all ]]; then
-    # Seed 2, TIME (150) s each: K-FAC and Adam (as in race-kfac) again on a third seed,
-    # neither tuned on: seed 0 ended in a tie.
+for seed in 2 3 4; do
+    [[ $stage == "race-kfac-seed$seed" || $stage == all ]] || continue
+    # Seeds 2, 3 and 4, TIME (150) s each: K-FAC and Adam (as in race-kfac) again,
+    # neither tuned on any of them: seed 0 ended in a tie.
     k="kfac,batch_size=8000,curvature_fraction=0.0125"
-    race --set run.seed=2 --time-limit "${TIME:-150}" \
+    race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
         --variant "kfac-b8000-avg0.95=$k,average=0.95" \
         --variant "kfac-b8000=$k" \
         --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
-        --out docs/compare/cnn-minibatch-kfac-seed2.json.gz
-fi
+        --out "docs/compare/cnn-minibatch-kfac-seed$seed.json.gz"
+done
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
     # Newton-CG: 5 % of each batch for the curvature was the best of rounds 1 and 2,
