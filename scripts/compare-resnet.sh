@@ -11,8 +11,13 @@
 # ran this 24 GB machine out of memory with 2 ranks. Each first on seed 1 (TUNE: learning-rate grids, Newton-CG settings; TUNE_TIME s
 # each), then on seed 0 (RACE: the best of each; TIME s each). Writes
 # docs/compare/tuning/resnet-<start>.json and docs/compare/resnet-<start>.json.
-# Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE tune|tune2|tune3|race;
-#        tune2, tune3: the perturbed start's second and third tuning rounds)
+# K-FAC (random start): STAGE kfac, kfac2, kfac3 tune it on seed 1
+# (docs/compare/tuning/resnet-random-kfac.json, resnet-random-kfac2.json, -kfac3.json),
+# race-kfac races it on seed 0 against the first-order winners of the race above
+# (KFAC_OUT, default docs/compare/resnet-random-kfac.json).
+# Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
+#        tune|tune2|tune3|race|kfac|kfac2|kfac3|race-kfac; tune2, tune3: the perturbed
+#        start's second and third tuning rounds; kfac*, race-kfac: the random start's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -85,6 +90,49 @@ elif [[ $stage == tune3 ]]; then
     race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
         --variant "adam-lr1e-05=adam,learning_rate=1e-5" \
         --out docs/compare/tuning/resnet-perturbed3.json
+elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == race-kfac ]]; then
+    [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
+    # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
+    # backward passes a sample for G), its KL clip (which sets the step's length while it
+    # binds, whatever the learning rate) and damping; factors of order above 2048 as
+    # diagonals (max_factor_dim: whole, they ran 2 ranks out of memory).
+    k="kfac,curvature_fraction=0.125"
+    if [[ $stage == kfac ]]; then
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-f0.125=$k" \
+            --variant "kfac-f0.25=kfac,curvature_fraction=0.25" \
+            --variant "kfac-kl3e-4-f0.125=$k,kl_clip=3e-4" \
+            --variant "kfac-kl3e-3-f0.125=$k,kl_clip=3e-3" \
+            --variant "kfac-d1e-2-f0.125=$k,damping=1e-2" \
+            --variant "kfac-d1e-4-f0.125=$k,damping=1e-4" \
+            --out docs/compare/tuning/resnet-random-kfac.json
+    elif [[ $stage == kfac2 ]]; then
+        # The smallest KL clip (3e-4) was best, at the grid's edge, and damping 1e-2
+        # second: one clip below, and the two together.
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-kl1e-4-f0.125=$k,kl_clip=1e-4" \
+            --variant "kfac-kl3e-4-d1e-2-f0.125=$k,kl_clip=3e-4,damping=1e-2" \
+            --variant "kfac-kl1e-4-d1e-2-f0.125=$k,kl_clip=1e-4,damping=1e-2" \
+            --out docs/compare/tuning/resnet-random-kfac2.json
+    elif [[ $stage == kfac3 ]]; then
+        # A K-FAC step cost 3.3 Adam steps in the first race: new factors (10 backward
+        # passes of 32 images) every 2 or 5 steps instead of every step.
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-kl3e-4-f0.125=$k,kl_clip=3e-4" \
+            --variant "kfac-kl3e-4-f0.125-s2=$k,kl_clip=3e-4,stats_every=2" \
+            --variant "kfac-kl3e-4-f0.125-s5=$k,kl_clip=3e-4,stats_every=5" \
+            --out docs/compare/tuning/resnet-random-kfac3.json
+    else
+        : "${KFAC:?KFAC=spec of the K-FAC variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
+        # the same first-order rates as the race above (tuned on seed 1 there)
+        race --set run.seed=0 --time-limit "${TIME:-200}" \
+            --reference "gd-lr$GD_LR" --reference-iters "${REFERENCE_ITERS:-100}" \
+            --variant "kfac=$KFAC" \
+            --variant "adam-lr$ADAM_LR=adam,learning_rate=$ADAM_LR" \
+            --variant "momentum-lr$MOMENTUM_LR=momentum,learning_rate=$MOMENTUM_LR" \
+            --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
+            --out "${KFAC_OUT:-docs/compare/resnet-random-kfac.json}"
+    fi
 else
     # The winners of the tuning run, from the environment (docs/results.md says which).
     : "${NEWTON:?NEWTON=spec of the Newton-CG variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
