@@ -1064,6 +1064,7 @@ class LocalObjective:
         if missing:
             raise ObjectiveError(f"kfac: layers {missing} were not run as Dense/Conv2D layers "
                                  "with an activation in the model's forward pass")
+
         def second_moment(flat: tf.Tensor) -> tf.Tensor:
             """``flat^T flat``, or its diagonal above ``max_dim``."""
             if int(flat.shape[-1]) > max_dim:

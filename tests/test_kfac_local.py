@@ -114,6 +114,8 @@ def test_factors_above_max_dim_are_the_diagonals_of_the_whole_ones():
     for (a, g), (sa, sg) in zip(means, capped, strict=True):
         np.testing.assert_allclose(a, sa / 5, rtol=1e-15)
         np.testing.assert_allclose(g, sg / 5, rtol=1e-15)
+    again = local.kfac_factor_sums(w)  # the same objective, back to the default cap: whole
+    assert [(a.shape, g.shape) for a, g in again] == [(a.shape, g.shape) for a, g in whole]
     with pytest.raises(ObjectiveError, match="max_dim"):
         local.kfac_factor_sums(w, 0)
 
