@@ -74,6 +74,12 @@ def test_block_indices_are_row_major_kernel_then_bias():
     np.testing.assert_array_equal(b.indices(), [[5, 6, 7], [8, 9, 10], [20, 21, 22]])
     assert (b.a_dim, b.g_dim) == (3, 3)
     assert KroneckerBlock("c", 0, 16, 1).indices().shape == (16, 1)
+    v = np.arange(30.0)
+    np.testing.assert_array_equal(b.matrix(v), v[b.indices()])  # slices read what indices name
+    out = np.zeros(30)
+    b.put(out, b.matrix(v) + 1)
+    np.testing.assert_array_equal(out[b.indices()], v[b.indices()] + 1)
+    assert np.count_nonzero(out) == 9
 
 
 def test_check_blocks_refuses_overlap_and_overreach():
