@@ -114,4 +114,4 @@ class Adam:
             raise FloatingPointError(
                 f"adam: step {t} with learning_rate={lr!r} gives NaN/Inf weights or moments")
         info = AdamInfo(loss, float(np.linalg.norm(g)), lr, float(np.linalg.norm(new_w - w)))
-        return new_w, state.replace(iteration=t, m=m, v=v), info
+        return new_w, state.take(iteration=t, m=m, v=v), info

@@ -181,4 +181,4 @@ class Momentum:
                 f"momentum: the step with learning_rate={lr!r}, momentum={mu!r} gives NaN/Inf "
                 "weights")
         info = MomentumInfo(loss, float(np.linalg.norm(g)), lr, float(np.linalg.norm(v_new)))
-        return new_w, state.replace(iteration=state.iteration + 1, velocity=v_new), info
+        return new_w, state.take(iteration=state.iteration + 1, velocity=v_new), info

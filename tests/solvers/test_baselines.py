@@ -396,6 +396,29 @@ def _json_lists(d):
                                   for k, v in d.items()}))
 
 
+def test_state_replace_copies_new_arrays_and_take_hands_them_over():
+    """replace copies what it is given and shares what it keeps; take keeps the array itself."""
+    m, v = np.arange(3.0), np.ones(3)
+    s0 = AdamState(iteration=1, m=m, v=v)
+    assert not np.shares_memory(s0.m, m) and not s0.m.flags.writeable
+    m[0] = 7.0  # the caller's array is not the state's
+    assert s0.m[0] == 0.0
+    s1 = s0.replace(iteration=2, m=np.full(3, 2.0))
+    assert s1.v is s0.v and s1.m is not s0.m and not s1.m.flags.writeable
+    fresh = np.full(3, 5.0)
+    s2 = s1.take(iteration=3, v=fresh)
+    assert s2.v is fresh and not fresh.flags.writeable and s2.m is s1.m
+    with pytest.raises(ValueError, match="read-only"):
+        s2.v[0] = 0.0
+    # validation still runs: a taken array of the wrong kind is refused, converted ints copied
+    with pytest.raises(ValueError, match="AdamState.m"):
+        s2.take(m=np.zeros((2, 2)))
+    ints = np.arange(3)
+    s3 = s2.take(m=ints)
+    assert s3.m.dtype == np.float64 and ints.flags.writeable
+    assert s3 == AdamState(iteration=3, m=[0.0, 1.0, 2.0], v=[5.0, 5.0, 5.0])
+
+
 def test_states_round_trip():
     prob = _quadratic(seed=6)
     w0 = np.linspace(-1, 1, 6)
