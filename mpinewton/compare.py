@@ -174,7 +174,7 @@ class _Race:
         The Fisher diagonal (``grad_squares``) and K-FAC's factors are curvature:
         with a curvature sub-sample they are computed on the sub-sample
         (:class:`SplitProblem`). K-FAC's factors count as one pass (one forward
-        pass and one backward pass per model output).
+        pass, and a backward pass per model output, or one with a sampled Fisher).
         """
         stats = self.problem.stats
         return stats.values + stats.grads, \
@@ -294,12 +294,12 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     """
     from mpinewton.solvers import METHODS, Phase, run
     from mpinewton.train.loop import curvature_growth
-    from mpinewton.train.subsample import SplitProblem
+    from mpinewton.train.subsample import SplitProblem, splits_curvature
 
     comm, opt = session.comm, variant.optimizer
     problem, curvature = objective, None
     growth = curvature_growth(opt)
-    if opt.curvature_fraction < 1:
+    if splits_curvature(opt):
         from mpinewton.sampling import curvature_count
 
         batch = session.shard.total if sampler is None else sampler.batch_size
@@ -525,7 +525,8 @@ def markdown(report: dict[str, Any]) -> str:
 def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
     """The curvature products (``hvp``, ``gnvp``, ``grad_squares``, ``kfac:<dim>``) they take.
 
-    ``kfac:<dim>`` is K-FAC's factors with its ``max_factor_dim``. Only those
+    ``kfac:<dim>`` is K-FAC's factors with its ``max_factor_dim``
+    (``kfac:<dim>:sampled`` with ``fisher = "sampled"``). Only those
     are compiled before the race: ResNet-50's per-sample squared gradients
     (``grad_squares``, the Fisher preconditioner) alone would take gigabytes
     that a race without them never needs.
@@ -541,7 +542,8 @@ def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
         if getattr(params, "preconditioner", "none") == "hutchinson":
             used.add("hvp")
         if opt.method == "kfac":  # one compiled graph for each largest whole factor
-            used.add(f"kfac:{params.max_factor_dim}")
+            used.add(f"kfac:{params.max_factor_dim}"
+                     + (":sampled" if params.fisher == "sampled" else ""))
     return used
 
 
@@ -556,7 +558,8 @@ def _warm_up(objective: Any, w: np.ndarray, block_sizes: Sequence[int],
     """Compile every product a variant may use, so that no variant's time includes it."""
     objective.value(w)
     objective.value_and_grad(w)
-    _compile_products(objective, w, used)
+    # a sampled Fisher is always taken on a curvature objective (_warm_up_curvature)
+    _compile_products(objective, w, {u for u in used if not u.endswith(":sampled")})
     v = np.ones_like(w) / math.sqrt(w.size)
     for k in block_sizes:
         objective.hvp_many(w, np.repeat(v[:, None], k, axis=1))
@@ -572,7 +575,8 @@ def _compile_products(objective: Any, w: np.ndarray, used: set[str]) -> None:
         objective.grad_squares(w)
     for item in sorted(used):
         if item.startswith("kfac:"):
-            objective.kfac_factors(w, int(item.removeprefix("kfac:")))
+            _, dim, *how = item.split(":")
+            objective.kfac_factors(w, int(dim), sampled=how == ["sampled"])
 
 
 def _warm_up_curvature(session: Any, objective: Any, curvature: Any, w: np.ndarray,

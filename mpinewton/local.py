@@ -432,8 +432,8 @@ def _linear_head(layer: keras.layers.Layer | None) -> Iterator[None]:
 
 #: Layers K-FAC gives a Kronecker block; every other weight takes the plain step.
 KFAC_LAYER_TYPES = (keras.layers.Dense, keras.layers.Conv2D)
-#: K-FAC's output factor takes one backward pass per model output: above this
-#: many outputs it is refused (ImageNet's 1,000 classes).
+#: K-FAC's exact output factor takes one backward pass per model output: above this
+#: many outputs (ImageNet's 1,000 classes) only the sampled Fisher (one pass) is taken.
 KFAC_MAX_OUTPUTS = 100
 
 
@@ -806,6 +806,8 @@ class LocalObjective:
         self.num_samples = len(x)
         mb = min(self.micro_batch, pad_to) if pad_to > 0 else self.micro_batch
         self._chunks = []
+        self._draws: list[tf.Tensor] | None = None  # they belong to the samples they came with
+        self._chunk_rows, self._padded = mb, pad_to > 0
         for i in range(0, len(x), mb):
             xc, yc = x[i:i + mb], y[i:i + mb]
             n = len(xc)
@@ -813,6 +815,40 @@ class LocalObjective:
                 xc = np.concatenate([xc, np.zeros((mb - n, *x.shape[1:]), dtype=x.dtype)])
                 yc = np.concatenate([yc, np.zeros((mb - n, *y.shape[1:]), dtype=y.dtype)])
             self._chunks.append((tf.constant(xc), tf.constant(yc), tf.constant(n, tf.int32)))
+
+    @property
+    def output_width(self) -> int:
+        """K, the numbers of one sample's model output (the classes of a softmax)."""
+        width = _size(self._out_shape or (1,))
+        if width is None:
+            raise ObjectiveError(f"{self._where}: the model's output shape "
+                                 f"{self._out_shape} is not known before it runs")
+        return width
+
+    def set_draws(self, u: np.ndarray | None) -> None:
+        """Uniform draws in [0, 1), (samples, K), for a sampled Fisher (:meth:`kfac_factor_sums`).
+
+        Row i belongs to sample i of the samples set last; the driver draws them from
+        the sample's global position, so any number of ranks draws the same labels
+        (:func:`mpinewton.sampling.fisher_draws`). None removes them.
+        """
+        if u is None:
+            self._draws = None
+            return
+        u = np.asarray(u, dtype=self.dtype.as_numpy_dtype)
+        if u.shape != (self.num_samples, self.output_width):
+            raise ObjectiveError(f"{self._where}: draws have shape {u.shape}, the samples "
+                                 f"need ({self.num_samples}, {self.output_width})")
+        if u.size and not (np.all(u >= 0) and np.all(u < 1)):
+            raise ObjectiveError(f"{self._where}: draws must lie in [0, 1)")
+        mb, draws = self._chunk_rows, []
+        for i in range(0, len(u), mb):
+            part = u[i:i + mb]
+            if self._padded and len(part) < mb:  # padding rows: masked out of every sum
+                part = np.concatenate([part, np.full((mb - len(part), u.shape[1]), 0.5,
+                                                     dtype=u.dtype)])
+            draws.append(tf.constant(part))
+        self._draws = draws
 
     # -- graphs (traced once per micro-batch shape) --------------------------------
 
@@ -1041,8 +1077,31 @@ class LocalObjective:
         scale = tf.sqrt(tf.constant(2.0 / k, z.dtype))
         return [scale * tf.ones_like(z[:, :1]) * eye[j][None, :] for j in range(k)]
 
+    def _sampled_column(self, z: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+        """One column ``c_i`` a sample with ``E[c_i c_i^T] = H_L,i``, drawn by the uniforms ``u``.
+
+        The Monte-Carlo Fisher of Martens & Grosse (2015, sec. 5): softmax, a
+        label y ~ p drawn by inverse CDF from ``u[:, 0]``, ``c = p - e_y``
+        (the gradient of ``-log p_y``); sigmoid, ``y_k ~ Bernoulli(s_k)`` from
+        ``u_k``, ``c = (s - y) / sqrt(K)``; mean squared error, random signs
+        ``c = sqrt(2/K) sign(u - 1/2)``. Unbiased: their means over the draws are
+        :meth:`_loss_factor`'s ``sum_k c_k c_k^T``.
+        """
+        z = tf.stop_gradient(z)
+        k = int(z.shape[-1])
+        if self._curvature == "softmax":
+            p = tf.nn.softmax(z)
+            below = tf.cast(tf.cumsum(p, axis=-1)[:, :-1] <= u[:, :1], tf.int32)
+            label = tf.reduce_sum(below, axis=-1)  # the first k with u < cdf_k (at most K - 1)
+            return p - tf.one_hot(label, k, dtype=z.dtype)
+        if self._curvature == "sigmoid":
+            s = tf.math.sigmoid(z)
+            return (s - tf.cast(u < s, z.dtype)) / tf.sqrt(tf.constant(float(k), z.dtype))
+        sign = tf.where(u < 0.5, tf.constant(-1.0, z.dtype), tf.constant(1.0, z.dtype))
+        return tf.sqrt(tf.constant(2.0 / k, z.dtype)) * sign
+
     def _kfac_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
-                    n: tf.Tensor, max_dim: int) -> list[tf.Tensor]:
+                    n: tf.Tensor, max_dim: int, u: tf.Tensor | None = None) -> list[tf.Tensor]:
         """Sums over the micro-batch of every K-FAC layer's ``A`` and ``G`` (in layer order).
 
         ``A = sum_i mean_t a_it a_it^T`` over the layer's input vectors (a
@@ -1052,6 +1111,8 @@ class LocalObjective:
         (Martens & Grosse 2015, sec. 3; Grosse & Martens 2016 for the positions
         t of a convolution). One forward pass and K backward passes. A factor
         of order above ``max_dim`` is summed as its diagonal only (a vector).
+        With draws ``u`` (b, K), ``G`` is sampled: one backward pass of the
+        column :meth:`_sampled_column` (Martens & Grosse 2015, sec. 5).
         """
         layers = [layer for layer, _ in self._kfac_layers or []]
         taps: dict[int, list[tf.Tensor]] = {}
@@ -1073,7 +1134,8 @@ class LocalObjective:
 
         pre = [taps[id(layer)][1] for layer in layers]
         gs: list[tf.Tensor | float] = [0.0 for _ in pre]
-        for column in self._loss_factor(z):
+        columns = self._loss_factor(z) if u is None else [self._sampled_column(z, u)]
+        for column in columns:
             back = tape.gradient(z, pre, output_gradients=column * mask[:, None],
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
             for i, g in enumerate(back):
@@ -1313,11 +1375,9 @@ class LocalObjective:
                 f"{where}: kfac needs the Fisher of a matching loss: softmax or binary "
                 "cross-entropy of a softmax (sigmoid) output or of logits, or mean squared "
                 "error; this loss has no closed-form curvature")
-        width = _size(self._out_shape or (None,))
-        if width is None or width > KFAC_MAX_OUTPUTS:
-            raise ObjectiveError(f"{where}: kfac takes one backward pass per model output; the "
-                                 f"model has {width or 'an unknown number of'} outputs a sample "
-                                 f"(at most {KFAC_MAX_OUTPUTS})")
+        if _size(self._out_shape or (None,)) is None:
+            raise ObjectiveError(f"{where}: kfac needs the number of the model's outputs a "
+                                 "sample, which is not known before it runs")
         offsets = dict(zip(self.layout.names, np.cumsum((0, *self.layout.sizes))[:-1],
                            strict=True))
         found = []
@@ -1361,15 +1421,16 @@ class LocalObjective:
         self._kfac_setup()
         return self._kfac_blocks
 
-    def kfac_factor_sums(self, w: np.ndarray, max_dim: int | None = None,
-                         ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def kfac_factor_sums(self, w: np.ndarray, max_dim: int | None = None, *,
+                         sampled: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per block, the sums over the shard of ``A`` and ``G`` (:meth:`_kfac_graph`).
 
         Divided by the global sample count they are K-FAC's factors
         (Martens & Grosse 2015): batch additive, so the distributed objective
         adds the ranks' sums. A factor of order above ``max_dim`` comes as its
         diagonal, shape (n,) (None: K-FAC's default ``max_factor_dim``). One
-        compiled call per micro-batch.
+        compiled call per micro-batch. ``sampled``: ``G`` from one label a sample
+        drawn by :meth:`set_draws`' uniforms, one backward pass instead of K.
         """
         from mpinewton.solvers.kfac import KFACConfig, factor_shapes
 
@@ -1379,9 +1440,22 @@ class LocalObjective:
             raise ObjectiveError(f"kfac: max_dim must be an integer >= 1, got {max_dim!r}")
         blocks = self._kfac_setup()
         tw = self._w(w)
-        sums = [np.zeros(shape) for _, b in blocks for shape in factor_shapes(b, int(max_dim))]
-        for x, y, n in self._chunks:
-            for total, part in zip(sums, self._kfac_fn(tw, x, y, n, int(max_dim)), strict=True):
+        # in the model's precision: a float32 model's factors travel as float32 (ResNet-50's
+        # are 358 MB in float64, Allreduced at every new sample)
+        sums = [np.zeros(shape, dtype=self.dtype.as_numpy_dtype)
+                for _, b in blocks for shape in factor_shapes(b, int(max_dim))]
+        if not sampled and self.output_width > KFAC_MAX_OUTPUTS:
+            raise ObjectiveError(f"{self._where}: kfac's exact Fisher takes one backward pass "
+                                 f"per model output; the model has {self.output_width} outputs "
+                                 f"a sample (at most {KFAC_MAX_OUTPUTS}): take "
+                                 "optimizer.fisher = \"sampled\" (one pass)")
+        if sampled and self._draws is None and self._chunks:
+            raise ObjectiveError(f"{self._where}: kfac: a sampled Fisher needs the driver's "
+                                 "draws for these samples (set_draws)")
+        for i, (x, y, n) in enumerate(self._chunks):
+            u = self._draws[i] if sampled and self._draws is not None else None
+            for total, part in zip(sums, self._kfac_fn(tw, x, y, n, int(max_dim), u),
+                                   strict=True):
                 total += part.numpy()
         return [(sums[2 * i], sums[2 * i + 1]) for i in range(len(blocks))]
 

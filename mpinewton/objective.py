@@ -41,8 +41,8 @@ class LocalSums(Protocol):
     def gnvp_sum_many(self, w: np.ndarray, v: np.ndarray) -> np.ndarray: ...
     def grad_squares_sum(self, w: np.ndarray) -> np.ndarray: ...
     def kfac_blocks(self) -> tuple: ...
-    def kfac_factor_sums(self, w: np.ndarray, max_dim: int | None = None,
-                         ) -> list[tuple[np.ndarray, np.ndarray]]: ...
+    def kfac_factor_sums(self, w: np.ndarray, max_dim: int | None = None, *,
+                         sampled: bool = False) -> list[tuple[np.ndarray, np.ndarray]]: ...
     def correct_count(self, w: np.ndarray) -> int: ...
     def metric_sum(self, w: np.ndarray) -> float: ...
     @property
@@ -169,21 +169,23 @@ class DistributedObjective:
         """The model's K-FAC blocks (the same on every rank: they come from the model)."""
         return self.local.kfac_blocks()
 
-    def kfac_factors(self, w: np.ndarray, max_dim: int | None = None,
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def kfac_factors(self, w: np.ndarray, max_dim: int | None = None, *,
+                     sampled: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """K-FAC's ``(A, G)`` of each block: means over all samples (Martens & Grosse 2015).
 
         A factor of order above ``max_dim`` comes as its diagonal (a vector;
-        None: K-FAC's default). The ranks' sums travel in one Allreduce of one
-        packed buffer; counts one call in ``stats.kfac``.
+        None: K-FAC's default); ``sampled``: ``G`` from one drawn label a sample
+        (the draws set on the local sums). The ranks' sums travel in one
+        Allreduce of one packed buffer, in their own precision (the model's);
+        counts one call in ``stats.kfac``.
         """
         start = time.perf_counter()
-        pairs = self.local.kfac_factor_sums(w, max_dim)
+        pairs = self.local.kfac_factor_sums(w, max_dim, sampled=sampled)
         local = np.concatenate([m.reshape(-1) for pair in pairs for m in pair]) if pairs \
             else np.zeros(0)
         self.stats.compute_seconds += time.perf_counter() - start
         self.stats.kfac += 1
-        flat = self._reduce(np.ascontiguousarray(local, dtype=np.float64))
+        flat = self._reduce(np.ascontiguousarray(local))  # in the sums' own precision
         out, i = [], 0
         for a, g in pairs:
             out.append((flat[i:i + a.size].reshape(a.shape),

@@ -127,6 +127,17 @@ def curvature_rows(batch_size: int, fraction: float, seed: int, iteration: int) 
     return np.sort(rng.choice(batch_size, m, replace=False))
 
 
+def fisher_draws(seed: int, iteration: int, m: int, width: int) -> np.ndarray:
+    """Uniforms in [0, 1), (m, width), for a sampled Fisher's labels at an iteration.
+
+    Row i is the draw of the i-th sample of the iteration's curvature samples
+    (global order), from ``numpy.random.default_rng([seed, 3, iteration])``:
+    the same on any number of ranks, and a resumed run draws what an
+    uninterrupted one would (K-FAC's ``fisher = "sampled"``).
+    """
+    return np.random.default_rng([seed, 3, iteration]).random((m, width))
+
+
 def norm_test(batch_size: int, mean_squares: float, grad_norm_sq: float,
               theta: float) -> int | None:
     """The batch size the norm test asks for, or None when the batch passes it.

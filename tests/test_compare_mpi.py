@@ -115,11 +115,13 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
                     "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
                     "--variant", "hf=newton,curvature=gauss_newton,"
                                  "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
-                    "--variant", "lbfgs=lbfgs")
+                    "--variant", "lbfgs=lbfgs",
+                    # the sampled Fisher's draws come with the curvature rows, also at 1
+                    "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05')
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["batch_size"] == 20 and report["eval_samples"] == 30
-    assert report["complete"] is True and len(report["variants"]) == 5  # rewritten per variant
+    assert report["complete"] is True and len(report["variants"]) == 6  # rewritten per variant
     results = {r["label"]: r for r in report["results"]}
     assert results["gd"]["trace"] == [{**p, "seconds": results["gd"]["trace"][i]["seconds"]}
                                       for i, p in enumerate(results["gd-again"]["trace"])]

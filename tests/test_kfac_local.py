@@ -162,8 +162,11 @@ def test_kfac_refuses_losses_and_models_it_cannot_factor():
     wide = mlp(dtype="float64", seed=3, input_shape=(6, 6, 1), hidden=(5,),
                num_classes=KFAC_MAX_OUTPUTS + 1)
     local = LocalObjective(wide, x, np.arange(4), jit=False)
-    with pytest.raises(ObjectiveError, match="one backward pass per model output"):
-        local.kfac_blocks()
+    w = get_flat(wide)
+    with pytest.raises(ObjectiveError, match="one backward pass .*fisher = \"sampled\""):
+        local.kfac_factor_sums(w)
+    local.set_draws(np.full((4, KFAC_MAX_OUTPUTS + 1), 0.3))  # one pass: taken
+    assert all(np.all(np.isfinite(g)) for _, g in local.kfac_factor_sums(w, sampled=True))
     shared = keras.layers.Dense(6, activation="tanh", dtype="float64")
     inputs = keras.Input((6,), dtype="float64")
     twice = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", dtype="float64")(
@@ -171,3 +174,104 @@ def test_kfac_refuses_losses_and_models_it_cannot_factor():
     local = LocalObjective(twice, np.ones((2, 6)), np.array([0, 2]), jit=False)
     with pytest.raises(ObjectiveError, match="'dense.*' is called more than once"):
         local.kfac_blocks()
+
+
+def _stratified(n, k, seed):
+    """Draws (n, k): each column the n midpoints (i + 1/2) / n in its own random order.
+
+    Each column's labels then follow the model's probabilities to within 1/n,
+    and different columns are nearly independent (sigmoid's Bernoulli outputs).
+    """
+    rng = np.random.default_rng(seed)
+    return np.stack([(rng.permutation(n) + 0.5) / n for _ in range(k)], axis=1)
+
+
+@pytest.mark.parametrize("case", ["softmax", "conv", "sigmoid", "mse"])
+def test_sampled_fisher_averages_to_the_exact_factors(case):
+    """Monte-Carlo Fisher (one drawn label a sample): over n copies of one sample with
+    stratified draws, the sampled G is the exact G (every class, K backward passes) to
+    within the draws' discrepancy; A does not depend on the draws at all."""
+    n = 3000
+    if case == "conv":
+        model, shape, classes, loss, tol = _conv_net(), (5, 5, 2), 4, None, 2e-3
+    elif case == "sigmoid":
+        model, shape, classes, loss, tol = _sigmoid_net(), (6, 6, 1), 4, \
+            "binary_crossentropy", 0.06
+    else:
+        model = mlp(dtype="float64", seed=5, input_shape=(6, 6, 1), hidden=(7, 5))
+        shape, classes = (6, 6, 1), 10
+        loss, tol = ("categorical_crossentropy", 2e-3) if case == "softmax" else \
+            ("mean_squared_error", 0.06)
+    x1, y1 = _images(1, shape, 9, classes=classes)
+    if case == "sigmoid":
+        y1 = np.array([[1, 0, 0, 1]])
+    kwargs = {"loss": loss} if loss else {"num_classes": classes}
+    w = get_flat(model)
+    exact = LocalObjective(model, x1, y1, jit=False, **kwargs).kfac_factor_sums(w)
+    many = LocalObjective(model, np.repeat(x1, n, axis=0), np.repeat(y1, n, axis=0),
+                          micro_batch=512, jit=False, **kwargs)
+    many.set_draws(_stratified(n, many.output_width, 1))
+    for (a, g), (sa, sg) in zip(exact, many.kfac_factor_sums(w, sampled=True), strict=True):
+        np.testing.assert_allclose(sa / n, a, rtol=1e-10, atol=1e-13)
+        assert np.abs(sg / n - g).max() <= tol * np.abs(g).max(), case
+    # the exact path is unchanged by draws being set
+    for (_, g), (_, eg) in zip(exact, many.kfac_factor_sums(w), strict=True):
+        np.testing.assert_allclose(eg / n, g, rtol=1e-10, atol=1e-13)
+
+
+def test_sampled_softmax_column_is_the_inverse_cdf_label():
+    """One sample of a softmax net: the last layer's G is c c^T with c = p - e_y, the label y
+    the first class whose cumulative probability exceeds the draw, over all the classes."""
+    model = mlp(dtype="float64", seed=5, input_shape=(6, 6, 1), hidden=(7,))
+    x, y = _images(1, (6, 6, 1), 2)
+    local = LocalObjective(model, x, y, jit=False)
+    w = get_flat(model)
+    p = local.outputs(w, x)[0]
+    cdf = np.cumsum(p)
+    for label in range(10):
+        u = (cdf[label] - p[label] / 2)  # inside class label's interval
+        local.set_draws(np.full((1, 10), u))
+        g_last = local.kfac_factor_sums(w, sampled=True)[-1][1]
+        c = p - np.eye(10)[label]
+        np.testing.assert_allclose(g_last, np.outer(c, c), rtol=1e-10, atol=1e-15)
+
+
+def test_sampled_fisher_needs_checked_draws_for_its_samples():
+    model = mlp(dtype="float64", seed=3, input_shape=(6, 6, 1), hidden=(5,))
+    x, y = _images(5, (6, 6, 1), 8)
+    local = LocalObjective(model, x, y, micro_batch=2, jit=False)
+    w = get_flat(model)
+    with pytest.raises(ObjectiveError, match="set_draws"):
+        local.kfac_factor_sums(w, sampled=True)
+    with pytest.raises(ObjectiveError, match=r"draws have shape \(5, 3\).*\(5, 10\)"):
+        local.set_draws(np.zeros((5, 3)))
+    with pytest.raises(ObjectiveError, match=r"in \[0, 1\)"):
+        local.set_draws(np.ones((5, 10)))
+    u = _stratified(5, 10, 0)
+    local.set_draws(u)
+    ref = local.kfac_factor_sums(w, sampled=True)
+    padded = LocalObjective(model, x, y, micro_batch=4, jit=True)
+    padded.set_samples(x, y, pad_to=8)
+    padded.set_draws(u)
+    for (a0, g0), (a1, g1) in zip(ref, padded.kfac_factor_sums(w, sampled=True), strict=True):
+        np.testing.assert_allclose(a1, a0, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-15)
+    local.set_samples(x[:3], y[:3])  # new samples: the draws belonged to the old ones
+    with pytest.raises(ObjectiveError, match="set_draws"):
+        local.kfac_factor_sums(w, sampled=True)
+
+
+def test_a_float32_models_factors_are_summed_and_reduced_in_float32():
+    """The factors travel in the model's precision (half the Allreduce for ResNet-50)
+    and are the float64 model's to float32's precision."""
+    x, y = _images(6, (6, 6, 1), 11)
+    m64 = mlp(dtype="float64", seed=3, input_shape=(6, 6, 1), hidden=(5,))
+    m32 = mlp(dtype="float32", seed=3, input_shape=(6, 6, 1), hidden=(5,))
+    w = get_flat(m64)
+    ref = LocalObjective(m64, x, y, micro_batch=4, jit=False).kfac_factor_sums(w)
+    objective = DistributedObjective(LocalObjective(m32, x, y, micro_batch=4, jit=False),
+                                     Comm(None), 6)
+    for (a, g), (a32, g32) in zip(ref, objective.kfac_factors(w), strict=True):
+        assert a32.dtype == g32.dtype == np.float32
+        np.testing.assert_allclose(a32, a / 6, rtol=1e-5, atol=1e-6 * np.abs(a).max() / 6)
+        np.testing.assert_allclose(g32, g / 6, rtol=1e-4, atol=1e-6 * np.abs(g).max() / 6)

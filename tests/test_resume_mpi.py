@@ -147,9 +147,9 @@ def test_corrupt_latest_falls_back_to_older_checkpoint(dataset, tmp_path):
      "optimizer.damping=1e-2",
      "optimizer.damping_min=0.1"],  # damping >= 10 x its initial value: growth at every step
     # the factors' running averages, the inverses of the last refresh (every 3 steps, so
-    # the resumed step 3 uses step 1's) and the velocity
+    # the resumed step 3 uses step 1's), the velocity and the sampled Fisher's draws
     ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5", "optimizer.inverse_every=3",
-     "optimizer.stats_every=2", "optimizer.learning_rate=0.05"],
+     "optimizer.stats_every=2", "optimizer.learning_rate=0.05", "optimizer.fisher='sampled'"],
 ], ids=["lbfgs", "newton-gauss-newton-lm", "curvature-growth", "kfac"])
 def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
     """The L-BFGS memory and gradient cache, the LM damping and forcing state, the

@@ -81,10 +81,22 @@ def test_the_ranks_curvature_rows_add_up_to_the_subset():
         parts = []
         for rank in range(size):
             lo, hi = shard_bounds(101, rank, size)
-            rows, m = local_curvature_rows(101, 0.3, 1, 2, lo, hi)
+            rows, m, first = local_curvature_rows(101, 0.3, 1, 2, lo, hi)
             assert m == whole.size and np.all((rows >= 0) & (rows < hi - lo))
+            assert first == sum(len(p) for p in parts)  # its place in the subset
             parts.append(rows + lo)
         np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_fisher_draws_are_seeded_by_iteration_and_uniform():
+    from mpinewton.sampling import fisher_draws
+
+    u = fisher_draws(3, 7, 400, 10)
+    assert u.shape == (400, 10) and u.dtype == np.float64
+    assert np.all((u >= 0) & (u < 1)) and abs(u.mean() - 0.5) < 0.01
+    np.testing.assert_array_equal(u, fisher_draws(3, 7, 400, 10))
+    assert not np.array_equal(u, fisher_draws(3, 8, 400, 10))
+    assert not np.array_equal(u, fisher_draws(4, 7, 400, 10))
 
 
 def test_norm_test_against_hand_computed_sizes():

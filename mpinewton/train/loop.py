@@ -230,9 +230,10 @@ class TrainingHooks(LoopHooks):
                                                session.sampler.batch_size)
         self.problem, self.curvature = self.objective, None
         opt = session.job.optimizer
-        if opt.curvature_fraction < 1:  # curvature products on part of each batch
+        from mpinewton.train.subsample import SplitProblem, splits_curvature
+
+        if splits_curvature(opt):  # curvature products on part of each batch, Fisher draws
             from mpinewton.sampling import curvature_count
-            from mpinewton.train.subsample import SplitProblem
 
             batch = session.sampler.batch_size if session.sampler else session.shard.total
             self.curvature = session.objective(session.shard.x[:0], session.shard.y[:0],

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mpinewton.sampling import curvature_rows
+from mpinewton.sampling import curvature_rows, fisher_draws
 
 
 class SplitProblem:
@@ -53,10 +53,10 @@ class SplitProblem:
     def kfac_blocks(self) -> tuple:
         return self.full.kfac_blocks()
 
-    def kfac_factors(self, w: np.ndarray, max_dim: int | None = None,
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """K-FAC's factors are curvature: from the sub-sample too."""
-        return self.curvature.kfac_factors(w, max_dim)
+    def kfac_factors(self, w: np.ndarray, max_dim: int | None = None, *,
+                     sampled: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """K-FAC's factors are curvature: from the sub-sample too (and its draws)."""
+        return self.curvature.kfac_factors(w, max_dim, sampled=sampled)
 
     def accuracy(self, w: np.ndarray) -> float:
         return self.full.accuracy(w)
@@ -84,16 +84,28 @@ class SplitProblem:
         return self.curvature.gnvp_many(w, v)
 
 
+def splits_curvature(optimizer: Any) -> bool:
+    """Whether a run's curvature needs an objective of its own (a :class:`SplitProblem`).
+
+    It does when the products run on part of each batch (``curvature_fraction
+    < 1``) and when K-FAC samples its Fisher: the draws come with the curvature
+    rows (:func:`set_curvature_rows`), whatever the fraction.
+    """
+    return optimizer.curvature_fraction < 1 or \
+        getattr(optimizer.params, "fisher", "exact") == "sampled"
+
+
 def local_curvature_rows(batch_size: int, fraction: float, seed: int, iteration: int,
-                         lo: int, hi: int) -> tuple[np.ndarray, int]:
-    """Rows of iteration ``iteration``'s curvature subset held here, and the subset's size.
+                         lo: int, hi: int) -> tuple[np.ndarray, int, int]:
+    """The rank's rows of an iteration's curvature subset, its size, and their place in it.
 
     The rank holds positions ``[lo, hi)`` of the batch; the returned rows are
-    offsets into them (``rows - lo``).
+    offsets into them (``rows - lo``). The subset is sorted, so the rank's rows are
+    its entries ``first, first + 1, ...``.
     """
     rows = curvature_rows(batch_size, fraction, seed, iteration)
-    mine = rows[(rows >= lo) & (rows < hi)] - lo
-    return mine, rows.size
+    first, last = (int(i) for i in np.searchsorted(rows, [lo, hi]))
+    return rows[first:last] - lo, rows.size, first
 
 
 def set_curvature_rows(curvature: Any, size: int, batch_size: int, fraction: float, seed: int,
@@ -106,8 +118,11 @@ def set_curvature_rows(curvature: Any, size: int, batch_size: int, fraction: flo
     size))`` rows (m the subset's size), so the compiled products keep one
     shape from one iteration to the next although each rank's share varies.
     """
-    rows, m = local_curvature_rows(batch_size, fraction, seed, iteration, lo, hi)
-    curvature.local.set_samples(x[rows], y[rows], pad_to=max(1, -(-5 * m // (4 * size))))
+    rows, m, first = local_curvature_rows(batch_size, fraction, seed, iteration, lo, hi)
+    local = curvature.local
+    local.set_samples(x[rows], y[rows], pad_to=max(1, -(-5 * m // (4 * size))))
+    # a sampled Fisher's draws, by place in the subset: the same on any number of ranks
+    local.set_draws(fisher_draws(seed, iteration, m, local.output_width)[first:first + len(rows)])
     curvature.total_samples = m  # batches may grow (optimizer.batch_growth)
     return m
 

@@ -16,6 +16,7 @@ from mpinewton.local import LocalObjective
 from mpinewton.models import mlp
 from mpinewton.objective import DistributedObjective
 from mpinewton.params import get_flat
+from mpinewton.sampling import fisher_draws
 from mpinewton.solvers import METHODS, GDConfig, GradientDescent, LoopHooks, Phase, run
 
 pytestmark = pytest.mark.mpi
@@ -35,6 +36,8 @@ VARIANTS = {
     "momentum": {"learning_rate": 0.1, "nesterov": True},
     # inverse_every 3, stats_every 2: steps with and without fresh factors and inverses
     "kfac": {"learning_rate": 0.2, "inverse_every": 3, "stats_every": 2},
+    # one drawn label a sample, the draws by global position (as the driver sets them)
+    "kfac-sampled": {"learning_rate": 0.2, "inverse_every": 3, "fisher": "sampled"},
 }
 
 
@@ -62,6 +65,9 @@ def setup():
                                  Comm(None), N)
     w0 = run(whole, get_flat(model), [Phase("pretrain", GradientDescent(
         GDConfig(learning_rate=0.5)), 3)]).w
+    draws = fisher_draws(0, 0, N, 10)  # used by fisher = "sampled" only
+    shard.local.set_draws(draws[lo:hi])
+    whole.local.set_draws(draws)
     return comm, shard, whole, w0
 
 

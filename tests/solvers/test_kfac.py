@@ -220,6 +220,38 @@ def test_resume_from_a_saved_state_is_bitwise_the_same():
     assert s_end == s_all
 
 
+def test_float32_weights_step_as_float64_to_their_precision_and_resume_the_same():
+    """A float32 model's direction is computed in float32: the steps agree with the
+    float64 ones to float32's precision, the weights stay float32, a resumed run
+    recasts the inverses and steps bitwise as an uninterrupted one, and steps without
+    new factors or inverses keep the state's arrays without copying them."""
+    blocks, pairs, n = _two_blocks()
+    cfg = KFACConfig(learning_rate=0.2, inverse_every=3, stats_every=2)
+    w0 = np.linspace(-1, 1, n)
+
+    def steps(w, state, k):
+        prob, method = KroneckerQuadratic(blocks, pairs, n), KFAC(cfg)
+        out = []
+        for _ in range(k):
+            w, state, _ = method.step(prob, w, state)
+            out.append((w, state))
+        return out
+
+    run64 = steps(w0, KFACState(), 6)
+    run32 = steps(w0.astype(np.float32), KFACState(), 6)
+    for (w64, _), (w32, _) in zip(run64, run32, strict=True):
+        assert w32.dtype == np.float32
+        np.testing.assert_allclose(w32, w64, rtol=2e-5, atol=2e-6)
+    # step 2 (t = 1) takes no factors and no inverses: the state keeps them as they are
+    assert run32[1][1].factors is run32[0][1].factors
+    assert run32[1][1].inverses is run32[0][1].inverses
+    assert run32[3][1].inverses is not run32[2][1].inverses  # t = 3 refreshes them
+    saved = KFACState.from_dict(run32[1][1].to_dict())
+    resumed = steps(run32[1][0], saved, 4)
+    np.testing.assert_array_equal(resumed[-1][0], run32[-1][0])
+    assert resumed[-1][1] == run32[-1][1]
+
+
 def test_diagonal_factors_above_max_factor_dim_step_as_the_same_diagonal_matrices():
     """A factor above ``max_factor_dim`` is held as its diagonal: where the factor is a
     diagonal matrix, the steps are those of the whole-matrix path (damping, inverses,
