@@ -75,6 +75,7 @@ def test_only_the_products_the_variants_take_are_compiled():
     assert used("a=gd", "b=adam,learning_rate=0.01", "c=lbfgs") == set()
     assert used("a=kfac,curvature_fraction=0.05") == {"kfac:2048"}
     assert used("a=kfac", "b=kfac,max_factor_dim=512") == {"kfac:2048", "kfac:512"}
+    assert used('a=kfac,fisher="sampled"', "b=kfac") == {"kfac:2048:sampled", "kfac:2048"}
     assert used("a=newton,curvature=gauss_newton,preconditioner=none") == {"gnvp"}
     assert used("a=newton,curvature=hessian,preconditioner=fisher") == {"hvp", "grad_squares"}
     assert used("a=trust_region,curvature=gauss_newton", "b=newton,curvature=hessian,"

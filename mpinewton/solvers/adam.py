@@ -101,14 +101,25 @@ class Adam:
         lr, b1, b2, eps = (float(cfg.learning_rate), float(cfg.beta1), float(cfg.beta2),
                            float(cfg.epsilon))
         t = state.iteration + 1
-        m0 = np.zeros_like(g) if state.m is None else state.m
-        v0 = np.zeros_like(g) if state.v is None else state.v
+        from scipy.linalg.blas import daxpy
+
+        g = np.asarray(g, dtype=np.float64)
+        # In place, one scratch vector (BLAS axpy for the running means): on ResNet-50
+        # each temporary vector would be 189 MB of fresh pages.
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            m = b1 * m0 + (1.0 - b1) * g
-            v = b2 * v0 + (1.0 - b2) * (g * g)
-            m_hat = m / (1.0 - b1**t)
-            v_hat = v / (1.0 - b2**t)
-            new_w = w - lr * m_hat / (np.sqrt(v_hat) + eps)
+            m = np.multiply(g, 1.0 - b1)
+            v = np.multiply(g, g)
+            v *= 1.0 - b2
+            if state.m is not None and state.v is not None:
+                m = daxpy(state.m, m, a=b1)  # m = b1 m0 + (1 - b1) g
+                v = daxpy(state.v, v, a=b2)  # v = b2 v0 + (1 - b2) g*g
+            step = np.divide(v, 1.0 - b2**t)  # v_hat, then sqrt(v_hat) + eps
+            np.sqrt(step, out=step)
+            step += eps
+            np.divide(m, step, out=step)  # then lr m_hat / (sqrt(v_hat) + eps)
+            step *= lr / (1.0 - b1**t)
+            new_w = np.subtract(w, step, out=np.empty_like(w, dtype=np.result_type(w, step)),
+                                casting="same_kind")
         if not (np.all(np.isfinite(new_w)) and np.all(np.isfinite(m))
                 and np.all(np.isfinite(v))):
             raise FloatingPointError(
