@@ -11,12 +11,12 @@
 # ran this 24 GB machine out of memory with 2 ranks. Each first on seed 1 (TUNE: learning-rate grids, Newton-CG settings; TUNE_TIME s
 # each), then on seed 0 (RACE: the best of each; TIME s each). Writes
 # docs/compare/tuning/resnet-<start>.json and docs/compare/resnet-<start>.json.
-# K-FAC (random start): STAGE kfac, kfac2, kfac3 tune it on seed 1
-# (docs/compare/tuning/resnet-random-kfac.json, resnet-random-kfac2.json, -kfac3.json),
+# K-FAC (random start): STAGE kfac, kfac2, ..., kfac6 tune it on seed 1
+# (docs/compare/tuning/resnet-random-kfac.json, resnet-random-kfac2.json, ..., -kfac6.json),
 # race-kfac races it on seed 0 against the first-order winners of the race above
 # (KFAC_OUT, default docs/compare/resnet-random-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|kfac3|race-kfac; tune2, tune3: the perturbed
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac6|race-kfac; tune2, tune3: the perturbed
 #        start's second and third tuning rounds; kfac*, race-kfac: the random start's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +90,7 @@ elif [[ $stage == tune3 ]]; then
     race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
         --variant "adam-lr1e-05=adam,learning_rate=1e-5" \
         --out docs/compare/tuning/resnet-perturbed3.json
-elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == race-kfac ]]; then
+elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 || $stage == kfac5 || $stage == kfac6 || $stage == race-kfac ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
     # backward passes a sample for G), its KL clip (which sets the step's length while it
@@ -122,6 +122,34 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == race-k
             --variant "kfac-kl3e-4-f0.125-s2=$k,kl_clip=3e-4,stats_every=2" \
             --variant "kfac-kl3e-4-f0.125-s5=$k,kl_clip=3e-4,stats_every=5" \
             --out docs/compare/tuning/resnet-random-kfac3.json
+    elif [[ $stage == kfac4 ]]; then
+        # The factor sample's winner (an eighth) was at the edge of a grid of two: an
+        # eighth, a sixteenth and a thirty-second, with new factors every 2 steps (after
+        # the step stopped copying its state and computed its direction in float32).
+        k="kfac,kl_clip=3e-4,stats_every=2"
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-kl3e-4-f0.125-s2=$k,curvature_fraction=0.125" \
+            --variant "kfac-kl3e-4-f0.0625-s2=$k,curvature_fraction=0.0625" \
+            --variant "kfac-kl3e-4-f0.03125-s2=$k,curvature_fraction=0.03125" \
+            --out docs/compare/tuning/resnet-random-kfac4.json
+    elif [[ $stage == kfac5 ]]; then
+        # The sampled Fisher (one drawn label a sample: one backward pass for G, not 10):
+        # factor samples around round 4's winner, and new factors every step.
+        k="kfac,kl_clip=3e-4,fisher=\"sampled\""
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-sampled-f0.125-s2=$k,curvature_fraction=0.125,stats_every=2" \
+            --variant "kfac-sampled-f0.0625-s2=$k,curvature_fraction=0.0625,stats_every=2" \
+            --variant "kfac-sampled-f0.03125-s2=$k,curvature_fraction=0.03125,stats_every=2" \
+            --variant "kfac-sampled-f0.0625-s1=$k,curvature_fraction=0.0625" \
+            --out docs/compare/tuning/resnet-random-kfac5.json
+    elif [[ $stage == kfac6 ]]; then
+        # Round 5's winner with its damped inverses every 5, 10 (the default) or 20 steps.
+        k="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-sampled-f0.0625-s1-i5=$k,inverse_every=5" \
+            --variant "kfac-sampled-f0.0625-s1-i10=$k" \
+            --variant "kfac-sampled-f0.0625-s1-i20=$k,inverse_every=20" \
+            --out docs/compare/tuning/resnet-random-kfac6.json
     else
         : "${KFAC:?KFAC=spec of the K-FAC variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
         # the same first-order rates as the race above (tuned on seed 1 there)
