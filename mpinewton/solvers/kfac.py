@@ -30,7 +30,7 @@ have ``A`` of order 4,609: 170 MB in float64).  Its block is then
 ``diag(A) (x) G`` (or ``A (x) diag(G)``), inverted exactly; the factor is
 computed as its diagonal from the start, not cut from a full matrix.
 
-numpy (and scipy's LAPACK, loaded on first use); the factors come from the
+numpy (and scipy's LAPACK and BLAS, loaded on first use); the factors come from the
 problem, which is where TensorFlow and MPI live.  With ``kl_clip = 0``,
 ``momentum = 0``, ``lr = 1`` and ``damping -> 0`` a step on a quadratic whose
 Hessian is exactly ``A (x) G`` lands on its minimiser.
@@ -388,7 +388,7 @@ class KFAC:
             raise ValueError(f"kfac: velocity has shape {v0.shape}, weights have shape {w.shape}")
         # v = momentum v0 + nu p in place in p's buffer (BLAS axpy): on ResNet-50 each
         # temporary vector would be 189 MB of fresh pages
-        from scipy.linalg.blas import daxpy
+        from scipy.linalg.blas import daxpy  # loaded on first use, as LAPACK
 
         velocity = daxpy(v0, np.multiply(p, nu, out=p), a=float(cfg.momentum))
         new_w = np.subtract(w, lr * velocity, out=np.empty_like(w), casting="same_kind")
