@@ -276,6 +276,22 @@ def _size(shape: tuple[int | None, ...]) -> int | None:
     return None if None in shape else int(np.prod(shape, dtype=np.int64))
 
 
+def _micro_batches(a: np.ndarray, rows: int, pad: bool,
+                   fill: float = 0) -> Iterator[tuple[np.ndarray, int]]:
+    """``a`` cut into parts of ``rows`` rows, each with its count of real rows.
+
+    With ``pad`` the last part is filled up to ``rows`` rows of ``fill`` (rows a
+    mask leaves out of every sum), so that every part has one shape.
+    """
+    for i in range(0, len(a), rows):
+        part = a[i:i + rows]
+        n = len(part)
+        if pad and n < rows:
+            part = np.concatenate([part, np.full((rows - n, *a.shape[1:]), fill,
+                                                 dtype=a.dtype)])
+        yield part, n
+
+
 def _fits(targets: tuple[int | None, ...], outputs: tuple[int | None, ...]) -> bool:
     """Whether per-sample targets match outputs value for value (dimensions of 1 aside)."""
     if targets == outputs:
@@ -808,12 +824,8 @@ class LocalObjective:
         self._chunks = []
         self._draws: list[tf.Tensor] | None = None  # they belong to the samples they came with
         self._chunk_rows, self._padded = mb, pad_to > 0
-        for i in range(0, len(x), mb):
-            xc, yc = x[i:i + mb], y[i:i + mb]
-            n = len(xc)
-            if pad_to > 0 and n < mb:
-                xc = np.concatenate([xc, np.zeros((mb - n, *x.shape[1:]), dtype=x.dtype)])
-                yc = np.concatenate([yc, np.zeros((mb - n, *y.shape[1:]), dtype=y.dtype)])
+        for (xc, n), (yc, _) in zip(_micro_batches(x, mb, self._padded),
+                                    _micro_batches(y, mb, self._padded), strict=True):
             self._chunks.append((tf.constant(xc), tf.constant(yc), tf.constant(n, tf.int32)))
 
     @property
@@ -841,14 +853,8 @@ class LocalObjective:
                                  f"need ({self.num_samples}, {self.output_width})")
         if u.size and not (np.all(u >= 0) and np.all(u < 1)):
             raise ObjectiveError(f"{self._where}: draws must lie in [0, 1)")
-        mb, draws = self._chunk_rows, []
-        for i in range(0, len(u), mb):
-            part = u[i:i + mb]
-            if self._padded and len(part) < mb:  # padding rows: masked out of every sum
-                part = np.concatenate([part, np.full((mb - len(part), u.shape[1]), 0.5,
-                                                     dtype=u.dtype)])
-            draws.append(tf.constant(part))
-        self._draws = draws
+        self._draws = [tf.constant(part) for part, _ in  # padding rows: masked out of every sum
+                       _micro_batches(u, self._chunk_rows, self._padded, fill=0.5)]
 
     # -- graphs (traced once per micro-batch shape) --------------------------------
 
@@ -1439,11 +1445,6 @@ class LocalObjective:
         if not (isinstance(max_dim, (int, np.integer)) and max_dim >= 1):
             raise ObjectiveError(f"kfac: max_dim must be an integer >= 1, got {max_dim!r}")
         blocks = self._kfac_setup()
-        tw = self._w(w)
-        # in the model's precision: a float32 model's factors travel as float32 (ResNet-50's
-        # are 358 MB in float64, Allreduced at every new sample)
-        sums = [np.zeros(shape, dtype=self.dtype.as_numpy_dtype)
-                for _, b in blocks for shape in factor_shapes(b, int(max_dim))]
         if not sampled and self.output_width > KFAC_MAX_OUTPUTS:
             raise ObjectiveError(f"{self._where}: kfac's exact Fisher takes one backward pass "
                                  f"per model output; the model has {self.output_width} outputs "
@@ -1452,6 +1453,11 @@ class LocalObjective:
         if sampled and self._draws is None and self._chunks:
             raise ObjectiveError(f"{self._where}: kfac: a sampled Fisher needs the driver's "
                                  "draws for these samples (set_draws)")
+        tw = self._w(w)
+        # in the model's precision: a float32 model's factors travel as float32 (ResNet-50's
+        # are 358 MB in float64, Allreduced at every new sample)
+        sums = [np.zeros(shape, dtype=self.dtype.as_numpy_dtype)
+                for _, b in blocks for shape in factor_shapes(b, int(max_dim))]
         for i, (x, y, n) in enumerate(self._chunks):
             u = self._draws[i] if sampled and self._draws is not None else None
             for total, part in zip(sums, self._kfac_fn(tw, x, y, n, int(max_dim), u),

@@ -110,7 +110,7 @@ class Adam:
             m = np.multiply(g, 1.0 - b1)
             v = np.multiply(g, g)
             v *= 1.0 - b2
-            if state.m is not None and state.v is not None:
+            if state.m is not None:  # AdamState holds both moments or neither
                 m = daxpy(state.m, m, a=b1)  # m = b1 m0 + (1 - b1) g
                 v = daxpy(state.v, v, a=b2)  # v = b2 v0 + (1 - b2) g*g
             step = np.divide(v, 1.0 - b2**t)  # v_hat, then sqrt(v_hat) + eps
