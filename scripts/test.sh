@@ -9,6 +9,8 @@ bash scripts/slurm-setup.sh   # SLURM for tests/slurm (skipped where it cannot r
 # shellcheck disable=SC1091
 . "${MPINEWTON_VENV:-.venv}/bin/activate"
 export TF_CPP_MIN_LOG_LEVEL=2
+# One node: no libfabric transport, which costs every rank 1 s of MPI_Init (tests/conftest.py)
+export OMPI_MCA_btl="${OMPI_MCA_btl:-^ofi}"
 
 echo "== ruff"
 ruff check mpinewton tests
@@ -16,9 +18,10 @@ ruff check mpinewton tests
 echo "== serial tests (two workers, a test file per worker)"
 # Most of these tests wait on subprocesses (whole jobs under mpirun), so two workers
 # shorten the suite on two cores; the SLURM tests run afterwards on their own, since
-# a loaded machine delays the single-node SLURM's job starts.
+# a loaded machine delays the single-node SLURM's job starts. Files go to the workers in
+# the order tests/conftest.py gives them (the slowest first), not xdist's own.
 python -m pytest -q -p no:cacheprovider --ignore=tests/mpi --ignore=tests/slurm \
-    -n 2 --dist loadfile "$@"
+    -n 2 --dist loadfile --no-loadscope-reorder "$@"
 
 echo "== SLURM tests"
 rc=0

@@ -63,6 +63,14 @@ def small_job(dataset, *extra):
             "--set", "optimizer.pretrain_lr=0.5", "--check-sync", *extra]
 
 
+def read_weights(run_dir):
+    """The final weights a job saved in its run directory."""
+    import h5py
+
+    with h5py.File(Path(run_dir) / "weights.h5") as f:
+        return f["w"][...]
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -15,10 +15,9 @@ import json
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, requires_mpirun
+from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, read_weights, requires_mpirun
 
 pytestmark = requires_mpirun
 EXAMPLES = ROOT / "docs" / "examples"
@@ -40,10 +39,6 @@ def finish(proc):
         raise AssertionError(f"timed out: {proc.args}\n{out}\n{err}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
-
-def weights(run_dir):
-    with h5py.File(run_dir / "weights.h5") as f:
-        return f["w"][...]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +82,9 @@ def test_fit_on_arrays_learns_and_validates(digits_runs):
 
 def test_fit_gives_the_same_weights_on_1_2_3_ranks(digits_runs):
     work, _ = digits_runs
-    w1 = weights(work / "api1")
+    w1 = read_weights(work / "api1")
     for ranks in (2, 3):
-        w = weights(work / f"api{ranks}")
+        w = read_weights(work / f"api{ranks}")
         assert np.linalg.norm(w - w1) <= 1e-10 * np.linalg.norm(w1), ranks
 
 
@@ -98,7 +93,7 @@ def test_factory_job_through_the_cli_equals_the_api(digits_runs):
     cli, api = work / "cli", work / "api1"
     assert "[model.args]" in (cli / "config.toml").read_text()
     assert [r["iter"] for r in read_metrics(cli)] == [r["iter"] for r in read_metrics(api)]
-    w_cli, w_api = weights(cli), weights(api)
+    w_cli, w_api = read_weights(cli), read_weights(api)
     assert np.linalg.norm(w_cli - w_api) <= 1e-10 * np.linalg.norm(w_api)
     s_cli = json.loads((cli / "summary.json").read_text())
     s_api = json.loads((api / "summary.json").read_text())

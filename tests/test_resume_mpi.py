@@ -3,9 +3,7 @@
 import json
 import os
 import signal
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from mpijobs import (
@@ -13,6 +11,7 @@ from mpijobs import (
     mpi_env,
     rank_pids,
     read_metrics,
+    read_weights,
     requires_mpirun,
     run_job,
     small_job,
@@ -26,10 +25,6 @@ pytestmark = requires_mpirun
 EXIT_CHECKPOINTED = 75
 TIMING = {"iter_seconds", "wall_time"}
 
-
-def _weights(run_dir):
-    with h5py.File(Path(run_dir) / "weights.h5") as f:
-        return f["w"][...]
 
 
 def _interrupted_run(ranks, args, run_dir, how):
@@ -85,7 +80,7 @@ def test_signal_checkpoints_and_resume_is_exact(dataset, straight, tmp_path, how
     proc = run_job(2, *args, "--run-dir", str(run_dir), "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"after iteration {stopped_at}" in proc.stdout
-    np.testing.assert_array_equal(_weights(run_dir), _weights(straight))
+    np.testing.assert_array_equal(read_weights(run_dir), read_weights(straight))
     for a, b in zip(read_metrics(run_dir), read_metrics(straight), strict=True):
         assert {k: v for k, v in a.items() if k not in TIMING} == \
             {k: v for k, v in b.items() if k not in TIMING}
@@ -103,7 +98,7 @@ def test_resume_on_another_number_of_ranks(dataset, tmp_path):
     assert code == EXIT_CHECKPOINTED, stdout + stderr
     proc = run_job(3, *args, "--run-dir", str(run_dir), "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    w, ref = _weights(run_dir), _weights(straight)
+    w, ref = read_weights(run_dir), read_weights(straight)
     assert np.linalg.norm(w - ref) <= 1e-10 * np.linalg.norm(ref)
 
 
@@ -134,43 +129,3 @@ def test_corrupt_latest_falls_back_to_older_checkpoint(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert newest.name in proc.stdout and "skipped checkpoint" in proc.stdout
     assert f"resuming from {checkpoints[-2]}" in proc.stdout
-
-
-@pytest.mark.parametrize("method", [
-    ["optimizer.method='lbfgs'"],
-    ["optimizer.curvature='gauss_newton'", "optimizer.damping_rule='levenberg_marquardt'",
-     "optimizer.preconditioner='fisher'", "optimizer.forcing='eisenstat_walker'",
-     "optimizer.warm_start='previous'"],
-    ["optimizer.curvature='gauss_newton'", "optimizer.damping_rule='levenberg_marquardt'",
-     "optimizer.curvature_fraction=0.2", "optimizer.curvature_growth='damping'",
-     "optimizer.curvature_growth_threshold=1.001", "optimizer.curvature_fraction_max=1.0",
-     "optimizer.damping=1e-2",
-     "optimizer.damping_min=0.1"],  # damping >= 10 x its initial value: growth at every step
-    # the factors' running averages, the inverses of the last refresh (every 3 steps, so
-    # the resumed step 3 uses step 1's), the velocity and the sampled Fisher's draws
-    ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5", "optimizer.inverse_every=3",
-     "optimizer.stats_every=2", "optimizer.learning_rate=0.05", "optimizer.fisher='sampled'"],
-], ids=["lbfgs", "newton-gauss-newton-lm", "curvature-growth", "kfac"])
-def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
-    """The L-BFGS memory and gradient cache, the LM damping and forcing state, the
-    curvature fraction's growth and K-FAC's factors and inverses resume exactly."""
-    sets = [arg for item in method for arg in ("--set", item)]
-    straight = tmp_path / "straight"
-    proc = run_job(2, *small_job(dataset), *sets, "--run-dir", str(straight))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run_dir = tmp_path / "resumed"
-    proc = run_job(2, *small_job(dataset), *sets, "--set", "optimizer.iters=2",
-                   "--run-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_job(2, *small_job(dataset), *sets, "--run-dir", str(run_dir), "--resume")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resuming from" in proc.stdout
-    np.testing.assert_array_equal(_weights(run_dir), _weights(straight))
-    drop = TIMING | {"weights_sha256"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(run_dir)] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(straight)]
-    if "optimizer.curvature_growth='gradient'" in method:
-        # The sample doubled after every step, also across the checkpoint after iteration 2
-        # (a fresh rule would have started over at 20 %).
-        sizes = [r["curvature_samples"] for r in read_metrics(straight) if "curvature_samples" in r]
-        assert len(sizes) == 4 and sizes[0] < sizes[1] < sizes[2] < sizes[3], sizes

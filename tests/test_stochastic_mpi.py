@@ -8,10 +8,9 @@ hash of the rows all ranks read together (``batch_sha256``).
 import hashlib
 import json
 
-import h5py
 import numpy as np
 import pytest
-from mpijobs import read_metrics, requires_mpirun, run_job, small_job
+from mpijobs import read_metrics, read_weights, requires_mpirun, run_job, small_job
 
 from mpinewton.sampling import MiniBatchSampler
 
@@ -26,10 +25,6 @@ def _args(dataset, *extra):
                      "'norm_test'", "--set", "optimizer.batch_theta=0.5",
                      "--set", "optimizer.batch_max=60", *extra)
 
-
-def _weights(run_dir):
-    with h5py.File(run_dir / "weights.h5") as f:
-        return f["w"][...]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +60,7 @@ def test_same_batches_and_losses_on_1_2_3_ranks(runs):
         for a, b in zip(records, ref, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-10)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-9)
-        w, w_ref = _weights(runs[ranks]), _weights(runs[1])
+        w, w_ref = read_weights(runs[ranks]), read_weights(runs[1])
         assert np.linalg.norm(w - w_ref) <= 1e-10 * np.linalg.norm(w_ref)
 
 
@@ -75,7 +70,7 @@ def test_resume_mid_epoch_draws_the_same_batches(dataset, runs, tmp_path):
     proc = run_job(2, *_args(dataset), "--run-dir", str(tmp_path / "run"), "--resume", str(ckpt))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after iteration 4" in proc.stdout
-    np.testing.assert_array_equal(_weights(tmp_path / "run"), _weights(straight))
+    np.testing.assert_array_equal(read_weights(tmp_path / "run"), read_weights(straight))
     resumed = read_metrics(tmp_path / "run")
     assert [r["batch_sha256"] for r in resumed] == \
         [r["batch_sha256"] for r in read_metrics(straight)][4:]
