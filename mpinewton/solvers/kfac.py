@@ -282,6 +282,49 @@ def _unpack(flat: np.ndarray, shapes: list[tuple[tuple[int, ...], tuple[int, ...
     return out
 
 
+#: Entries a pass of :func:`_stepped`: its temporaries (512 KB in float64) stay in cache.
+_CHUNK = 1 << 16
+
+
+def _stepped(w: np.ndarray, velocity: np.ndarray, lr: float) -> tuple[np.ndarray, float]:
+    """``w - lr velocity`` in the weights' dtype, and ``|w_new - w|`` (NaN/Inf if either is).
+
+    In chunks: as one expression it made a 189 MB temporary and cast through
+    numpy's buffers, 0.5 s a step on ResNet-50 in float32, where the chunks
+    take 0.04 s; the same operations on each entry, so the same weights.
+    """
+    new_w = np.empty_like(w)
+    squares = 0.0
+    for i in range(0, w.size, _CHUNK):
+        part = slice(i, i + _CHUNK)
+        np.subtract(w[part], lr * velocity[part], out=new_w[part], casting="same_kind")
+        moved = np.subtract(new_w[part], w[part], dtype=np.float64)
+        squares += float(moved @ moved)  # NaN or Inf stays
+    return new_w, math.sqrt(squares)
+
+
+def _running_average(old: np.ndarray | None, new: list[tuple[np.ndarray, np.ndarray]],
+                     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                     decay: float) -> np.ndarray:
+    """The packed running factors ``decay old + (1 - decay) new`` (``new`` alone at first).
+
+    Written block by block into one float64 buffer, with one temporary the size of
+    a factor: the whole-vector expression took five passes of fresh pages over the
+    packed factors (358 MB in float64 on ResNet-50) a step. The same operations in
+    the same order, so the same numbers.
+    """
+    packed = np.empty(sum(math.prod(s) for pair in shapes for s in pair))
+    olds = _unpack(old, shapes) if old is not None else None
+    for i, (pair, out) in enumerate(zip(new, _unpack(packed, shapes), strict=True)):
+        for j, (m, into) in enumerate(zip(pair, out, strict=True)):
+            if olds is None:
+                into[...] = m
+            else:
+                np.multiply(olds[i][j], decay, out=into)
+                into += np.multiply(m, 1 - decay, dtype=np.float64)
+    return packed
+
+
 @dataclass(frozen=True)
 class KFACInfo(FixedStepInfo):
     """What one K-FAC step did (``step_size`` is the learning rate)."""
@@ -347,17 +390,13 @@ class KFAC:
         stats = state.factors is None or t % cfg.stats_every == 0
         if stats:
             sampled = {"sampled": True} if cfg.fisher == "sampled" else {}
-            new = [(np.asarray(a, dtype=np.float64), np.asarray(gg, dtype=np.float64))
+            new = [(np.asarray(a), np.asarray(gg))
                    for a, gg in get_factors(w, max_dim=cfg.max_factor_dim, **sampled)]
             if len(new) != len(blocks) or any(
                     (a.shape, gg.shape) != shape for (a, gg), shape in zip(new, shapes,
                                                                             strict=False)):
                 raise ValueError("kfac: kfac_factors(w, max_dim) does not match kfac_blocks()")
-            d = float(cfg.stat_decay)
-            if state.factors is not None:
-                new = [(d * a0 + (1 - d) * a1, d * g0 + (1 - d) * g1) for (a0, g0), (a1, g1)
-                       in zip(_unpack(state.factors, shapes), new, strict=True)]
-            packed = _pack(new)
+            packed = _running_average(state.factors, new, shapes, float(cfg.stat_decay))
             if not np.all(np.isfinite(packed)):
                 raise FloatingPointError(f"kfac: step {t + 1}: the Kronecker factors hold NaN "
                                          "or Inf")
@@ -391,11 +430,10 @@ class KFAC:
         from scipy.linalg.blas import daxpy  # loaded on first use, as LAPACK
 
         velocity = daxpy(v0, np.multiply(p, nu, out=p), a=float(cfg.momentum))
-        new_w = np.subtract(w, lr * velocity, out=np.empty_like(w), casting="same_kind")
-        if not np.all(np.isfinite(new_w)):
+        new_w, moved = _stepped(w, velocity, lr)
+        if not np.isfinite(moved):
             raise FloatingPointError(f"kfac: step {t + 1} with learning_rate={lr!r} gives "
                                      "NaN/Inf weights")
-        info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert,
-                        float(np.linalg.norm(new_w - w)))
+        info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert, moved)
         return new_w, state.take(iteration=t + 1, factors=packed, inverses=packed_inverses,
                                  velocity=velocity), info

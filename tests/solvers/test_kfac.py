@@ -318,3 +318,40 @@ def test_step_refuses_problems_without_factors_and_non_finite_factors():
     prob = KroneckerQuadratic(blocks, pairs, n, factors=[indefinite])
     with pytest.raises(FloatingPointError, match="not positive definite"):
         KFAC(KFACConfig(damping=1e-4)).step(prob, np.zeros(n), KFACState())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_chunked_update_is_the_whole_vector_expression(dtype):
+    """``_stepped`` gives bitwise ``w - lr v`` in w's dtype over several chunks and a
+    ragged end; its |w_new - w| is numpy's norm to rounding; NaN and Inf show in it."""
+    from mpinewton.solvers.kfac import _CHUNK, _stepped
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(3 * _CHUNK + 17).astype(dtype)
+    v = rng.standard_normal(w.size)
+    new, moved = _stepped(w, v, 0.3)
+    whole = np.subtract(w, 0.3 * v, out=np.empty_like(w), casting="same_kind")
+    assert new.dtype == dtype
+    np.testing.assert_array_equal(new, whole)
+    assert moved == pytest.approx(np.linalg.norm(whole.astype(np.float64) - w), rel=1e-12)
+    for bad in (np.nan, np.inf):
+        v[2 * _CHUNK + 5] = bad
+        assert not math.isfinite(_stepped(w, v, 0.3)[1])
+
+
+def test_the_running_average_is_the_whole_vector_expression():
+    """Block by block into one buffer: bitwise ``d old + (1 - d) new`` of float64 factors,
+    also from float32 factors (a float32 model's) and for diagonal ones; at first ``new``."""
+    from mpinewton.solvers.kfac import _pack, _running_average
+
+    rng = np.random.default_rng(4)
+    shapes = [((5, 5), (3,)), ((2, 2), (4, 4))]
+    old = [(rng.random(sa), rng.random(sg)) for sa, sg in shapes]
+    new = [(rng.random(sa).astype(np.float32), rng.random(sg)) for sa, sg in shapes]
+    expected = [(0.9 * a0 + (1 - 0.9) * np.float64(a1), 0.9 * g0 + (1 - 0.9) * g1)
+                for (a0, g0), (a1, g1) in zip(old, new, strict=True)]
+    np.testing.assert_array_equal(_running_average(_pack(old), new, shapes, 0.9),
+                                  _pack(expected))
+    first = _running_average(None, new, shapes, 0.9)
+    assert first.dtype == np.float64
+    np.testing.assert_array_equal(first, _pack([(np.float64(a), g) for a, g in new]))
