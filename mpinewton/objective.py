@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from mpinewton.comm import Comm
+from mpinewton.solvers.base import WorkShare
 
 
 class ObjectiveError(ValueError):
@@ -168,6 +169,14 @@ class DistributedObjective:
     def kfac_blocks(self) -> tuple:
         """The model's K-FAC blocks (the same on every rank: they come from the model)."""
         return self.local.kfac_blocks()
+
+    def work_share(self) -> WorkShare:
+        """The rank's part of a method's own work, added up by an ``Allreduce`` (SUM).
+
+        K-FAC inverts and applies each layer's block on one rank only
+        (:func:`mpinewton.solvers.kfac.share_blocks`) and the ranks add the results.
+        """
+        return WorkShare(self.comm.rank, self.comm.size, self.comm.allreduce_sum)
 
     def kfac_factors(self, w: np.ndarray, max_dim: int | None = None, *,
                      sampled: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:

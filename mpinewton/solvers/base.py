@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 import numpy as np
@@ -27,11 +27,33 @@ __all__ = [
     "Problem",
     "SolverState",
     "StepRecord",
+    "WorkShare",
     "check_value_and_grad",
     "is_int",
     "is_real",
     "require",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkShare:
+    """One process's part of work split among ``parts`` processes, and how to add them.
+
+    ``add(x)`` sums ``x`` elementwise over the parts and gives every part the sum
+    (a collective: every part calls it, in the same order). A method that has
+    each piece computed by one part, with zeros elsewhere, gets on every part
+    exactly what one process would compute (``x + 0 = x``). It comes from the
+    problem (an ``Allreduce`` over the ranks): the solvers know no MPI.
+    """
+
+    part: int
+    parts: int
+    add: Callable[[np.ndarray], np.ndarray]
+
+    def __post_init__(self) -> None:
+        if not (is_int(self.parts) and self.parts >= 1 and is_int(self.part)
+                and 0 <= self.part < self.parts):
+            raise ValueError(f"WorkShare: part {self.part!r} of {self.parts!r} parts")
 
 
 class Problem(Protocol):
@@ -44,7 +66,9 @@ class Problem(Protocol):
     - ``gnvp(w, v)`` / ``gnvp_many(w, V)``: generalised Gauss-Newton products
       ``G v = J^T H_L J v`` (:class:`~.operators.GaussNewtonOperator`);
     - ``grad_squares(w)``: the mean over samples of the squared per-sample
-      gradients, the empirical Fisher diagonal (diagonal preconditioners).
+      gradients, the empirical Fisher diagonal (diagonal preconditioners);
+    - ``work_share()``: a :class:`WorkShare` where the problem spans several
+      processes, so a method can split its own linear algebra among them (K-FAC).
     """
 
     def value(self, w: np.ndarray) -> float:

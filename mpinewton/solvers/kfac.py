@@ -31,7 +31,10 @@ have ``A`` of order 4,609: 170 MB in float64).  Its block is then
 computed as its diagonal from the start, not cut from a full matrix.
 
 numpy (and scipy's LAPACK and BLAS, loaded on first use); the factors come from the
-problem, which is where TensorFlow and MPI live.  With ``kl_clip = 0``,
+problem, which is where TensorFlow and MPI live. Where the problem spans several
+processes (``problem.work_share()``, a :class:`~.base.WorkShare`), each block is
+inverted and applied on one of them (:func:`share_blocks`) and the parts' results are
+added: bitwise the steps of one process doing it all.  With ``kl_clip = 0``,
 ``momentum = 0``, ``lr = 1`` and ``damping -> 0`` a step on a quadratic whose
 Hessian is exactly ``A (x) G`` lands on its minimiser.
 """
@@ -44,11 +47,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import Problem, SolverState, check_value_and_grad, require
+from .base import Problem, SolverState, WorkShare, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
 
 __all__ = ["FISHERS", "KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock",
-           "factor_shapes", "factored_damping", "kfac_direction"]
+           "factor_shapes", "factored_damping", "kfac_direction", "share_blocks"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ class KroneckerBlock:
         if self.bias_offset >= 0:
             v[self.bias_offset:self.bias_offset + self.cols] = m[self.rows]
 
+    def clear(self, v: np.ndarray) -> None:
+        """Zero the block's places of ``v``."""
+        k0 = self.kernel_offset
+        v[k0:k0 + self.rows * self.cols] = 0
+        if self.bias_offset >= 0:
+            v[self.bias_offset:self.bias_offset + self.cols] = 0
+
     def indices(self) -> np.ndarray:
         """Flat positions of the block's matrix entries, as an (a_dim, g_dim) array."""
         k = self.kernel_offset + np.arange(self.rows * self.cols).reshape(self.rows, self.cols)
@@ -149,17 +159,29 @@ def factored_damping(a: np.ndarray, g: np.ndarray, damping: float) -> tuple[floa
     return pi * root, root / pi
 
 
+def _refusal(m: np.ndarray, shift: float, who: str) -> str:
+    """What :func:`_inverse` says when ``m + shift I`` has no usable inverse."""
+    if m.ndim == 1:
+        return f"kfac: factor {who} (diagonal) plus {shift:.3g} is not positive; raise the damping"
+    return (f"kfac: factor {who} plus {shift:.3g} I is not positive definite; raise the "
+            "damping")
+
+
 def _inverse(m: np.ndarray, shift: float, who: str) -> np.ndarray:
     """``(m + shift I)^-1`` of a symmetric positive (semi-)definite factor, symmetrised.
 
     A diagonal factor (a vector) gives the vector of the inverse's diagonal.
+    Raises ``FloatingPointError`` (:func:`_refusal`) where the shifted factor is
+    not positive definite or its inverse overflows.
     """
     if m.ndim == 1:
         shifted = m + shift
         if not np.all(shifted > 0):
-            raise FloatingPointError(f"kfac: factor {who} (diagonal) plus {shift:.3g} is not "
-                                     "positive; raise the damping")
-        return 1.0 / shifted
+            raise FloatingPointError(_refusal(m, shift, who))
+        inv = 1.0 / shifted
+        if not np.all(np.isfinite(inv)):
+            raise FloatingPointError(_refusal(m, shift, who))
+        return inv
     from scipy.linalg import lapack  # loaded on first use: importing the solvers stays light
 
     n = m.shape[0]
@@ -169,27 +191,67 @@ def _inverse(m: np.ndarray, shift: float, who: str) -> np.ndarray:
     c, info = lapack.dpotrf(shifted, lower=1, overwrite_a=1)
     if info == 0:
         inv, info = lapack.dpotri(c, lower=1, overwrite_c=1)  # from the Cholesky factor
-    if info != 0:
-        raise FloatingPointError(f"kfac: factor {who} plus {shift:.3g} I is not positive "
-                                 "definite; raise the damping")
+    if info != 0 or not np.all(np.isfinite(inv)):
+        raise FloatingPointError(_refusal(m, shift, who))
     upper = np.triu_indices(n, 1)
     inv[upper] = inv.T[upper]  # the lower triangle mirrored
     return inv
 
 
 def kfac_direction(blocks: tuple[KroneckerBlock, ...], inverses: list[tuple[np.ndarray,
-                   np.ndarray]], g: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+                   np.ndarray]], g: np.ndarray, dtype: Any = np.float64, *,
+                   mine: list[bool] | None = None, outside: bool = True) -> np.ndarray:
     """``F^-1 g`` block by block: ``A_l^-1 dW_l G_l^-1``; entries outside the blocks are ``g``.
 
     An inverse held as a vector is a diagonal matrix (a factor above
     ``max_factor_dim``). Computed in ``dtype`` (the inverses are expected in it).
+    One part of a :class:`~.base.WorkShare` computes only the blocks ``mine``
+    marks (the others' inverses are not read) and ``g`` outside the blocks only
+    if ``outside``; everything else is zero, so the parts' sum is the whole.
     """
-    p = np.array(g, dtype=dtype, copy=True)
-    for block, (ai, gi) in zip(blocks, inverses, strict=True):
-        dw = block.matrix(p)  # p still holds g outside the blocks written so far
+    if mine is None:
+        p = np.array(g, dtype=dtype, copy=True)
+        source = p  # p still holds g outside the blocks written so far
+    else:
+        source = np.asarray(g, dtype=dtype)
+        p = np.array(source, copy=True) if outside else np.zeros(source.shape, dtype=dtype)
+    for i, (block, (ai, gi)) in enumerate(zip(blocks, inverses, strict=True)):
+        if mine is not None and not mine[i]:
+            if outside:
+                block.clear(p)
+            continue
+        dw = block.matrix(source)
         m = ai @ dw if ai.ndim == 2 else ai[:, None] * dw
         block.put(p, m @ gi if gi.ndim == 2 else m * gi[None, :])
     return p
+
+
+def share_blocks(blocks: tuple[KroneckerBlock, ...], max_dim: int, inverse_every: int,
+                 parts: int) -> list[int]:
+    """The part that inverts and applies each block: a greedy balance of their work.
+
+    A block's work is its direction's flops (``2 a^2 g + 2 a g^2``; ``a g`` per
+    diagonal factor) plus its inversions' (``n^3`` per full factor) spread
+    over ``inverse_every`` steps. Largest first, each to the part with the
+    least so far (Graham's LPT rule); ties go to the lower block and part, so
+    every part computes the same assignment from the shapes alone.
+    """
+    def work(block: KroneckerBlock) -> float:
+        sa, sg = factor_shapes(block, max_dim)
+        a, g = block.a_dim, block.g_dim
+        apply = (2.0 * a * a * g if len(sa) == 2 else a * g) + (
+            2.0 * a * g * g if len(sg) == 2 else a * g)
+        invert = sum(float(n) ** 3 if len(s) == 2 else float(n)
+                     for n, s in ((a, sa), (g, sg)))
+        return apply + invert / inverse_every
+
+    load = [0.0] * parts
+    owner = [0] * len(blocks)
+    for i in sorted(range(len(blocks)), key=lambda i: (-work(blocks[i]), i)):
+        part = min(range(parts), key=lambda k: (load[k], k))
+        owner[i] = part
+        load[part] += work(blocks[i])
+    return owner
 
 
 #: How K-FAC's output factors G are taken: the exact Fisher of the model's predictive
@@ -346,24 +408,85 @@ class KFAC:
         self.config = KFACConfig() if config is None else config
         self._checked: tuple[Any, int, tuple[KroneckerBlock, ...]] | None = None
         self._cast: tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None = None
+        self._owners: tuple[Any, list[int]] | None = None
 
     def _direction(self, blocks: tuple[KroneckerBlock, ...],
                    inverses: list[tuple[np.ndarray, np.ndarray]], packed: np.ndarray,
-                   g: np.ndarray, dtype: np.dtype) -> np.ndarray:
+                   g: np.ndarray, dtype: np.dtype, share: WorkShare | None,
+                   mine: list[bool] | None) -> np.ndarray:
         """``F^-1 g`` in float64, computed in the weights' precision when that is lower.
 
         A float32 model's direction needs no more: its matrix products in float32
         take half the time of float64 (53.7 GFLOP a step on ResNet-50). The
         float32 inverses are cast once per refresh from the state's float64 ones
         (``packed``, read-only, so its identity names its contents), so a resumed
-        run computes the same.
+        run computes the same. With a share, each part computes its own blocks
+        (``mine``) and the parts' results are added, in that precision.
         """
-        if np.dtype(dtype) == np.float64:
-            return kfac_direction(blocks, inverses, g)
-        if self._cast is None or self._cast[0] is not packed:
+        low = np.dtype(dtype) != np.float64
+        if low and (self._cast is None or self._cast[0] is not packed):
             self._cast = (packed, [(a.astype(np.float32), b.astype(np.float32))
-                                   for a, b in inverses])
-        return kfac_direction(blocks, self._cast[1], g, np.float32).astype(np.float64)
+                                   if mine is None or mine[i] else (a, b)
+                                   for i, (a, b) in enumerate(inverses)])
+        p = kfac_direction(blocks, self._cast[1] if low and self._cast else inverses, g,
+                           np.float32 if low else np.float64, mine=mine,
+                           outside=share is None or share.part == 0)
+        if share is not None:
+            p = share.add(p)
+        return p.astype(np.float64) if low else p
+
+    def _shared(self, problem: Problem, blocks: tuple[KroneckerBlock, ...],
+                ) -> tuple[WorkShare | None, list[bool] | None]:
+        """The problem's work share (None on one process) and the blocks this part computes."""
+        get = getattr(problem, "work_share", None)
+        share = get() if callable(get) else None
+        if share is None or share.parts == 1:
+            return None, None
+        key = (blocks, share.parts)
+        if self._owners is None or self._owners[0] != key:
+            cfg = self.config
+            self._owners = (key, share_blocks(blocks, cfg.max_factor_dim, cfg.inverse_every,
+                                              share.parts))
+        return share, [owner == share.part for owner in self._owners[1]]
+
+    def _invert(self, blocks: tuple[KroneckerBlock, ...], packed: np.ndarray,
+                shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                share: WorkShare | None, mine: list[bool] | None) -> np.ndarray:
+        """The packed damped inverses of the running factors ``packed``.
+
+        With a share, each part inverts its own blocks into a buffer of zeros and
+        the parts add the buffers; a factor whose inverse fails is NaN there, so
+        that every part raises the same ``FloatingPointError`` (no part is left
+        waiting in the next collective).
+        """
+        damping = float(self.config.damping)
+        factors = _unpack(packed, shapes)
+        if share is None:
+            inverses = []
+            for b, (a, gg) in zip(blocks, factors, strict=True):
+                sa, sg = factored_damping(a, gg, damping)
+                inverses.append((_inverse(a, sa, f"A of {b.name}"),
+                                 _inverse(gg, sg, f"G of {b.name}")))
+            return _pack(inverses)
+        assert mine is not None
+        local = np.zeros(packed.size)
+        for i, (b, pair, out) in enumerate(zip(blocks, factors, _unpack(local, shapes),
+                                               strict=True)):
+            if not mine[i]:
+                continue
+            shifts = factored_damping(*pair, damping)
+            for m, shift, into, which in zip(pair, shifts, out, "AG", strict=True):
+                try:
+                    into[...] = _inverse(m, shift, f"{which} of {b.name}")
+                except FloatingPointError:
+                    into[...] = np.nan
+        packed_inverses = share.add(local)
+        for b, pair, out in zip(blocks, factors, _unpack(packed_inverses, shapes), strict=True):
+            shifts = factored_damping(*pair, damping)
+            for m, shift, inv, which in zip(pair, shifts, out, "AG", strict=True):
+                if not np.all(np.isfinite(inv)):
+                    raise FloatingPointError(_refusal(m, shift, f"{which} of {b.name}"))
+        return packed_inverses
 
     def init(self, w: np.ndarray) -> KFACState:
         """No factors yet: the first step takes them and inverts them."""
@@ -403,19 +526,15 @@ class KFAC:
         else:  # the running factors as they are, not copied (358 MB on ResNet-50)
             assert state.factors is not None
             packed = state.factors
+        share, mine = self._shared(problem, blocks)
         invert = state.inverses is None or t % cfg.inverse_every == 0
         if invert:
-            inverses = []
-            for b, (a, gg) in zip(blocks, _unpack(packed, shapes), strict=True):
-                sa, sg = factored_damping(a, gg, float(cfg.damping))
-                inverses.append((_inverse(a, sa, f"A of {b.name}"),
-                                 _inverse(gg, sg, f"G of {b.name}")))
-            packed_inverses = _pack(inverses)
+            packed_inverses = self._invert(blocks, packed, shapes, share, mine)
         else:
             assert state.inverses is not None
             packed_inverses = state.inverses
-            inverses = _unpack(packed_inverses, shapes)
-        p = self._direction(blocks, inverses, packed_inverses, g, w.dtype)
+        inverses = _unpack(packed_inverses, shapes)
+        p = self._direction(blocks, inverses, packed_inverses, g, w.dtype, share, mine)
         lr = float(cfg.learning_rate)
         nu = 1.0
         if cfg.kl_clip > 0:

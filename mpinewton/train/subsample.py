@@ -58,6 +58,10 @@ class SplitProblem:
         """K-FAC's factors are curvature: from the sub-sample too (and its draws)."""
         return self.curvature.kfac_factors(w, max_dim, sampled=sampled)
 
+    def work_share(self) -> Any:
+        """The ranks' share of a method's work: the gradient's, which spans them all."""
+        return self.full.work_share()
+
     def accuracy(self, w: np.ndarray) -> float:
         return self.full.accuracy(w)
 

@@ -2,12 +2,13 @@
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
 
 from mpinewton.solvers import METHODS
-from mpinewton.solvers.base import ParameterError
+from mpinewton.solvers.base import ParameterError, WorkShare
 from mpinewton.solvers.kfac import (
     KFAC,
     KFACConfig,
@@ -16,6 +17,7 @@ from mpinewton.solvers.kfac import (
     check_blocks,
     factored_damping,
     kfac_direction,
+    share_blocks,
 )
 
 from .problems import spd_matrix
@@ -355,3 +357,127 @@ def test_the_running_average_is_the_whole_vector_expression():
     first = _running_average(None, new, shapes, 0.9)
     assert first.dtype == np.float64
     np.testing.assert_array_equal(first, _pack([(np.float64(a), g) for a, g in new]))
+
+
+def _four_blocks():
+    """Four blocks of unequal work (with and without bias rows) and 3 weights outside."""
+    blocks = [KroneckerBlock("conv", 0, 6, 4, bias_offset=24), KroneckerBlock("d1", 28, 3, 2),
+              KroneckerBlock("d2", 34, 2, 5, bias_offset=44), KroneckerBlock("out", 49, 5, 3)]
+    pairs = [(spd_matrix(b.a_dim, 30.0, 10 + i), spd_matrix(b.g_dim, 8.0, 20 + i))
+             for i, b in enumerate(blocks)]
+    return blocks, pairs, 67
+
+
+class _Collective:
+    """``WorkShare.add`` for parts that are threads of one process (an Allreduce SUM)."""
+
+    def __init__(self, parts):
+        self.parts, self.slots = parts, [None] * parts
+        self.barrier = threading.Barrier(parts, timeout=30)
+
+    def share(self, part):
+        def add(x):
+            self.slots[part] = np.array(x, copy=True)
+            self.barrier.wait()
+            total = self.slots[0].copy()
+            for other in self.slots[1:]:
+                total += other
+            self.barrier.wait()  # nobody overwrites a slot before all have read them
+            return total
+        return WorkShare(part, self.parts, add)
+
+
+class _SharedProblem:
+    """A problem that is one part of a work share."""
+
+    def __init__(self, problem, share):
+        self.problem, self.share = problem, share
+
+    def __getattr__(self, name):
+        return getattr(self.problem, name)
+
+    def work_share(self):
+        return self.share
+
+
+def _run_parts(parts, make_problem, w0, cfg, steps):
+    """``steps`` K-FAC steps on each of ``parts`` threads; each part's results or error."""
+    collective = _Collective(parts)
+    out = [None] * parts
+
+    def run(part):
+        prob = _SharedProblem(make_problem(), collective.share(part))
+        method, w, state = KFAC(cfg), w0, KFACState()
+        try:
+            for _ in range(steps):
+                w, state, _ = method.step(prob, w, state)
+            out[part] = (w, state)
+        except Exception as err:  # a part left waiting in a collective: BrokenBarrierError
+            out[part] = err
+
+    threads = [threading.Thread(target=run, args=(part,)) for part in range(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_work_shared_among_parts_gives_bitwise_the_steps_of_one_process(dtype):
+    """Each part inverts and applies its own blocks and the parts add the results: on
+    1, 2 and 3 parts (3 parts: one of them may own a single block) every part's weights,
+    running factors, inverses and velocity are bitwise those of one process, over 6
+    steps with refreshes at steps 1, 3 and 5, diagonal factors and float32 weights."""
+    blocks, pairs, n = _four_blocks()
+    rng = np.random.default_rng(5)
+    later = [[(a * rng.uniform(0.5, 2.0), g * rng.uniform(0.5, 2.0)) for a, g in pairs]
+             for _ in range(6)]
+    cfg = KFACConfig(learning_rate=0.2, damping=1e-2, inverse_every=2, max_factor_dim=6)
+    w0 = np.linspace(-1, 1, n).astype(dtype)
+
+    def make():
+        return KroneckerQuadratic(blocks, pairs, n, factors=later)
+
+    prob, method, w, state = make(), KFAC(cfg), w0, KFACState()
+    for _ in range(6):
+        w, state, _ = method.step(prob, w, state)
+    for parts in (1, 2, 3):
+        owners = share_blocks(tuple(blocks), cfg.max_factor_dim, cfg.inverse_every, parts)
+        assert sorted(set(owners)) == list(range(min(parts, len(blocks))))
+        for part_w, part_state in _run_parts(parts, make, w0, cfg, 6):
+            assert part_w.dtype == dtype
+            np.testing.assert_array_equal(part_w, w)
+            for name in ("factors", "inverses", "velocity"):
+                np.testing.assert_array_equal(getattr(part_state, name), getattr(state, name))
+
+
+def test_a_failed_inverse_on_one_part_stops_every_part_with_the_same_error():
+    """A factor that no damping makes positive, inverted by one part only: every part
+    raises the error one process raises (none waits in the next collective)."""
+    blocks, pairs, n = _four_blocks()
+    bad = [pair if i != 2 else (pair[0], -10 * np.eye(blocks[2].g_dim))
+           for i, pair in enumerate(pairs)]
+    cfg = KFACConfig(max_factor_dim=6)
+    with pytest.raises(FloatingPointError) as alone:
+        KFAC(cfg).step(KroneckerQuadratic(blocks, bad, n), np.zeros(n), KFACState())
+    assert "G of d2" in str(alone.value)
+    owners = share_blocks(tuple(blocks), cfg.max_factor_dim, cfg.inverse_every, 3)
+    assert owners.count(owners[2]) < len(blocks)  # d2's part is not every block's
+    for result in _run_parts(3, lambda: KroneckerQuadratic(blocks, bad, n), np.zeros(n),
+                             cfg, 1):
+        assert isinstance(result, FloatingPointError) and str(result) == str(alone.value)
+
+
+def test_share_blocks_balances_the_work_the_same_on_every_part():
+    """Largest first to the least-loaded part: a deterministic assignment that no part
+    computes differently; one part takes all; a heavy block gets a part to itself."""
+    blocks = tuple(KroneckerBlock(f"b{i}", 100 * i, rows, cols)
+                   for i, (rows, cols) in enumerate([(40, 40), (5, 5), (5, 5), (6, 4), (3, 3)]))
+    assert share_blocks(blocks, 2048, 10, 1) == [0] * 5
+    two = share_blocks(blocks, 2048, 10, 2)
+    assert two == share_blocks(blocks, 2048, 10, 2) and two[0] == 0
+    assert set(two[1:]) == {1}  # b0 outweighs the four small blocks together
+    assert sorted(share_blocks(blocks, 2048, 10, 5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="part"):
+        WorkShare(2, 2, lambda x: x)
