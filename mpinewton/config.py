@@ -60,6 +60,7 @@ class RunConfig:
     tensorboard: bool = True  # write TensorBoard event files to DIR/tensorboard
     max_loss_ratio: float = 1e3  # stop when the loss exceeds this times the start loss (0 = off)
     progress_seconds: float = 5.0  # iterations longer than this show CG progress (0 = never)
+    reuse_memory: bool = True  # keep freed memory for the next step's arrays (mpinewton.memory)
 
     def __post_init__(self) -> None:
         require(self, "max_loss_ratio", ">= 0")

@@ -32,6 +32,19 @@ def configure_threads(job: JobConfig) -> tuple[int, int]:
     return threads_for(job.threads.intra_op, job.threads.inter_op)
 
 
+def configure_memory(job: JobConfig) -> bool:
+    """``run.reuse_memory``: keep freed memory for reuse (:mod:`mpinewton.memory`).
+
+    True where the allocator now keeps it; called before the model and data
+    take their memory.
+    """
+    if not job.run.reuse_memory:
+        return False
+    from mpinewton.memory import reuse_freed_memory
+
+    return reuse_freed_memory()
+
+
 def threads_for(intra: int = 0, inter: int = 1) -> tuple[int, int]:
     """Set TensorFlow's intra-/inter-op pools; ``intra = 0``: the cores on the node / ranks on it.
 
@@ -377,6 +390,7 @@ def open_session(job: JobConfig, comm: Comm, checkpoints: Path, resume: str | No
 
     ``inputs`` carries the Python API's model and arrays (:class:`UserInputs`).
     """
+    configure_memory(job)
     threads = configure_threads(job)
     from mpinewton.models import model_from_job
     from mpinewton.params import ParamLayout
