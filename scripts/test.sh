@@ -17,31 +17,19 @@ ruff check mpinewton tests
 
 echo "== serial tests (two workers, a test file per worker)"
 # Most of these tests wait on subprocesses (whole jobs under mpirun), so two workers
-# shorten the suite on two cores. Files go to the workers in the order
-# tests/conftest.py gives them (the slowest first), not xdist's own.
+# shorten the suite on two cores; the SLURM tests run afterwards on their own, since
+# a loaded machine delays the single-node SLURM's job starts. Files go to the workers in
+# the order tests/conftest.py gives them (the slowest first), not xdist's own.
 python -m pytest -q -p no:cacheprovider --ignore=tests/mpi --ignore=tests/slurm \
     -n 2 --dist loadfile --no-loadscope-reorder "$@"
 
-# The SLURM tests mostly wait on the single-node SLURM (job starts, signals,
-# requeues): they run beside the MPI tests, not beside the serial tests, whose load
-# delays SLURM's job starts most. Their output follows the MPI tests'.
-echo "== SLURM tests (beside the MPI tests; their output below)"
-slurm_log=$(mktemp)
-python -m pytest -q -p no:cacheprovider tests/slurm "$@" > "$slurm_log" 2>&1 &
-slurm_pid=$!
-trap 'kill "$slurm_pid" 2>/dev/null || true; rm -f "$slurm_log"' EXIT
+echo "== SLURM tests"
+rc=0
+python -m pytest -q -p no:cacheprovider tests/slurm "$@" || rc=$?
+[ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"   # 5: arguments selected none of them
 
-mpi_rc=0
 for n in 1 2 3; do
     echo "== MPI tests on $n rank(s)"
     timeout --kill-after=10 600 bash scripts/mpirun.sh -n "$n" \
-        python -m pytest -q -p no:cacheprovider --color=no --with-mpi --timeout=240 tests/mpi \
-        || { mpi_rc=$?; break; }
+        python -m pytest -q -p no:cacheprovider --color=no --with-mpi --timeout=240 tests/mpi
 done
-
-echo "== SLURM tests: output"
-rc=0
-wait "$slurm_pid" || rc=$?
-cat "$slurm_log"
-[ "$mpi_rc" -eq 0 ] || exit "$mpi_rc"
-[ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"   # 5: arguments selected none of them
