@@ -63,6 +63,10 @@ def small_job(dataset, *extra):
             "--set", "optimizer.pretrain_lr=0.5", "--check-sync", *extra]
 
 
+#: Metrics fields that time a run: they differ between runs that compute the same.
+TIMING = frozenset({"iter_seconds", "wall_time"})
+
+
 def read_weights(run_dir):
     """The final weights a job saved in its run directory."""
     import h5py

@@ -7,10 +7,9 @@ that the two files run on the two test workers side by side.
 
 import numpy as np
 import pytest
-from mpijobs import read_metrics, read_weights, requires_mpirun, run_job, small_job
+from mpijobs import TIMING, read_metrics, read_weights, requires_mpirun, run_job, small_job
 
 pytestmark = requires_mpirun
-TIMING = {"iter_seconds", "wall_time"}
 
 #: Newton-CG with every piece of state it carries across iterations: Gauss-Newton
 #: products, Levenberg-Marquardt damping, the Fisher preconditioner, Eisenstat-Walker

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mpijobs import (
     THESIS_JOB,
+    TIMING,
     mpi_env,
     rank_pids,
     read_metrics,
@@ -23,7 +24,6 @@ from mpinewton.checkpoint import load_checkpoint
 
 pytestmark = requires_mpirun
 EXIT_CHECKPOINTED = 75
-TIMING = {"iter_seconds", "wall_time"}
 
 
 

@@ -322,12 +322,6 @@ class KFACState(SolverState):
         super().__post_init__()
 
 
-def _pack(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    if not pairs:
-        return np.zeros(0)
-    return np.concatenate([m.reshape(-1) for pair in pairs for m in pair])
-
-
 def _unpack(flat: np.ndarray, shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
             ) -> list[tuple[np.ndarray, np.ndarray]]:
     need = sum(math.prod(s) for pair in shapes for s in pair)
@@ -428,7 +422,7 @@ class KFAC:
             self._cast = (packed, [(a.astype(np.float32), b.astype(np.float32))
                                    if mine is None or mine[i] else (a, b)
                                    for i, (a, b) in enumerate(inverses)])
-        p = kfac_direction(blocks, self._cast[1] if low and self._cast else inverses, g,
+        p = kfac_direction(blocks, self._cast[1] if low else inverses, g,
                            np.float32 if low else np.float64, mine=mine,
                            outside=share is None or share.part == 0)
         if share is not None:
@@ -461,31 +455,30 @@ class KFAC:
         """
         damping = float(self.config.damping)
         factors = _unpack(packed, shapes)
-        if share is None:
-            inverses = []
-            for b, (a, gg) in zip(blocks, factors, strict=True):
-                sa, sg = factored_damping(a, gg, damping)
-                inverses.append((_inverse(a, sa, f"A of {b.name}"),
-                                 _inverse(gg, sg, f"G of {b.name}")))
-            return _pack(inverses)
-        assert mine is not None
-        local = np.zeros(packed.size)
+        # one process writes every block's inverses; a part, its own into zeros
+        local = np.empty(packed.size) if share is None else np.zeros(packed.size)
         for i, (b, pair, out) in enumerate(zip(blocks, factors, _unpack(local, shapes),
                                                strict=True)):
-            if not mine[i]:
+            if mine is not None and not mine[i]:
                 continue
             shifts = factored_damping(*pair, damping)
             for m, shift, into, which in zip(pair, shifts, out, "AG", strict=True):
                 try:
                     into[...] = _inverse(m, shift, f"{which} of {b.name}")
                 except FloatingPointError:
+                    if share is None:
+                        raise
                     into[...] = np.nan
+        if share is None:
+            return local
         packed_inverses = share.add(local)
-        for b, pair, out in zip(blocks, factors, _unpack(packed_inverses, shapes), strict=True):
-            shifts = factored_damping(*pair, damping)
-            for m, shift, inv, which in zip(pair, shifts, out, "AG", strict=True):
-                if not np.all(np.isfinite(inv)):
-                    raise FloatingPointError(_refusal(m, shift, f"{which} of {b.name}"))
+        if not np.all(np.isfinite(packed_inverses)):  # the first failed factor, on every part
+            for b, pair, out in zip(blocks, factors, _unpack(packed_inverses, shapes),
+                                    strict=True):
+                shifts = factored_damping(*pair, damping)
+                for m, shift, inv, which in zip(pair, shifts, out, "AG", strict=True):
+                    if not np.all(np.isfinite(inv)):
+                        raise FloatingPointError(_refusal(m, shift, f"{which} of {b.name}"))
         return packed_inverses
 
     def init(self, w: np.ndarray) -> KFACState:

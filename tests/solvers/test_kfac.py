@@ -344,7 +344,10 @@ def test_the_chunked_update_is_the_whole_vector_expression(dtype):
 def test_the_running_average_is_the_whole_vector_expression():
     """Block by block into one buffer: bitwise ``d old + (1 - d) new`` of float64 factors,
     also from float32 factors (a float32 model's) and for diagonal ones; at first ``new``."""
-    from mpinewton.solvers.kfac import _pack, _running_average
+    from mpinewton.solvers.kfac import _running_average
+
+    def _pack(pairs):
+        return np.concatenate([m.reshape(-1) for pair in pairs for m in pair])
 
     rng = np.random.default_rng(4)
     shapes = [((5, 5), (3,)), ((2, 2), (4, 4))]
