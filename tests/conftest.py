@@ -3,9 +3,15 @@
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# scikit-learn hidden from this process, as from the jobs it launches (tests/mpijobs.py,
+# pythonpath): Keras would import it, and mpinewton never uses it (tests/no_sklearn).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "no_sklearn"))
 
 # Open MPI's shared-memory transport names its backing files in /dev/shm after the
 # job id. Two jobs started at the same moment from the two test workers can draw the

@@ -27,9 +27,20 @@ requires_mpirun = pytest.mark.skipif(
 THESIS_JOB = str(ROOT / "jobs" / "mnist_cnn_thesis.toml")
 
 
-def mpi_env(**extra):
+#: A ``sklearn`` that refuses to import (tests/no_sklearn/sklearn/__init__.py says why).
+NO_SKLEARN = ROOT / "tests" / "no_sklearn"
+
+
+def pythonpath(*dirs, sklearn=False):
+    """A job's PYTHONPATH: ``dirs``, then the repository; scikit-learn hidden unless
+    ``sklearn`` (only docs/examples use it; Keras would import it in every rank)."""
+    return os.pathsep.join(str(d) for d in ([] if sklearn else [NO_SKLEARN]) + [*dirs, ROOT])
+
+
+def mpi_env(sklearn=False, **extra):
+    """The environment of a job the tests launch; ``extra`` set on top."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(ROOT))
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=pythonpath(sklearn=sklearn))
     env.update(extra)
     return env
 

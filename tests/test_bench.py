@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mpijobs import pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--synthetic", "--sizes", "10,20", "--repeats", "1", "--samples", "40", "--threads", "1"]
@@ -24,7 +25,7 @@ TINY = ["--synthetic", "--sizes", "10,20", "--repeats", "1", "--samples", "40", 
 def _bench(tmp_path, which):
     """Run one benchmark as a command; its stdout and the JSON it wrote."""
     out = tmp_path / f"{which}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, PYTHONPATH=pythonpath(), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-m", "mpinewton.bench", which, *TINY, "--out",
                            str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=150)

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, read_metrics, read_weights, requires_mpirun
+from mpijobs import MPIRUN, ROOT, mpi_env, pythonpath, read_metrics, read_weights, requires_mpirun
 
 pytestmark = requires_mpirun
 EXAMPLES = ROOT / "docs" / "examples"
@@ -25,8 +25,9 @@ TIMEOUT = 400
 
 
 def launch(ranks, *args, cwd, env=None):
+    """The examples load scikit-learn's data sets: their jobs start with it importable."""
     cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=env or mpi_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=cwd, env=env or mpi_env(sklearn=True), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -46,7 +47,8 @@ def digits_runs(tmp_path_factory):
     """fit_arrays.py on 1, 2, 3 ranks, and digits.toml through the CLI on 2 ranks."""
     work = tmp_path_factory.mktemp("digits")
     prep = subprocess.run([sys.executable, EXAMPLES / "make_digits.py", "data/digits.npz"],
-                          cwd=work, env=mpi_env(), capture_output=True, text=True, timeout=120)
+                          cwd=work, env=mpi_env(sklearn=True), capture_output=True, text=True,
+                          timeout=120)
     assert prep.returncode == 0, prep.stderr
     imp = subprocess.run([sys.executable, "-m", "mpinewton.data", "import", "data/digits.npz",
                           "--out", "data/digits.h5"], cwd=work, env=mpi_env(),
@@ -56,7 +58,7 @@ def digits_runs(tmp_path_factory):
              for ranks in (1, 2, 3)}
     # the job file names the factory digits_model:build, importable from docs/examples;
     # the same validation schedule as fit_arrays.py, so both stop at the same iteration
-    cli_env = mpi_env(PYTHONPATH=f"{EXAMPLES}:{ROOT}")
+    cli_env = mpi_env(PYTHONPATH=pythonpath(EXAMPLES))
     procs["cli"] = launch(2, "-m", "mpinewton.train", EXAMPLES / "digits.toml", "--run-dir",
                           work / "cli", "--set", "eval.every=5", "--set", "eval.patience=2",
                           cwd=work, env=cli_env)

@@ -38,13 +38,23 @@ def test_thesis_cnn_has_3192_weights():
     assert get_flat(thesis_cnn()).size == 3192
 
 
+_HESSIANS = {}
+
+
+def _explicit_hessian(name, local, w):
+    """The explicit Hessian of a module fixture's problem, computed once (thesis 9.1)."""
+    if name not in _HESSIANS:
+        _HESSIANS[name] = local.hessian_sum(w)
+    return _HESSIANS[name]
+
+
 @pytest.mark.parametrize("name", ["cnn_problem", "mlp_problem"])
 @pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
 def test_hvp_equals_explicit_hessian(request, name, mode):
     local, w = request.getfixturevalue(name)
     other = LocalObjective(local.model, *_unchunk(local), micro_batch=local.micro_batch,
                            jit=False, hvp=mode)
-    hessian = local.hessian_sum(w)
+    hessian = _explicit_hessian(name, local, w)
     rng = np.random.default_rng(11)
     for _ in range(3):
         v = rng.standard_normal(w.size)
@@ -187,16 +197,6 @@ def test_only_the_expected_retracing_warning_is_filtered():
 
 
 # -- batched products: hvp_sum_many ---------------------------------------------------
-
-_HESSIANS = {}
-
-
-def _explicit_hessian(name, local, w):
-    """The explicit Hessian of a module fixture's problem, computed once (thesis 9.1)."""
-    if name not in _HESSIANS:
-        _HESSIANS[name] = local.hessian_sum(w)
-    return _HESSIANS[name]
-
 
 def _assert_columns_close(got, ref, rel):
     assert got.shape == ref.shape

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mpijobs import pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -108,7 +109,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """This process's environment without SLURM_* variables, plus SLURM_CONF and extra."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_",
                                                                           "SRUN_", "SALLOC_"))}
-        env.update(SLURM_CONF=str(self.conf), TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
+        env.update(SLURM_CONF=str(self.conf), TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=pythonpath(),
                    OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         env.update({k: str(v) for k, v in extra.items()})
         return env
