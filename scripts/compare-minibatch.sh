@@ -36,16 +36,23 @@
 #          -> docs/compare/tuning/minibatch-kfac3.json.gz
 #   kfac4  seed 1: K-FAC on 32,000, and factors from 50 images
 #          -> docs/compare/tuning/minibatch-kfac4.json.gz
+#   kfac5  seed 1: the sampled Fisher on 8,000, its factors from 100 to 800 images
+#          -> docs/compare/tuning/minibatch-kfac5.json.gz
+#   kfac6  seed 1: the sampled Fisher from 100, 50 and 25 images
+#          -> docs/compare/tuning/minibatch-kfac6.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
 #          momentum -> docs/compare/cnn-minibatch-linesearch.json.gz
 #   race-kfac  seed 0: K-FAC as rounds 17-20 chose it against the best Newton-CG, Adam
 #          and momentum -> docs/compare/cnn-minibatch-kfac.json.gz
 #   race-kfac-seed2, race-kfac-seed3, race-kfac-seed4  seeds 2, 3, 4: K-FAC and Adam again
 #          -> docs/compare/cnn-minibatch-kfac-seed{2,3,4}.json.gz
+#   race-kfac-sampled  seeds 0, 2, 3, 4 (or race-kfac-sampled-seedS for one): K-FAC with
+#          the sampled Fisher against the exact one and Adam
+#          -> docs/compare/cnn-minibatch-kfac-sampled-seed{0,2,3,4}.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|all]   (2 ranks; about four and a half hours for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|all]   (2 ranks; about four and a half hours for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -311,6 +318,29 @@ if [[ $stage == kfac4 || $stage == all ]]; then
         --variant "kfac-b8000-f0.00625=kfac,batch_size=8000,curvature_fraction=0.00625" \
         --out docs/compare/tuning/minibatch-kfac4.json.gz
 fi
+if [[ $stage == kfac5 || $stage == all ]]; then
+    # Round 21: the sampled Fisher (fisher = "sampled": G from one drawn label a sample,
+    # one backward pass instead of ten), on round 19's batches of 8,000, its factors from
+    # 100 images as the exact one's, and from 200, 400 and 800 (cheaper per image).
+    k="kfac,batch_size=8000"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000=$k,curvature_fraction=0.0125" \
+        --variant "kfac-b8000-sampled=$k,curvature_fraction=0.0125,fisher=\"sampled\"" \
+        --variant "kfac-b8000-sampled-f0.025=$k,curvature_fraction=0.025,fisher=\"sampled\"" \
+        --variant "kfac-b8000-sampled-f0.05=$k,curvature_fraction=0.05,fisher=\"sampled\"" \
+        --variant "kfac-b8000-sampled-f0.1=$k,curvature_fraction=0.1,fisher=\"sampled\"" \
+        --out docs/compare/tuning/minibatch-kfac5.json.gz
+fi
+if [[ $stage == kfac6 || $stage == all ]]; then
+    # Round 22: round 21's winner (the sampled Fisher from 100 images) sat at the edge of
+    # its grid: again, beside factors from 50 and 25 images.
+    k="kfac,batch_size=8000,fisher=\"sampled\""
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-sampled=$k,curvature_fraction=0.0125" \
+        --variant "kfac-b8000-sampled-f0.00625=$k,curvature_fraction=0.00625" \
+        --variant "kfac-b8000-sampled-f0.003125=$k,curvature_fraction=0.003125" \
+        --out docs/compare/tuning/minibatch-kfac6.json.gz
+fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.
@@ -349,6 +379,19 @@ for seed in 2 3 4; do
         --variant "adam-lr0.01-b2000=adam,learning_rate=0.01,batch_size=2000" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/cnn-minibatch-kfac-seed$seed.json.gz"
+done
+for seed in 0 2 3 4; do
+    [[ $stage == race-kfac-sampled || $stage == "race-kfac-sampled-seed$seed" || $stage == all ]] \
+        || continue
+    # Seeds 0, 2, 3 and 4, TIME (150) s each: K-FAC with the sampled Fisher as rounds 21-22
+    # chose it, against the exact Fisher and Adam of the races above (each averaged as
+    # there), none tuned on these seeds.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
+    race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
+        --variant "kfac-b8000-sampled-avg0.95=$k,fisher=\"sampled\"" \
+        --variant "kfac-b8000-avg0.95=$k" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/cnn-minibatch-kfac-sampled-seed$seed.json.gz"
 done
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
