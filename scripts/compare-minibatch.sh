@@ -40,6 +40,13 @@
 #          -> docs/compare/tuning/minibatch-kfac5.json.gz
 #   kfac6  seed 1: the sampled Fisher from 100, 50 and 25 images
 #          -> docs/compare/tuning/minibatch-kfac6.json.gz
+#   kfac-seed4  seed 4 (a diagnosis, not tuning): K-FAC's learning rate 0.01 and 0.03 where
+#          it stalled -> docs/compare/tuning/minibatch-kfac-seed4.json.gz
+#   basin-seed4  seed 4 with the trainer: K-FAC and Adam, then each continued from the
+#          other's end (runs/basin-seed4/) -> docs/compare/tuning/basin-seed4.json
+#   kfac7  seed 1: K-FAC's learning rate, 0.01 to 0.3 -> docs/compare/tuning/minibatch-kfac7.json.gz
+#   race-kfac-fresh  seeds 5, 6, 7 (or race-kfac-seedS for one), never run before: K-FAC
+#          and Adam -> docs/compare/cnn-minibatch-kfac-seed{5,6,7}.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
 #          momentum -> docs/compare/cnn-minibatch-linesearch.json.gz
 #   race-kfac  seed 0: K-FAC as rounds 17-20 chose it against the best Newton-CG, Adam
@@ -52,7 +59,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|all]   (2 ranks; about four and a half hours for all)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac7|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4 and basin-seed4 only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -341,6 +348,75 @@ if [[ $stage == kfac6 || $stage == all ]]; then
         --variant "kfac-b8000-sampled-f0.003125=$k,curvature_fraction=0.003125" \
         --out docs/compare/tuning/minibatch-kfac6.json.gz
 fi
+if [[ $stage == kfac-seed4 ]]; then
+    # A diagnosis, not tuning: on seed 4 K-FAC (race-kfac's settings) stalled near 0.44
+    # where Adam went to 0.36, with its KL clip idle (seed 1 clipped 3 steps in 4).
+    # Its learning rate 10x smaller or 3x larger there says whether it is a noise floor.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
+    race --set run.seed=4 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-lr0.01=$k,learning_rate=0.01" \
+        --variant "kfac-b8000-lr0.03=$k,learning_rate=0.03" \
+        --out docs/compare/tuning/minibatch-kfac-seed4.json.gz
+fi
+if [[ $stage == basin-seed4 ]]; then
+    # Seed 4 again, with the trainer (jobs/mnist_cnn_kfac.toml is race-kfac's K-FAC): K-FAC
+    # for 2,800 steps and Adam (lr 0.01, batches of 2,000, average 0.98) for 14,000, about
+    # the race's 150 s each; then each continued from the other's end, Adam for 6,000
+    # steps and K-FAC for 1,200. Loss on the race's 10,000 images, and the first layer
+    # (the 4 x 4 filter) and the hidden units' input norms read from each weights.h5
+    # -> docs/compare/tuning/basin-seed4.json
+    dir=runs/basin-seed4
+    kfac() { bash scripts/mpirun.sh -n 2 python -m mpinewton.train jobs/mnist_cnn_kfac.toml \
+                 --set run.seed=4 --overwrite "$@"; }
+    adam() { bash scripts/mpirun.sh -n 2 python -m mpinewton.train jobs/mnist_cnn_gd.toml \
+                 --set run.seed=4 --overwrite --set optimizer.method=adam \
+                 --set optimizer.learning_rate=0.01 --set optimizer.batch_size=2000 \
+                 --set optimizer.average=0.98 --set eval.every=5000 "$@"; }
+    kfac --run-dir "$dir/kfac" --set optimizer.iters=2800
+    adam --run-dir "$dir/adam" --set optimizer.iters=14000
+    adam --run-dir "$dir/adam-from-kfac" --set optimizer.iters=6000 \
+        --set optimizer.pretrain_iters=0 --set "model.weights=$dir/kfac/weights.h5"
+    kfac --run-dir "$dir/kfac-from-adam" --set optimizer.iters=1200 \
+        --set optimizer.pretrain_iters=0 --set "model.weights=$dir/adam/weights.h5"
+    for run in kfac adam adam-from-kfac kfac-from-adam; do
+        bash scripts/mpirun.sh -n 2 python -m mpinewton.evaluate "$dir/$run" --split train \
+            --limit 10000 --json "$dir/$run/eval.json"
+    done
+    python - "$dir" <<'PY'
+import json, sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+out = {"command": "bash scripts/compare-minibatch.sh basin-seed4", "runs": {}}
+for run in ("kfac", "adam", "adam-from-kfac", "kfac-from-adam"):
+    folder = Path(sys.argv[1]) / run
+    with h5py.File(folder / "weights.h5") as f:
+        w = f["w"][...]
+    summary = json.loads((folder / "summary.json").read_text())
+    out["runs"][run] = {
+        "evaluation": json.loads((folder / "eval.json").read_text()),
+        "iterations": summary["iterations"], "seconds": summary["wall_time"],
+        "final_loss_on_50000": summary["final_loss"],
+        "filter": np.round(w[:16].reshape(4, 4), 4).tolist(),
+        "hidden_input_norms": np.round(np.linalg.norm(w[16:16 + 784 * 4].reshape(784, 4),
+                                                      axis=0), 3).tolist()}
+Path("docs/compare/tuning/basin-seed4.json").write_text(json.dumps(out, indent=1) + "\n")
+print(json.dumps({k: v["evaluation"] for k, v in out["runs"].items()}, indent=1))
+PY
+fi
+if [[ $stage == kfac7 || $stage == all ]]; then
+    # Round 23, seed 1: K-FAC's learning rate, never swept in rounds 17-22 (0.1 there,
+    # its KL clip the only bound on the step), on round 19's batches of 8,000.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000=$k" \
+        --variant "kfac-b8000-lr0.01=$k,learning_rate=0.01" \
+        --variant "kfac-b8000-lr0.03=$k,learning_rate=0.03" \
+        --variant "kfac-b8000-lr0.3=$k,learning_rate=0.3" \
+        --out docs/compare/tuning/minibatch-kfac7.json.gz
+fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.
@@ -392,6 +468,17 @@ for seed in 0 2 3 4; do
         --variant "kfac-b8000-avg0.95=$k" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/cnn-minibatch-kfac-sampled-seed$seed.json.gz"
+done
+for seed in 5 6 7; do
+    [[ $stage == race-kfac-fresh || $stage == "race-kfac-seed$seed" || $stage == all ]] \
+        || continue
+    # Seeds 5, 6 and 7, TIME (150) s each, never run before: K-FAC and Adam, each averaged
+    # as in the races above, after seed 4 was diagnosed (kfac-seed4, basin-seed4).
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
+        --variant "kfac-b8000-avg0.95=$k,average=0.95" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/cnn-minibatch-kfac-seed$seed.json.gz"
 done
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
