@@ -44,7 +44,11 @@
 #          it stalled -> docs/compare/tuning/minibatch-kfac-seed4.json.gz
 #   basin-seed4  seed 4 with the trainer: K-FAC and Adam, then each continued from the
 #          other's end (runs/basin-seed4/) -> docs/compare/tuning/basin-seed4.json
+#   kfac-seed5  seed 5 (a diagnosis): K-FAC's damping 1e-4 and 1e-2 where it left the
+#          plateau slowly -> docs/compare/tuning/minibatch-kfac-seed5.json.gz
 #   kfac7  seed 1: K-FAC's learning rate, 0.01 to 0.3 -> docs/compare/tuning/minibatch-kfac7.json.gz
+#   kfac8  seed 1: K-FAC's damping on 8,000, 1e-3 to 3e-2 -> docs/compare/tuning/minibatch-kfac8.json.gz
+#   kfac9  seed 1: K-FAC's damping 3e-4 on 8,000 -> docs/compare/tuning/minibatch-kfac9.json.gz
 #   race-kfac-fresh  seeds 5, 6, 7 (or race-kfac-seedS for one), never run before: K-FAC
 #          and Adam -> docs/compare/cnn-minibatch-kfac-seed{5,6,7}.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
@@ -59,7 +63,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac7|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4 and basin-seed4 only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4 and kfac-seed5 only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -358,6 +362,16 @@ if [[ $stage == kfac-seed4 ]]; then
         --variant "kfac-b8000-lr0.03=$k,learning_rate=0.03" \
         --out docs/compare/tuning/minibatch-kfac-seed4.json.gz
 fi
+if [[ $stage == kfac-seed5 ]]; then
+    # A diagnosis, not tuning: on seed 5 pre-training left the loss at ln 10 and K-FAC
+    # left that plateau slowly. Its damping 10x smaller or larger there says whether the
+    # damping (next to a tiny output factor G) holds its steps back.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
+    race --set run.seed=5 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-d1e-4=$k,damping=1e-4" \
+        --variant "kfac-b8000-d1e-2=$k,damping=1e-2" \
+        --out docs/compare/tuning/minibatch-kfac-seed5.json.gz
+fi
 if [[ $stage == basin-seed4 ]]; then
     # Seed 4 again, with the trainer (jobs/mnist_cnn_kfac.toml is race-kfac's K-FAC): K-FAC
     # for 2,800 steps and Adam (lr 0.01, batches of 2,000, average 0.98) for 14,000, about
@@ -416,6 +430,24 @@ if [[ $stage == kfac7 || $stage == all ]]; then
         --variant "kfac-b8000-lr0.03=$k,learning_rate=0.03" \
         --variant "kfac-b8000-lr0.3=$k,learning_rate=0.3" \
         --out docs/compare/tuning/minibatch-kfac7.json.gz
+fi
+if [[ $stage == kfac8 || $stage == all ]]; then
+    # Round 24, seed 1: K-FAC's damping on batches of 8,000 (round 17 swept it on 2,000
+    # only), after seed 5's diagnosis (kfac-seed5) found 1e-2 far better there.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000=$k" \
+        --variant "kfac-b8000-d3e-3=$k,damping=3e-3" \
+        --variant "kfac-b8000-d1e-2=$k,damping=1e-2" \
+        --variant "kfac-b8000-d3e-2=$k,damping=3e-2" \
+        --out docs/compare/tuning/minibatch-kfac8.json.gz
+fi
+if [[ $stage == kfac9 || $stage == all ]]; then
+    # Round 25, seed 1: round 24's winner (1e-3) sat at the lower edge of its grid on
+    # 8,000; below it.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-d3e-4=kfac,batch_size=8000,curvature_fraction=0.0125,damping=3e-4" \
+        --out docs/compare/tuning/minibatch-kfac9.json.gz
 fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
