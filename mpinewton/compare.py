@@ -544,6 +544,8 @@ def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
         if opt.method == "kfac":  # one compiled graph for each largest whole factor
             used.add(f"kfac:{params.max_factor_dim}"
                      + (":sampled" if params.fisher == "sampled" else ""))
+            if params.damping_rule != "fixed":  # the reduction ratio's model
+                used.add("gnvp")
     return used
 
 

@@ -76,6 +76,7 @@ def test_only_the_products_the_variants_take_are_compiled():
     assert used("a=kfac,curvature_fraction=0.05") == {"kfac:2048"}
     assert used("a=kfac", "b=kfac,max_factor_dim=512") == {"kfac:2048", "kfac:512"}
     assert used('a=kfac,fisher="sampled"', "b=kfac") == {"kfac:2048:sampled", "kfac:2048"}
+    assert used('a=kfac,damping_rule="levenberg_marquardt"') == {"kfac:2048", "gnvp"}
     assert used("a=newton,curvature=gauss_newton,preconditioner=none") == {"gnvp"}
     assert used("a=newton,curvature=hessian,preconditioner=fisher") == {"hvp", "grad_squares"}
     assert used("a=trust_region,curvature=gauss_newton", "b=newton,curvature=hessian,"

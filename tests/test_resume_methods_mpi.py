@@ -25,17 +25,23 @@ NEWTON_STATE = [
 
 
 
+# the factors' running averages, the inverses of the last refresh (every 3 steps, so the
+# resumed step 3 uses step 1's and step 4 inverts with the damping adapted since), the
+# velocity, the adapted damping and the sampled Fisher's draws
+KFAC_STATE = ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5",
+              "optimizer.inverse_every=3", "optimizer.stats_every=2",
+              "optimizer.learning_rate=0.05", "optimizer.fisher='sampled'",
+              "optimizer.damping_rule='levenberg_marquardt'", "optimizer.damping_every=1"]
+
+
 @pytest.mark.parametrize("method", [
     ["optimizer.method='lbfgs'"],
     NEWTON_STATE,
-    # the factors' running averages, the inverses of the last refresh (every 3 steps, so
-    # the resumed step 3 uses step 1's), the velocity and the sampled Fisher's draws
-    ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5", "optimizer.inverse_every=3",
-     "optimizer.stats_every=2", "optimizer.learning_rate=0.05", "optimizer.fisher='sampled'"],
+    KFAC_STATE,
 ], ids=["lbfgs", "newton-gauss-newton-lm-growth", "kfac"])
 def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
     """The L-BFGS memory and gradient cache, the LM damping, forcing and warm-start
-    state, the curvature sample's growth and K-FAC's factors and inverses resume
+    state, the curvature sample's growth and K-FAC's factors, inverses and damping resume
     exactly: a job stopped after 2 of its 4 iterations and resumed ends bitwise where
     the uninterrupted job does, with the same records."""
     sets = [arg for item in method for arg in ("--set", item)]
@@ -59,3 +65,6 @@ def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
         # over at a fifth. (The records are the same as the uninterrupted run's, above.)
         sizes = [r["curvature_samples"] for r in read_metrics(run_dir) if "curvature_samples" in r]
         assert sizes == [21, 41, 81, 101], sizes
+    if method is KFAC_STATE:  # the damping moved, so its resume was checked above
+        dampings = [r["damping"] for r in read_metrics(run_dir) if r.get("phase") == "kfac"]
+        assert len(dampings) == 4 and len(set(dampings)) > 1, dampings

@@ -19,7 +19,17 @@ inverted, and one step is::
     v <- momentum v + nu p,  w <- w - lr v
 
 with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, the factored Tikhonov
-damping of Martens & Grosse (2015, sec. 6.3).  A layer's bias is the last row
+damping of Martens & Grosse (2015, sec. 6.3).  With ``damping_rule =
+"levenberg_marquardt"`` the damping ``lambda`` adapts every ``damping_every``
+steps (Martens & Grosse 2015, sec. 6.5) to the ratio of the batch's actual
+decrease to the one its quadratic model predicts for the step ``d`` taken::
+
+    rho = (c(w) - c(w + d)) / -(g . d + d . F d / 2)    F d: a Gauss-Newton product
+
+times ``lm_increase`` when ``rho < lm_rho_low``, ``lm_decrease`` when ``rho >
+lm_rho_high``, within ``[damping_min, damping_max]``; the next inverse refresh
+uses it.  That costs one loss on the batch and one Gauss-Newton product on the
+curvature sample every ``damping_every`` steps.  A layer's bias is the last row
 of its block (the input's homogeneous coordinate 1).  Weights no block covers
 (batch-norm scales, embeddings) take the plain momentum step ``nu g``.
 
@@ -47,8 +57,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import Problem, SolverState, WorkShare, check_value_and_grad, require
+from .base import (
+    ParameterError,
+    Problem,
+    SolverState,
+    WorkShare,
+    check_value_and_grad,
+    require,
+)
 from .momentum import FixedStepInfo, _check_counter, _float_array
+from .newton import DAMPING_RULES, lm_damping_update
 
 __all__ = ["FISHERS", "KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock",
            "factor_shapes", "factored_damping", "kfac_direction", "share_blocks"]
@@ -280,10 +298,34 @@ class KFACConfig:
     kl_clip: float = 1e-3  # step scaled so that lr^2 p.g <= kl_clip; 0 = never
     max_factor_dim: int = 2048  # a factor of a larger order is kept as its diagonal
     fisher: str = "exact"  # G from every class ("exact") or one drawn label a sample ("sampled")
+    damping_rule: str = "fixed"  # "fixed" or "levenberg_marquardt" (Martens & Grosse 6.5)
+    damping_every: int = 5  # LM: the damping adapts every this many steps (their T1)
+    lm_increase: float = 1 / 0.95 ** 5  # LM: damping *= this when rho < lm_rho_low; > 1
+    lm_decrease: float = 0.95 ** 5  # LM: damping *= this when rho > lm_rho_high; (0, 1)
+    lm_rho_low: float = 0.25  # LM: reduction ratio below which the damping grows
+    lm_rho_high: float = 0.75  # LM: reduction ratio above which the damping shrinks
+    damping_min: float = 1e-8  # LM: lower bound of the damping; >= 0
+    damping_max: float = 1e8  # LM: upper bound of the damping; >= damping_min
 
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
         require(self, "damping", "> 0")
+        require(self, "damping_rule", "choice", choices=DAMPING_RULES)
+        require(self, "damping_every", "int >= 1")
+        require(self, "lm_increase", "> 0")
+        require(self, "lm_decrease", "(0, 1)")
+        require(self, "lm_rho_low", "(0, 1)")
+        require(self, "lm_rho_high", "(0, 1)")
+        require(self, "damping_min", ">= 0")
+        require(self, "damping_max", "> 0")
+        for ok, key, want in (
+                (self.lm_increase > 1, "lm_increase", "a finite number > 1"),
+                (self.lm_rho_high >= self.lm_rho_low, "lm_rho_high",
+                 f"a number in (0, 1) >= lm_rho_low = {self.lm_rho_low!r}"),
+                (self.damping_max >= self.damping_min, "damping_max",
+                 f"a finite number >= damping_min = {self.damping_min!r}")):
+            if not ok:
+                raise ParameterError(type(self).__name__, key, getattr(self, key), want)
         require(self, "momentum", "[0, 1)")
         require(self, "stat_decay", "[0, 1)")
         require(self, "stats_every", "int >= 1")
@@ -301,16 +343,25 @@ class KFACState(SolverState):
     (diagonals above ``max_factor_dim``), flattened and concatenated in block
     order (None before the first step);
     ``inverses`` is what the last refresh computed, so a resumed run steps
-    exactly as an uninterrupted one.
+    exactly as an uninterrupted one. ``damping`` is the adapted damping of
+    ``damping_rule = "levenberg_marquardt"`` (0: not adapted yet, the
+    configured one).
     """
 
     iteration: int = 0
     factors: np.ndarray | None = None
     inverses: np.ndarray | None = None
     velocity: np.ndarray | None = None
+    damping: float = 0.0
 
     def __post_init__(self) -> None:
         _check_counter(self, "iteration")
+        if not (isinstance(self.damping, (int, float, np.floating))
+                and not isinstance(self.damping, bool)
+                and math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"{type(self).__name__}: damping = {self.damping!r}, "
+                             "want a finite number >= 0")
+        object.__setattr__(self, "damping", float(self.damping))
         owner = type(self).__name__
         for name in ("factors", "inverses", "velocity"):
             object.__setattr__(self, name, _float_array(getattr(self, name), owner, name))
@@ -389,6 +440,8 @@ class KFACInfo(FixedStepInfo):
     stats: bool  # whether new factors were taken this step
     inverted: bool  # whether the damped inverses were refreshed this step
     update_norm: float  # |w_new - w|
+    damping: float  # lambda at the step's start: a refresh on this step inverts with it
+    rho: float | None = None  # LM: actual / predicted decrease, on steps that adapt
 
 
 class KFAC:
@@ -445,7 +498,8 @@ class KFAC:
 
     def _invert(self, blocks: tuple[KroneckerBlock, ...], packed: np.ndarray,
                 shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
-                share: WorkShare | None, mine: list[bool] | None) -> np.ndarray:
+                share: WorkShare | None, mine: list[bool] | None,
+                damping: float) -> np.ndarray:
         """The packed damped inverses of the running factors ``packed``.
 
         With a share, each part inverts its own blocks into a buffer of zeros and
@@ -453,7 +507,6 @@ class KFAC:
         that every part raises the same ``FloatingPointError`` (no part is left
         waiting in the next collective).
         """
-        damping = float(self.config.damping)
         factors = _unpack(packed, shapes)
         # one process writes every block's inverses; a part, its own into zeros
         local = np.empty(packed.size) if share is None else np.zeros(packed.size)
@@ -520,9 +573,13 @@ class KFAC:
             assert state.factors is not None
             packed = state.factors
         share, mine = self._shared(problem, blocks)
+        lm = cfg.damping_rule == "levenberg_marquardt"
+        damping = float(cfg.damping)
+        if lm:  # the adapted one, or the configured one clipped into the bounds at first
+            damping = state.damping or min(max(damping, cfg.damping_min), cfg.damping_max)
         invert = state.inverses is None or t % cfg.inverse_every == 0
         if invert:
-            packed_inverses = self._invert(blocks, packed, shapes, share, mine)
+            packed_inverses = self._invert(blocks, packed, shapes, share, mine, damping)
         else:
             assert state.inverses is not None
             packed_inverses = state.inverses
@@ -546,6 +603,34 @@ class KFAC:
         if not np.isfinite(moved):
             raise FloatingPointError(f"kfac: step {t + 1} with learning_rate={lr!r} gives "
                                      "NaN/Inf weights")
-        info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert, moved)
+        rho, new_damping = None, damping
+        if lm and (t + 1) % cfg.damping_every == 0:
+            rho = self._reduction_ratio(problem, w, new_w, loss, g)
+            new_damping = lm_damping_update(damping, rho, True, cfg)
+        info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert, moved,
+                        damping, rho if rho is not None and math.isfinite(rho) else None)
         return new_w, state.take(iteration=t + 1, factors=packed, inverses=packed_inverses,
-                                 velocity=velocity), info
+                                 velocity=velocity, damping=new_damping if lm else 0.0), info
+
+    @staticmethod
+    def _reduction_ratio(problem: Problem, w: np.ndarray, new_w: np.ndarray, loss: float,
+                         g: np.ndarray) -> float:
+        """``rho``: the batch's decrease over the one its quadratic model predicts for ``d``.
+
+        The model is ``c(w) + g . d + d . F d / 2`` with ``F`` the Gauss-Newton
+        matrix (Martens & Grosse 2015, sec. 6.5: the exact curvature, without
+        the damping); NaN (the damping stays) when the model predicts no
+        decrease, ``-inf`` (it grows) when the loss at ``new_w`` is not finite.
+        """
+        gnvp = getattr(problem, "gnvp", None)
+        if not callable(gnvp):
+            raise TypeError(f"kfac: damping_rule = \"levenberg_marquardt\" needs Gauss-Newton "
+                            f"products; the problem ({type(problem).__name__}) has no gnvp")
+        d = np.subtract(new_w, w, dtype=np.float64)
+        predicted = -(float(g @ d) + 0.5 * float(d @ np.asarray(gnvp(w, d), dtype=np.float64)))
+        actual = loss - float(problem.value(new_w))
+        if not math.isfinite(actual):
+            return -math.inf
+        if not (math.isfinite(predicted) and predicted > 0):
+            return math.nan
+        return actual / predicted

@@ -401,13 +401,14 @@ def current_damping(state: NewtonState, config: NewtonConfig) -> float:
     return min(max(float(config.damping), config.damping_min), config.damping_max)
 
 
-def lm_damping_update(damping: float, rho: float, success: bool, config: NewtonConfig) -> float:
+def lm_damping_update(damping: float, rho: float, success: bool, config: Any) -> float:
     """Levenberg-Marquardt rule of Martens 2010, section 4.1 (cf. Nocedal & Wright Alg. 4.1).
 
     ``rho < lm_rho_low`` or a failed line search: ``damping * lm_increase``;
     ``rho > lm_rho_high``: ``damping * lm_decrease``; otherwise (and for a
     NaN ``rho``, not computed) unchanged; then clipped into
-    ``[damping_min, damping_max]``.
+    ``[damping_min, damping_max]``. ``config`` is a :class:`NewtonConfig` or
+    any config with those keys (K-FAC's).
     """
     if not success or rho < config.lm_rho_low:
         damping = damping * config.lm_increase

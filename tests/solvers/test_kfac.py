@@ -50,6 +50,9 @@ class KroneckerQuadratic:
     def hvp(self, w, v):
         return self.h @ v
 
+    def gnvp(self, w, v):
+        return self.h @ v
+
     def kfac_blocks(self):
         return self.blocks
 
@@ -202,9 +205,11 @@ def test_running_averages_refresh_and_momentum_by_hand():
     assert prob.factor_calls == 3
 
 
-def test_resume_from_a_saved_state_is_bitwise_the_same():
+@pytest.mark.parametrize("rule", ["fixed", "levenberg_marquardt"])
+def test_resume_from_a_saved_state_is_bitwise_the_same(rule):
     blocks, pairs, n = _two_blocks()
-    cfg = KFACConfig(learning_rate=0.2, inverse_every=4, stats_every=2)
+    cfg = KFACConfig(learning_rate=0.2, inverse_every=4, stats_every=2, damping_rule=rule,
+                     damping_every=2)
     w0 = np.linspace(-1, 1, n)
 
     def steps(w, state, k, prob):
@@ -220,6 +225,107 @@ def test_resume_from_a_saved_state_is_bitwise_the_same():
                          KroneckerQuadratic(blocks, pairs, n))
     np.testing.assert_array_equal(w_end, w_all)
     assert s_end == s_all
+    assert (s_all.damping != 0.0) == (rule == "levenberg_marquardt")
+
+
+class MiscalibratedQuadratic(KroneckerQuadratic):
+    """The quadratic whose Gauss-Newton products are ``scale H v``: the model errs by ``scale``."""
+
+    scale = 1.0
+
+    def gnvp(self, w, v):
+        return self.scale * (self.h @ v)
+
+
+def _lm_by_hand(damping, rho, cfg):
+    if rho < cfg.lm_rho_low:
+        damping *= cfg.lm_increase
+    elif rho > cfg.lm_rho_high:
+        damping *= cfg.lm_decrease
+    return min(max(damping, cfg.damping_min), cfg.damping_max)
+
+
+def test_levenberg_marquardt_damping_follows_the_reduction_ratio_by_hand():
+    """Martens & Grosse 6.5: rho from c and the model g.d + d.F d / 2, every damping_every steps."""
+    blocks, pairs, n = _two_blocks()
+    prob = MiscalibratedQuadratic(blocks, pairs, n)
+    cfg = KFACConfig(learning_rate=0.5, momentum=0.5, damping=1e-2, kl_clip=0.0,
+                     inverse_every=2, damping_rule="levenberg_marquardt", damping_every=3)
+    method = KFAC(cfg)
+    w, state = prob.w_star + 0.8 * np.cos(np.arange(n)), KFACState()
+    damping, ratios, moves = cfg.damping, [], set()
+    for t in range(1, 25):
+        prob.scale = (1.0, 0.1, 0.6)[(t // 3) % 3]  # exact, far too flat, a little flat
+        c0, g = prob.value_and_grad(w)
+        new_w, state, info = method.step(prob, w, state)
+        assert info.damping == damping  # the damping this step started from
+        if t % 3:
+            assert info.rho is None and state.damping == damping
+        else:
+            d = new_w - w
+            predicted = -(g @ d + 0.5 * prob.scale * (d @ prob.h @ d))
+            if predicted <= 0:  # momentum can step where the model rises: no ratio, kept
+                assert info.rho is None and state.damping == damping
+                moves.add(0.0)
+                w = new_w
+                continue
+            rho = (c0 - prob.value(new_w)) / predicted
+            assert info.rho == pytest.approx(rho, rel=1e-12)
+            ratios.append(rho)
+            new = _lm_by_hand(damping, rho, cfg)
+            moves.add(float(np.sign(new - damping)))
+            damping = new
+            assert state.damping == pytest.approx(damping, rel=1e-14)
+        w = new_w
+    # it grew, shrank, and stayed where momentum stepped against the model (the rule's
+    # middle band is newton's lm_damping_update, tested with Newton-CG)
+    assert moves == {-1.0, 0.0, 1.0}
+    assert min(ratios) < cfg.lm_rho_low < cfg.lm_rho_high < max(ratios)
+
+
+def test_levenberg_marquardt_damping_on_an_exact_model_shrinks_to_its_floor():
+    """On the quadratic the model is exact (rho = 1): lm_decrease each time, down to damping_min."""
+    blocks, pairs, n = _two_blocks()
+    prob = KroneckerQuadratic(blocks, pairs, n)
+    cfg = KFACConfig(learning_rate=0.3, momentum=0.0, damping=1e-1, kl_clip=0.0, inverse_every=1,
+                     damping_rule="levenberg_marquardt", damping_every=1, damping_min=0.05)
+    method = KFAC(cfg)
+    w, state, seen = np.zeros(n), KFACState(), []
+    for _ in range(5):
+        w, state, info = method.step(prob, w, state)
+        assert info.rho == pytest.approx(1.0, rel=1e-9)
+        seen.append(info.damping)
+    np.testing.assert_allclose(seen, [0.1, 0.1 * cfg.lm_decrease, 0.1 * cfg.lm_decrease ** 2,
+                                      0.05, 0.05], rtol=1e-14)
+    # each refresh inverted with the damping of its step: the state's inverses are those
+    # of damping_min
+    fresh = KFAC(KFACConfig(damping=0.05, kl_clip=0.0))
+    _, ref, _ = fresh.step(prob, np.zeros(n), KFACState())
+    np.testing.assert_allclose(state.inverses, ref.inverses, rtol=1e-12)
+
+
+def test_levenberg_marquardt_damping_needs_gauss_newton_products_and_grows_on_overflow():
+    blocks, pairs, n = _two_blocks()
+
+    class NoProducts(KroneckerQuadratic):
+        gnvp = None
+
+    cfg = KFACConfig(damping_rule="levenberg_marquardt", damping_every=1)
+    with pytest.raises(TypeError, match="needs Gauss-Newton products.*has no gnvp"):
+        KFAC(cfg).step(NoProducts(blocks, pairs, n), np.zeros(n), KFACState())
+
+    class Overflows(KroneckerQuadratic):
+        def value(self, w):  # the loss at the new weights overflows; at the old it is finite
+            return math.inf if self.calls else super().value(w)
+
+        def value_and_grad(self, w):
+            self.calls = 1
+            return super().value(w), self.h @ (w - self.w_star)
+
+    prob = Overflows(blocks, pairs, n)
+    prob.calls = 0
+    _, state, info = KFAC(cfg).step(prob, np.zeros(n), KFACState())
+    assert info.rho is None and state.damping == pytest.approx(cfg.damping * cfg.lm_increase)
 
 
 def test_float32_weights_step_as_float64_to_their_precision_and_resume_the_same():
@@ -294,10 +400,19 @@ def test_state_and_config_validate():
         KFACState(iteration=-1)
     for field, value in (("learning_rate", 0.0), ("damping", 0.0), ("momentum", 1.0),
                          ("stat_decay", -0.1), ("stats_every", 0), ("inverse_every", 1.5),
-                         ("kl_clip", -1.0), ("max_factor_dim", 0)):
+                         ("kl_clip", -1.0), ("max_factor_dim", 0),
+                         ("damping_rule", "trust_region"), ("damping_every", 0),
+                         ("lm_increase", 1.0), ("lm_decrease", 1.0), ("lm_rho_low", 0.0),
+                         ("damping_min", -1.0)):
         with pytest.raises(ParameterError, match=f"KFACConfig.{field} ") as err:
             KFACConfig(**{field: value})
         assert err.value.name == field
+    with pytest.raises(ParameterError, match="KFACConfig.lm_rho_high "):
+        KFACConfig(lm_rho_low=0.5, lm_rho_high=0.4)
+    with pytest.raises(ParameterError, match="KFACConfig.damping_max "):
+        KFACConfig(damping_min=1.0, damping_max=0.5)
+    with pytest.raises(ValueError, match="damping"):
+        KFACState(damping=-1.0)
     assert METHODS["kfac"] is KFAC and KFAC.config_class is KFACConfig
     assert KFAC().init(np.zeros(3)) == KFACState()
 
