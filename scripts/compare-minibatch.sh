@@ -49,6 +49,10 @@
 #   kfac7  seed 1: K-FAC's learning rate, 0.01 to 0.3 -> docs/compare/tuning/minibatch-kfac7.json.gz
 #   kfac8  seed 1: K-FAC's damping on 8,000, 1e-3 to 3e-2 -> docs/compare/tuning/minibatch-kfac8.json.gz
 #   kfac9  seed 1: K-FAC's damping 3e-4 on 8,000 -> docs/compare/tuning/minibatch-kfac9.json.gz
+#   kfac10 seed 1: K-FAC's damping adapted (Levenberg-Marquardt) from 1e-3 and 1e-2
+#          -> docs/compare/tuning/minibatch-kfac10.json.gz
+#   kfac11 seed 1: that rule with damping_min = 1e-3 -> docs/compare/tuning/minibatch-kfac11.json.gz
+#   kfac-seed5-lm  seed 5 (a diagnosis): the same -> docs/compare/tuning/minibatch-kfac-seed5-lm.json.gz
 #   race-kfac-fresh  seeds 5, 6, 7 (or race-kfac-seedS for one), never run before: K-FAC
 #          and Adam -> docs/compare/cnn-minibatch-kfac-seed{5,6,7}.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
@@ -63,7 +67,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4 and kfac-seed5 only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5 and kfac-seed5-lm only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -448,6 +452,34 @@ if [[ $stage == kfac9 || $stage == all ]]; then
     race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
         --variant "kfac-b8000-d3e-4=kfac,batch_size=8000,curvature_fraction=0.0125,damping=3e-4" \
         --out docs/compare/tuning/minibatch-kfac9.json.gz
+fi
+if [[ $stage == kfac10 || $stage == all ]]; then
+    # Round 26, seed 1: K-FAC's damping adapted (damping_rule = "levenberg_marquardt",
+    # Martens & Grosse 6.5) from 1e-3 and from 1e-2, beside the fixed 1e-3: rounds 24-25
+    # and seed 5 wanted different fixed ones.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125"
+    lm="damping_rule=\"levenberg_marquardt\""
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000=$k" \
+        --variant "kfac-b8000-lm=$k,$lm" \
+        --variant "kfac-b8000-lm-d1e-2=$k,$lm,damping=1e-2" \
+        --out docs/compare/tuning/minibatch-kfac10.json.gz
+fi
+if [[ $stage == kfac11 || $stage == all ]]; then
+    # Round 27, seed 1: round 26's adapted damping fell to damping_min (1e-8): the
+    # KL-clipped steps are short, so the batch's model predicts them well (rho ~ 1). With
+    # damping_min = 1e-3 (the fixed damping's best) it can only grow above it, where rho
+    # says the model failed.
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-lm-min1e-3=kfac,batch_size=8000,curvature_fraction=0.0125,damping_rule=\"levenberg_marquardt\",damping_min=1e-3" \
+        --out docs/compare/tuning/minibatch-kfac11.json.gz
+fi
+if [[ $stage == kfac-seed5-lm ]]; then
+    # A diagnosis on seed 5 (kfac-seed5): does that rule raise the damping where the
+    # fixed 1e-3 left the plateau slowly?
+    race --set run.seed=5 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-lm-min1e-3-avg0.95=kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95,damping_rule=\"levenberg_marquardt\",damping_min=1e-3" \
+        --out docs/compare/tuning/minibatch-kfac-seed5-lm.json.gz
 fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
