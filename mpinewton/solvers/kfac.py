@@ -57,16 +57,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import (
-    ParameterError,
-    Problem,
-    SolverState,
-    WorkShare,
-    check_value_and_grad,
-    require,
-)
+from .base import Problem, SolverState, WorkShare, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
-from .newton import DAMPING_RULES, lm_damping_update
+from .newton import check_damping_rule, lm_damping_update
 
 __all__ = ["FISHERS", "KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock",
            "factor_shapes", "factored_damping", "kfac_direction", "share_blocks"]
@@ -310,22 +303,8 @@ class KFACConfig:
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
         require(self, "damping", "> 0")
-        require(self, "damping_rule", "choice", choices=DAMPING_RULES)
+        check_damping_rule(self)
         require(self, "damping_every", "int >= 1")
-        require(self, "lm_increase", "> 0")
-        require(self, "lm_decrease", "(0, 1)")
-        require(self, "lm_rho_low", "(0, 1)")
-        require(self, "lm_rho_high", "(0, 1)")
-        require(self, "damping_min", ">= 0")
-        require(self, "damping_max", "> 0")
-        for ok, key, want in (
-                (self.lm_increase > 1, "lm_increase", "a finite number > 1"),
-                (self.lm_rho_high >= self.lm_rho_low, "lm_rho_high",
-                 f"a number in (0, 1) >= lm_rho_low = {self.lm_rho_low!r}"),
-                (self.damping_max >= self.damping_min, "damping_max",
-                 f"a finite number >= damping_min = {self.damping_min!r}")):
-            if not ok:
-                raise ParameterError(type(self).__name__, key, getattr(self, key), want)
         require(self, "momentum", "[0, 1)")
         require(self, "stat_decay", "[0, 1)")
         require(self, "stats_every", "int >= 1")

@@ -82,6 +82,7 @@ __all__ = [
     "StepInfo",
     "WARM_STARTS",
     "STEP_RULES",
+    "check_damping_rule",
     "current_damping",
     "forcing_term",
     "lm_damping_update",
@@ -106,6 +107,25 @@ def _check(obj: object, name: str, ok: bool, need: str) -> None:
     """Raise :class:`ParameterError` for field ``name`` of ``obj`` unless ``ok``."""
     if not ok:
         raise ParameterError(type(obj).__name__, name, getattr(obj, name), need)
+
+
+def check_damping_rule(config: Any) -> None:
+    """Validate ``damping_rule`` and the Levenberg-Marquardt keys of ``config``.
+
+    Shared by :class:`NewtonConfig` and K-FAC's config, which name them alike.
+    """
+    require(config, "damping_rule", "choice", choices=DAMPING_RULES)
+    require(config, "lm_increase", "> 0")
+    _check(config, "lm_increase", config.lm_increase > 1, "a finite number > 1")
+    require(config, "lm_decrease", "(0, 1)")
+    require(config, "lm_rho_low", "(0, 1)")
+    require(config, "lm_rho_high", "(0, 1)")
+    _check(config, "lm_rho_high", config.lm_rho_high >= config.lm_rho_low,
+           f"a number in (0, 1) >= lm_rho_low = {config.lm_rho_low!r}")
+    require(config, "damping_min", ">= 0")
+    require(config, "damping_max", "> 0")
+    _check(config, "damping_max", config.damping_max >= config.damping_min,
+           f"a finite number >= damping_min = {config.damping_min!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,18 +193,7 @@ class NewtonConfig:
         require(self, "armijo_max_trials", "int >= 1")
         require(self, "learning_rate", "> 0")
         require(self, "curvature", "choice", choices=tuple(CURVATURES))
-        require(self, "damping_rule", "choice", choices=DAMPING_RULES)
-        require(self, "lm_increase", "> 0")
-        _check(self, "lm_increase", self.lm_increase > 1, "a finite number > 1")
-        require(self, "lm_decrease", "(0, 1)")
-        require(self, "lm_rho_low", "(0, 1)")
-        require(self, "lm_rho_high", "(0, 1)")
-        _check(self, "lm_rho_high", self.lm_rho_high >= self.lm_rho_low,
-               f"a number in (0, 1) >= lm_rho_low = {self.lm_rho_low!r}")
-        require(self, "damping_min", ">= 0")
-        require(self, "damping_max", "> 0")
-        _check(self, "damping_max", self.damping_max >= self.damping_min,
-               f"a finite number >= damping_min = {self.damping_min!r}")
+        check_damping_rule(self)
         require(self, "preconditioner", "choice", choices=PRECONDITIONERS)
         require(self, "preconditioner_power", "> 0")
         require(self, "preconditioner_samples", "int >= 1")
