@@ -59,7 +59,7 @@ import numpy as np
 
 from .base import Problem, SolverState, WorkShare, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
-from .newton import check_damping_rule, lm_damping_update
+from .newton import check_damping_rule, current_damping, lm_damping_update, optional_float
 
 __all__ = ["FISHERS", "KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock",
            "factor_shapes", "factored_damping", "kfac_direction", "share_blocks"]
@@ -323,7 +323,7 @@ class KFACState(SolverState):
     order (None before the first step);
     ``inverses`` is what the last refresh computed, so a resumed run steps
     exactly as an uninterrupted one. ``damping`` is the adapted damping of
-    ``damping_rule = "levenberg_marquardt"`` (0: not adapted yet, the
+    ``damping_rule = "levenberg_marquardt"`` (None: not adapted yet, the
     configured one).
     """
 
@@ -331,16 +331,12 @@ class KFACState(SolverState):
     factors: np.ndarray | None = None
     inverses: np.ndarray | None = None
     velocity: np.ndarray | None = None
-    damping: float = 0.0
+    damping: float | None = None
 
     def __post_init__(self) -> None:
         _check_counter(self, "iteration")
-        if not (isinstance(self.damping, (int, float, np.floating))
-                and not isinstance(self.damping, bool)
-                and math.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(f"{type(self).__name__}: damping = {self.damping!r}, "
-                             "want a finite number >= 0")
-        object.__setattr__(self, "damping", float(self.damping))
+        object.__setattr__(self, "damping", optional_float(type(self).__name__, "damping",
+                                                           self.damping, 0.0, math.inf))
         owner = type(self).__name__
         for name in ("factors", "inverses", "velocity"):
             object.__setattr__(self, name, _float_array(getattr(self, name), owner, name))
@@ -553,9 +549,7 @@ class KFAC:
             packed = state.factors
         share, mine = self._shared(problem, blocks)
         lm = cfg.damping_rule == "levenberg_marquardt"
-        damping = float(cfg.damping)
-        if lm:  # the adapted one, or the configured one clipped into the bounds at first
-            damping = state.damping or min(max(damping, cfg.damping_min), cfg.damping_max)
+        damping = float(current_damping(state, cfg))
         invert = state.inverses is None or t % cfg.inverse_every == 0
         if invert:
             packed_inverses = self._invert(blocks, packed, shapes, share, mine, damping)
@@ -589,7 +583,7 @@ class KFAC:
         info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert, moved,
                         damping, rho if rho is not None and math.isfinite(rho) else None)
         return new_w, state.take(iteration=t + 1, factors=packed, inverses=packed_inverses,
-                                 velocity=velocity, damping=new_damping if lm else 0.0), info
+                                 velocity=velocity, damping=new_damping if lm else None), info
 
     @staticmethod
     def _reduction_ratio(problem: Problem, w: np.ndarray, new_w: np.ndarray, loss: float,

@@ -84,6 +84,7 @@ __all__ = [
     "STEP_RULES",
     "check_damping_rule",
     "current_damping",
+    "optional_float",
     "forcing_term",
     "lm_damping_update",
     "newton_step",
@@ -211,12 +212,16 @@ class NewtonConfig:
         require(self, "trial_gradient", "bool")
 
 
-def _optional_float(name: str, value: Any, low: float, high: float) -> float | None:
-    """``value`` as a float in ``[low, high]``, or None; ValueError naming ``name``."""
+def optional_float(owner: str, name: str, value: Any, low: float,
+                   high: float) -> float | None:
+    """``value`` as a finite float in ``[low, high]``, or None; ValueError naming ``owner.name``.
+
+    The optional float fields of the Newton and K-FAC states (their adapted damping).
+    """
     if value is None:
         return None
-    if not (is_real(value) and low <= value <= high):
-        raise ValueError(f"NewtonState.{name} must be None or a number in [{low}, {high}], "
+    if not (is_real(value) and math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{owner}.{name} must be None or a finite number in [{low}, {high}], "
                          f"got {value!r}")
     return float(value)
 
@@ -259,10 +264,8 @@ class NewtonState(SolverState):
             object.__setattr__(self, name, int(value))
         for name, high in (("damping", math.inf), ("forcing_grad_norm", math.inf),
                            ("forcing_eta", 1.0)):
-            value = _optional_float(name, getattr(self, name), 0.0, high)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"NewtonState.{name} must be finite, got {value!r}")
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name,
+                               optional_float("NewtonState", name, getattr(self, name), 0.0, high))
         if self.cg_warm is not None:
             warm = np.asarray(self.cg_warm)
             if warm.ndim != 1 or not np.issubdtype(warm.dtype, np.floating):
@@ -397,11 +400,13 @@ def uses_hessian_free_options(config: NewtonConfig) -> bool:
             or config.cg_reorthogonalize)
 
 
-def current_damping(state: NewtonState, config: NewtonConfig) -> float:
+def current_damping(state: Any, config: Any) -> float:
     """The damping of the next step: ``config.damping``, or the LM value in ``state``.
 
     Levenberg-Marquardt starts from ``config.damping`` clipped into
-    ``[damping_min, damping_max]``.
+    ``[damping_min, damping_max]``. ``state`` and ``config`` are Newton-CG's
+    (:class:`NewtonState`, :class:`NewtonConfig`) or K-FAC's, which name
+    these fields alike.
     """
     if config.damping_rule == "fixed":
         return config.damping
