@@ -15,9 +15,13 @@
 # (docs/compare/tuning/resnet-random-kfac.json, resnet-random-kfac2.json, ..., -kfac6.json),
 # race-kfac races it on seed 0 against the first-order winners of the race above
 # (KFAC_OUT, default docs/compare/resnet-random-kfac.json).
+# K-FAC (perturbed start): tune-kfac, tune-kfac2 and tune-kfac3 tune every method again on
+# seed 1 from given weights trained on this machine
+# (docs/compare/tuning/resnet-perturbed-kfac.json, -kfac2.json, -kfac3.json); race-kfac races
+# the winners on seed 0 (KFAC_OUT, default docs/compare/resnet-perturbed-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|...|kfac6|race-kfac; tune2, tune3: the perturbed
-#        start's second and third tuning rounds; kfac*, race-kfac: the random start's)
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac6|tune-kfac|...|tune-kfac3|race-kfac; tune2,
+#        tune3, tune-kfac*: the perturbed start's; kfac*: the random start's; race-kfac: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -90,6 +94,61 @@ elif [[ $stage == tune3 ]]; then
     race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
         --variant "adam-lr1e-05=adam,learning_rate=1e-5" \
         --out docs/compare/tuning/resnet-perturbed3.json
+elif [[ $stage == tune-kfac || $stage == tune-kfac2 || $stage == tune-kfac3 || ( $stage == race-kfac && $start == perturbed ) ]]; then
+    [[ $start == perturbed ]] || { echo "$stage is the perturbed start's" >&2; exit 2; }
+    # Every method again, K-FAC among them, from given weights trained anew on this
+    # machine (its kernels round differently from the machine of the races above): the
+    # first-order rates around their earlier winners, the job's Newton-CG, and K-FAC with
+    # the sampled Fisher of the whole batch of 16 (one backward pass), its KL clip (the
+    # step's length while it binds) and damping.
+    k="kfac,fisher=\"sampled\""
+    if [[ $stage == tune-kfac ]]; then
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
+            --variant "newton-job=newton" \
+            --variant "kfac-kl1e-5=$k,kl_clip=1e-5" \
+            --variant "kfac-kl1e-4=$k,kl_clip=1e-4" \
+            --variant "kfac-kl1e-3=$k,kl_clip=1e-3" \
+            --variant "kfac-kl1e-4-d1e-2=$k,kl_clip=1e-4,damping=1e-2" \
+            --variant "gd-lr0.001=gd,learning_rate=0.001" \
+            --variant "gd-lr0.003=gd,learning_rate=0.003" --variant "gd-lr0.01=gd,learning_rate=0.01" \
+            --variant "momentum-lr0.0003=momentum,learning_rate=0.0003" \
+            --variant "momentum-lr0.001=momentum,learning_rate=0.001" \
+            --variant "momentum-lr0.003=momentum,learning_rate=0.003" \
+            --variant "adam-lr1e-05=adam,learning_rate=1e-5" \
+            --variant "adam-lr3e-05=adam,learning_rate=3e-5" \
+            --variant "adam-lr0.0001=adam,learning_rate=0.0001" \
+            --out docs/compare/tuning/resnet-perturbed-kfac.json
+    elif [[ $stage == tune-kfac2 ]]; then
+        # Gradient descent's and momentum's best rates were at their grids' high edges:
+        # one above each. K-FAC raised the loss at every clip, less the shorter the
+        # clip and the larger the damping: shorter clips, larger dampings.
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
+            --variant "kfac-kl1e-6=$k,kl_clip=1e-6" \
+            --variant "kfac-kl1e-7=$k,kl_clip=1e-7" \
+            --variant "kfac-kl1e-5-d0.1=$k,kl_clip=1e-5,damping=0.1" \
+            --variant "kfac-kl1e-5-d1=$k,kl_clip=1e-5,damping=1.0" \
+            --variant "gd-lr0.03=gd,learning_rate=0.03" \
+            --variant "momentum-lr0.01=momentum,learning_rate=0.01" \
+            --out docs/compare/tuning/resnet-perturbed-kfac2.json
+    elif [[ $stage == tune-kfac3 ]]; then
+        # K-FAC's best clip (1e-7) was at the grid's low edge, and damping 0.1 and 1 both
+        # helped at the clip 1e-5: one clip below, and larger dampings with longer clips.
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-60}" \
+            --variant "kfac-kl1e-8=$k,kl_clip=1e-8" \
+            --variant "kfac-kl1e-7-d0.1=$k,kl_clip=1e-7,damping=0.1" \
+            --variant "kfac-kl1e-6-d1=$k,kl_clip=1e-6,damping=1.0" \
+            --variant "kfac-kl1e-5-d10=$k,kl_clip=1e-5,damping=10.0" \
+            --out docs/compare/tuning/resnet-perturbed-kfac3.json
+    else
+        : "${KFAC:?KFAC=spec of the K-FAC variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
+        race --set run.seed=0 --time-limit "${TIME:-120}" \
+            --reference "gd-lr$GD_LR" --reference-iters "${REFERENCE_ITERS:-100}" \
+            --variant "kfac=$KFAC" --variant "newton-job=newton" \
+            --variant "adam-lr$ADAM_LR=adam,learning_rate=$ADAM_LR" \
+            --variant "momentum-lr$MOMENTUM_LR=momentum,learning_rate=$MOMENTUM_LR" \
+            --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
+            --out "${KFAC_OUT:-docs/compare/resnet-perturbed-kfac.json}"
+    fi
 elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 || $stage == kfac5 || $stage == kfac6 || $stage == race-kfac ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
