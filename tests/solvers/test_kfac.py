@@ -457,15 +457,18 @@ def test_the_chunked_update_is_the_whole_vector_expression(dtype):
 
 
 def test_the_running_average_is_the_whole_vector_expression():
-    """Block by block into one buffer: bitwise ``d old + (1 - d) new`` of float64 factors,
-    also from float32 factors (a float32 model's) and for diagonal ones; at first ``new``."""
-    from mpinewton.solvers.kfac import _running_average
+    """In chunks into one buffer: bitwise ``d old + (1 - d) new`` of float64 factors,
+    also from float32 factors (a float32 model's), for diagonal ones and for a factor
+    longer than a chunk (its last chunk partial); at first ``new``."""
+    from mpinewton.solvers.kfac import _CHUNK, _running_average
 
     def _pack(pairs):
         return np.concatenate([m.reshape(-1) for pair in pairs for m in pair])
 
     rng = np.random.default_rng(4)
-    shapes = [((5, 5), (3,)), ((2, 2), (4, 4))]
+    side = math.isqrt(_CHUNK) + 3  # side^2 entries: one whole chunk and part of another
+    assert _CHUNK < side * side < 2 * _CHUNK
+    shapes = [((5, 5), (3,)), ((2, 2), (4, 4)), ((side, side), (2 * _CHUNK + 7,))]
     old = [(rng.random(sa), rng.random(sg)) for sa, sg in shapes]
     new = [(rng.random(sa).astype(np.float32), rng.random(sg)) for sa, sg in shapes]
     expected = [(0.9 * a0 + (1 - 0.9) * np.float64(a1), 0.9 * g0 + (1 - 0.9) * g1)
