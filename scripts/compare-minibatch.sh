@@ -53,9 +53,6 @@
 #          -> docs/compare/tuning/minibatch-kfac10.json.gz
 #   kfac11 seed 1: that rule with damping_min = 1e-3 -> docs/compare/tuning/minibatch-kfac11.json.gz
 #   kfac-seed5-lm  seed 5 (a diagnosis): the same -> docs/compare/tuning/minibatch-kfac-seed5-lm.json.gz
-#   kfac12 seed 1: that rule with the ratio on the next batch (rho_batch = "next"), free
-#          and floored at 1e-3 -> docs/compare/tuning/minibatch-kfac12.json.gz
-#   kfac-seed5-next  seed 5 (a diagnosis): the same -> docs/compare/tuning/minibatch-kfac-seed5-next.json.gz
 #   race-kfac-fresh  seeds 5, 6, 7 (or race-kfac-seedS for one), never run before: K-FAC
 #          and Adam -> docs/compare/cnn-minibatch-kfac-seed{5,6,7}.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
@@ -70,7 +67,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac12|kfac-seed5-next|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm and kfac-seed5-next only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5 and kfac-seed5-lm only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -483,29 +480,6 @@ if [[ $stage == kfac-seed5-lm ]]; then
     race --set run.seed=5 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
         --variant "kfac-b8000-lm-min1e-3-avg0.95=kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95,damping_rule=\"levenberg_marquardt\",damping_min=1e-3" \
         --out docs/compare/tuning/minibatch-kfac-seed5-lm.json.gz
-fi
-if [[ $stage == kfac12 || $stage == all ]]; then
-    # Round 28, seed 1: the ratio measured on the next batch (rho_batch = "next"): the
-    # next batch's loss at the step's starting weights against its loss at the new ones.
-    # Seed 5's steps stayed 1.7x as long as on the other seeds; a step that fits its own
-    # batch's noise should show it there. Free, and floored at the fixed 1e-3.
-    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
-    next="damping_rule=\"levenberg_marquardt\",rho_batch=\"next\""
-    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
-        --variant "kfac-b8000-avg0.95=$k" \
-        --variant "kfac-b8000-next-avg0.95=$k,$next" \
-        --variant "kfac-b8000-next-min1e-3-avg0.95=$k,$next,damping_min=1e-3" \
-        --out docs/compare/tuning/minibatch-kfac12.json.gz
-fi
-if [[ $stage == kfac-seed5-next ]]; then
-    # A diagnosis on seed 5: the same three.
-    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
-    next="damping_rule=\"levenberg_marquardt\",rho_batch=\"next\""
-    race --set run.seed=5 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
-        --variant "kfac-b8000-avg0.95=$k" \
-        --variant "kfac-b8000-next-avg0.95=$k,$next" \
-        --variant "kfac-b8000-next-min1e-3-avg0.95=$k,$next,damping_min=1e-3" \
-        --out docs/compare/tuning/minibatch-kfac-seed5-next.json.gz
 fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the

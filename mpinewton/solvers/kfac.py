@@ -29,11 +29,7 @@ decrease to the one its quadratic model predicts for the step ``d`` taken::
 times ``lm_increase`` when ``rho < lm_rho_low``, ``lm_decrease`` when ``rho >
 lm_rho_high``, within ``[damping_min, damping_max]``; the next inverse refresh
 uses it.  That costs one loss on the batch and one Gauss-Newton product on the
-curvature sample every ``damping_every`` steps.  With ``rho_batch = "next"`` the
-actual decrease is the next step's batch's, ``c'(w) - c'(w + d)``: the next step
-starts with that loss at the weights ``w`` the state kept, its own loss at
-``w + d`` being the one it computes anyway, so a step that fitted its own
-batch's noise is told by a batch it did not see (the same cost).  A layer's bias is the last row
+curvature sample every ``damping_every`` steps.  A layer's bias is the last row
 of its block (the input's homogeneous coordinate 1).  Weights no block covers
 (batch-norm scales, embeddings) take the plain momentum step ``nu g``.
 
@@ -274,11 +270,6 @@ def share_blocks(blocks: tuple[KroneckerBlock, ...], max_dim: int, inverse_every
 #: of one label a sample drawn from it (one backward pass; Martens & Grosse 2015, sec. 5).
 FISHERS = ("exact", "sampled")
 
-#: Where the Levenberg-Marquardt ratio of a K-FAC step is measured: on the step's own
-#: batch (Martens & Grosse 2015, sec. 6.5), or on the next step's batch, whose loss at
-#: the step's starting weights is set against its loss at the new ones.
-RHO_BATCHES = ("same", "next")
-
 
 def factor_shapes(block: KroneckerBlock, max_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of a block's ``A`` and ``G``: ``(n, n)``, or ``(n,)`` (its diagonal) above max_dim."""
@@ -308,13 +299,11 @@ class KFACConfig:
     lm_rho_high: float = 0.75  # LM: reduction ratio above which the damping shrinks
     damping_min: float = 1e-8  # LM: lower bound of the damping; >= 0
     damping_max: float = 1e8  # LM: upper bound of the damping; >= damping_min
-    rho_batch: str = "same"  # LM: rho on the step's own batch ("same") or the next ("next")
 
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
         require(self, "damping", "> 0")
         check_damping_rule(self)
-        require(self, "rho_batch", "choice", choices=RHO_BATCHES)
         require(self, "damping_every", "int >= 1")
         require(self, "momentum", "[0, 1)")
         require(self, "stat_decay", "[0, 1)")
@@ -335,10 +324,7 @@ class KFACState(SolverState):
     ``inverses`` is what the last refresh computed, so a resumed run steps
     exactly as an uninterrupted one. ``damping`` is the adapted damping of
     ``damping_rule = "levenberg_marquardt"`` (None: not adapted yet, the
-    configured one). With ``rho_batch = "next"``, ``rho_weights`` and
-    ``rho_predicted`` are a step's starting weights and its model's predicted
-    decrease, awaiting the next batch's loss at those weights (None: nothing
-    pending).
+    configured one).
     """
 
     iteration: int = 0
@@ -346,26 +332,19 @@ class KFACState(SolverState):
     inverses: np.ndarray | None = None
     velocity: np.ndarray | None = None
     damping: float | None = None
-    rho_weights: np.ndarray | None = None
-    rho_predicted: float | None = None
 
     def __post_init__(self) -> None:
         _check_counter(self, "iteration")
+        object.__setattr__(self, "damping", optional_float(type(self).__name__, "damping",
+                                                           self.damping, 0.0, math.inf))
         owner = type(self).__name__
-        object.__setattr__(self, "damping", optional_float(owner, "damping", self.damping,
-                                                           0.0, math.inf))
-        object.__setattr__(self, "rho_predicted", optional_float(
-            owner, "rho_predicted", self.rho_predicted, 0.0, math.inf))
-        for name in ("factors", "inverses", "velocity", "rho_weights"):
+        for name in ("factors", "inverses", "velocity"):
             object.__setattr__(self, name, _float_array(getattr(self, name), owner, name))
         if (self.factors is None) != (self.inverses is None) or (
                 self.factors is not None and self.inverses is not None
                 and self.factors.shape != self.inverses.shape):
             raise ValueError(f"{owner}: factors and inverses must both be None or vectors "
                              "of one shape")
-        if (self.rho_weights is None) != (self.rho_predicted is None):
-            raise ValueError(f"{owner}: rho_weights and rho_predicted must both be None or "
-                             "both set")
         super().__post_init__()
 
 
@@ -441,10 +420,8 @@ class KFACInfo(FixedStepInfo):
     stats: bool  # whether new factors were taken this step
     inverted: bool  # whether the damped inverses were refreshed this step
     update_norm: float  # |w_new - w|
-    damping: float  # lambda this step used (a refresh on it inverts with it)
-    # LM: actual / predicted decrease, on steps that adapt (rho_batch "next": the last
-    # step's ratio, measured on this step's batch before it adapted the damping)
-    rho: float | None = None
+    damping: float  # lambda at the step's start: a refresh on this step inverts with it
+    rho: float | None = None  # LM: actual / predicted decrease, on steps that adapt
 
 
 class KFAC:
@@ -578,11 +555,6 @@ class KFAC:
         share, mine = self._shared(problem, blocks)
         lm = cfg.damping_rule == "levenberg_marquardt"
         damping = float(current_damping(state, cfg))
-        rho = None
-        if lm and state.rho_weights is not None:  # the last step's ratio, on this batch
-            assert state.rho_predicted is not None
-            rho = _ratio(float(problem.value(state.rho_weights)) - loss, state.rho_predicted)
-            damping = lm_damping_update(damping, rho, True, cfg)
         invert = state.inverses is None or t % cfg.inverse_every == 0
         if invert:
             packed_inverses = self._invert(blocks, packed, shapes, share, mine, damping)
@@ -609,45 +581,34 @@ class KFAC:
         if not np.isfinite(moved):
             raise FloatingPointError(f"kfac: step {t + 1} with learning_rate={lr!r} gives "
                                      "NaN/Inf weights")
-        new_damping, pending = damping, {}
+        rho, new_damping = None, damping
         if lm and (t + 1) % cfg.damping_every == 0:
-            predicted = _predicted_decrease(problem, w, new_w, g)
-            if cfg.rho_batch == "same":
-                rho = _ratio(loss - float(problem.value(new_w)), predicted)
-                new_damping = lm_damping_update(damping, rho, True, cfg)
-            elif math.isfinite(predicted) and predicted > 0:  # else no ratio: the damping stays
-                pending = {"rho_weights": np.array(w, copy=True), "rho_predicted": predicted}
+            rho = self._reduction_ratio(problem, w, new_w, loss, g)
+            new_damping = lm_damping_update(damping, rho, True, cfg)
         info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert, moved,
                         damping, rho if rho is not None and math.isfinite(rho) else None)
         return new_w, state.take(iteration=t + 1, factors=packed, inverses=packed_inverses,
-                                 velocity=velocity, damping=new_damping if lm else None,
-                                 rho_weights=pending.get("rho_weights"),
-                                 rho_predicted=pending.get("rho_predicted")), info
+                                 velocity=velocity, damping=new_damping if lm else None), info
 
+    @staticmethod
+    def _reduction_ratio(problem: Problem, w: np.ndarray, new_w: np.ndarray, loss: float,
+                         g: np.ndarray) -> float:
+        """``rho``: the batch's decrease over the one its quadratic model predicts for ``d``.
 
-def _predicted_decrease(problem: Problem, w: np.ndarray, new_w: np.ndarray,
-                        g: np.ndarray) -> float:
-    """``-(g . d + d . F d / 2)`` for ``d = new_w - w``: the decrease the batch's model predicts.
-
-    ``F`` is the Gauss-Newton matrix on the curvature sample (Martens & Grosse
-    2015, sec. 6.5: the exact curvature, without the damping).
-    """
-    gnvp = getattr(problem, "gnvp", None)
-    if not callable(gnvp):
-        raise TypeError(f"kfac: damping_rule = \"levenberg_marquardt\" needs Gauss-Newton "
-                        f"products; the problem ({type(problem).__name__}) has no gnvp")
-    d = np.subtract(new_w, w, dtype=np.float64)
-    return -(float(g @ d) + 0.5 * float(d @ np.asarray(gnvp(w, d), dtype=np.float64)))
-
-
-def _ratio(actual: float, predicted: float) -> float:
-    """``rho = actual / predicted`` decrease.
-
-    ``-inf`` (the damping grows) when the loss was not finite, NaN (it stays)
-    when the model predicted no decrease.
-    """
-    if not math.isfinite(actual):
-        return -math.inf
-    if not (math.isfinite(predicted) and predicted > 0):
-        return math.nan
-    return actual / predicted
+        The model is ``c(w) + g . d + d . F d / 2`` with ``F`` the Gauss-Newton
+        matrix (Martens & Grosse 2015, sec. 6.5: the exact curvature, without
+        the damping); NaN (the damping stays) when the model predicts no
+        decrease, ``-inf`` (it grows) when the loss at ``new_w`` is not finite.
+        """
+        gnvp = getattr(problem, "gnvp", None)
+        if not callable(gnvp):
+            raise TypeError(f"kfac: damping_rule = \"levenberg_marquardt\" needs Gauss-Newton "
+                            f"products; the problem ({type(problem).__name__}) has no gnvp")
+        d = np.subtract(new_w, w, dtype=np.float64)
+        predicted = -(float(g @ d) + 0.5 * float(d @ np.asarray(gnvp(w, d), dtype=np.float64)))
+        actual = loss - float(problem.value(new_w))
+        if not math.isfinite(actual):
+            return -math.inf
+        if not (math.isfinite(predicted) and predicted > 0):
+            return math.nan
+        return actual / predicted

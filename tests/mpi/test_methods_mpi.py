@@ -42,10 +42,6 @@ VARIANTS = {
     # over the ranks; refreshes at steps 1 and 3 invert with the adapted damping
     "kfac-lm": {"learning_rate": 0.2, "inverse_every": 2, "damping_rule": "levenberg_marquardt",
                 "damping_every": 1},
-    # the ratio on the next batch: each step starts with a loss at the last step's weights
-    "kfac-lm-next": {"learning_rate": 0.2, "inverse_every": 2,
-                     "damping_rule": "levenberg_marquardt", "damping_every": 1,
-                     "rho_batch": "next"},
 }
 
 

@@ -205,14 +205,11 @@ def test_running_averages_refresh_and_momentum_by_hand():
     assert prob.factor_calls == 3
 
 
-@pytest.mark.parametrize("rule,rho_batch", [("fixed", "same"), ("levenberg_marquardt", "same"),
-                                           ("levenberg_marquardt", "next")])
-def test_resume_from_a_saved_state_is_bitwise_the_same(rule, rho_batch):
-    """Saved after step 3 (with ``rho_batch = "next"``, a ratio still awaiting step 4's
-    batch), through JSON, and resumed: bitwise the uninterrupted run."""
+@pytest.mark.parametrize("rule", ["fixed", "levenberg_marquardt"])
+def test_resume_from_a_saved_state_is_bitwise_the_same(rule):
     blocks, pairs, n = _two_blocks()
     cfg = KFACConfig(learning_rate=0.2, inverse_every=4, stats_every=2, damping_rule=rule,
-                     damping_every=3, rho_batch=rho_batch)
+                     damping_every=2)
     w0 = np.linspace(-1, 1, n)
 
     def steps(w, state, k, prob):
@@ -222,7 +219,6 @@ def test_resume_from_a_saved_state_is_bitwise_the_same(rule, rho_batch):
 
     w_all, s_all = steps(w0, KFACState(), 7, KroneckerQuadratic(blocks, pairs, n))
     w_mid, s_mid = steps(w0, KFACState(), 3, KroneckerQuadratic(blocks, pairs, n))
-    assert (s_mid.rho_weights is not None) == (rho_batch == "next")
     saved = json.loads(json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
                                    for k, v in s_mid.to_dict().items()}))
     w_end, s_end = steps(w_mid, KFACState.from_dict(saved), 4,
@@ -285,79 +281,6 @@ def test_levenberg_marquardt_damping_follows_the_reduction_ratio_by_hand():
     # middle band is newton's lm_damping_update, tested with Newton-CG)
     assert moves == {-1.0, 0.0, 1.0}
     assert min(ratios) < cfg.lm_rho_low < cfg.lm_rho_high < max(ratios)
-
-
-def test_the_next_batch_ratio_on_one_objective_steps_as_the_same_batch_one():
-    """Where every step sees the same objective, the next batch's ratio is the step's own,
-    measured one step later, and the damping it sets is the one the next step uses either
-    way: bitwise the same weights and dampings, with ``rho`` reported a step later."""
-    blocks, pairs, n = _two_blocks()
-
-    def run(rho_batch):
-        prob = MiscalibratedQuadratic(blocks, pairs, n)
-        cfg = KFACConfig(learning_rate=0.5, momentum=0.5, damping=1e-2, kl_clip=0.0,
-                         inverse_every=2, damping_rule="levenberg_marquardt", damping_every=3,
-                         rho_batch=rho_batch)
-        w, state, out = prob.w_star + 0.8 * np.cos(np.arange(n)), KFACState(), []
-        for t in range(1, 25):
-            prob.scale = (1.0, 0.1, 0.6)[(t // 3) % 3]
-            w, state, info = KFAC(cfg).step(prob, w, state)
-            out.append((w, info.damping, info.rho))
-        return out
-
-    same, nxt = run("same"), run("next")
-    for t, ((w_s, d_s, _), (w_n, d_n, r_n)) in enumerate(zip(same, nxt, strict=True)):
-        np.testing.assert_array_equal(w_n, w_s)
-        assert d_n == d_s
-        assert r_n == (same[t - 1][2] if t else None)
-    assert len({d for _, d, _ in same}) > 2  # the damping moved both ways
-
-
-class TwoBatches(KroneckerQuadratic):
-    """Two batches: ``0.5 (w - m_k)^T H (w - m_k)`` around their own minimisers ``m_k``.
-
-    ``batch`` picks the one the next calls see, as the driver sets a step's batch.
-    """
-
-    batch = 0
-
-    def __init__(self, blocks, pairs, n):
-        super().__init__(blocks, pairs, n)
-        self.minimisers = (self.w_star, -self.w_star)
-
-    def value(self, w):
-        d = w - self.minimisers[self.batch]
-        return 0.5 * float(d @ self.h @ d)
-
-    def value_and_grad(self, w):
-        return self.value(w), self.h @ (w - self.minimisers[self.batch])
-
-
-def test_the_next_batch_ratio_judges_a_step_on_the_batch_after_it():
-    """A step fitted to batch 0 and judged on batch 1, whose minimiser is elsewhere: its
-    own batch's ratio is about 1 (the damping would shrink), the next batch's is below
-    ``lm_rho_low`` and grows the damping, by hand: ``(c_1(w_0) - c_1(w_1)) / predicted_0``."""
-    blocks, pairs, n = _two_blocks()
-    cfg = KFACConfig(learning_rate=0.3, momentum=0.0, damping=1e-2, kl_clip=0.0,
-                     damping_rule="levenberg_marquardt", damping_every=1, rho_batch="next")
-    prob = TwoBatches(blocks, pairs, n)
-    w0 = np.zeros(n)
-    w1, state, info = KFAC(cfg).step(prob, w0, KFACState())
-    assert info.rho is None and info.damping == cfg.damping  # nothing measured yet
-    c0, g0 = prob.value_and_grad(w0)
-    d = w1 - w0
-    predicted = -(g0 @ d + 0.5 * d @ prob.h @ d)
-    assert state.rho_predicted == pytest.approx(predicted, rel=1e-12)
-    np.testing.assert_array_equal(state.rho_weights, w0)
-    own = (c0 - prob.value(w1)) / predicted
-    prob.batch = 1
-    rho = (prob.value(w0) - prob.value(w1)) / predicted
-    assert own > cfg.lm_rho_high and rho < cfg.lm_rho_low
-    _, state, info = KFAC(cfg).step(prob, w1, state)
-    assert info.rho == pytest.approx(rho, rel=1e-12)
-    assert info.damping == pytest.approx(cfg.damping * cfg.lm_increase, rel=1e-14)
-    assert state.damping == info.damping  # and step 2's own ratio now waits for batch 3
-    assert state.rho_weights is not None
 
 
 def test_levenberg_marquardt_damping_on_an_exact_model_shrinks_to_its_floor():
@@ -490,12 +413,6 @@ def test_state_and_config_validate():
         KFACConfig(damping_min=1.0, damping_max=0.5)
     with pytest.raises(ValueError, match="damping"):
         KFACState(damping=-1.0)
-    with pytest.raises(ParameterError, match="KFACConfig.rho_batch "):
-        KFACConfig(rho_batch="previous")
-    with pytest.raises(ValueError, match="rho_weights and rho_predicted"):
-        KFACState(rho_weights=np.zeros(3))
-    with pytest.raises(ValueError, match="rho_predicted"):
-        KFACState(rho_weights=np.zeros(3), rho_predicted=-1.0)
     assert METHODS["kfac"] is KFAC and KFAC.config_class is KFACConfig
     assert KFAC().init(np.zeros(3)) == KFACState()
 
