@@ -490,7 +490,7 @@ if [[ $stage == kfac-warm || $stage == kfac-warm-seed1 || $stage == kfac-warm-se
     # steps; on seed 1 it stays near 1). Levenberg-Marquardt damping started at 1 and
     # floored at the fixed 1e-3 shrinks by 0.95^5 every 5 steps while rho is high (it was
     # about 1 beside the KL clip): 1e-3 after about 135 steps (WARM, default 1: the
-    # starting damping; 0.1: about 45 steps). Seeds 1 (tuning), 4 and 5, beside the fixed
+    # starting damping; 0.1: about 90 steps). Seeds 1 (tuning), 4 and 5, beside the fixed
     # damping, 100 s each.
     k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
     warm=${WARM:-1}
