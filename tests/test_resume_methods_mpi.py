@@ -5,6 +5,8 @@ that the two files run on the two test workers side by side.
 """
 
 
+import json
+
 import numpy as np
 import pytest
 from mpijobs import TIMING, read_metrics, read_weights, requires_mpirun, run_job, small_job
@@ -68,3 +70,10 @@ def test_a_method_state_resumes_exactly(dataset, tmp_path, method):
     if method is KFAC_STATE:  # the damping moved, so its resume was checked above
         dampings = [r["damping"] for r in read_metrics(run_dir) if r.get("phase") == "kfac"]
         assert len(dampings) == 4 and len(set(dampings)) > 1, dampings
+        # one Gauss-Newton product a step (damping_every = 1), on the curvature sample,
+        # which shares the batch's counters: counted once, per step and in the summary
+        products = [r["hvps"] for r in read_metrics(run_dir) if r.get("phase") == "kfac"]
+        assert products == [1, 1, 1, 1], products
+        for folder in (run_dir, straight):
+            summary = json.loads((folder / "summary.json").read_text())
+            assert summary["hvps"] == 4, summary["hvps"]
