@@ -56,6 +56,12 @@
 #   kfac-warm  seeds 1, 4 and 5 (or kfac-warm-seedS for one): the damping warmed up, adapted
 #          (Levenberg-Marquardt) from WARM (1) down to a floor of 1e-3
 #          -> docs/compare/tuning/minibatch-kfac-warm$WARM-seed{1,4,5}.json.gz
+#   kfac-warm-every  round 29, seed 1: that warm-up judged every 5, 20 or 50 steps (the same
+#          pace: the damping shrinks by 0.95 a step while rho is high), beside the fixed
+#          damping -> docs/compare/tuning/minibatch-kfac-warm-every.json.gz
+#   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
+#          K-FAC that round 29 chose, the fixed one and Adam
+#          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
 #   race-kfac-fresh  seeds 5, 6, 7 (or race-kfac-seedS for one), never run before: K-FAC
 #          and Adam -> docs/compare/cnn-minibatch-kfac-seed{5,6,7}.json.gz
 #   race-linesearch  seed 0: that line search against the race's Newton-CG, Adam and
@@ -70,7 +76,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm and kfac-warm only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm and kfac-warm-every only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -380,15 +386,17 @@ if [[ $stage == kfac-seed5 ]]; then
         --out docs/compare/tuning/minibatch-kfac-seed5.json.gz
 fi
 if [[ $stage == basin-seed4 ]]; then
-    # Seed 4 again, with the trainer (jobs/mnist_cnn_kfac.toml is race-kfac's K-FAC): K-FAC
-    # for 2,800 steps and Adam (lr 0.01, batches of 2,000, average 0.98) for 14,000, about
-    # the race's 150 s each; then each continued from the other's end, Adam for 6,000
-    # steps and K-FAC for 1,200. Loss on the race's 10,000 images, and the first layer
-    # (the 4 x 4 filter) and the hidden units' input norms read from each weights.h5
+    # Seed 4 again, with the trainer (jobs/mnist_cnn_kfac.toml with the fixed damping 1e-3
+    # it had then: race-kfac's K-FAC): K-FAC for 2,800 steps and Adam (lr 0.01, batches
+    # of 2,000, average 0.98) for 14,000, about the race's 150 s each; then each
+    # continued from the other's end, Adam for 6,000 steps and K-FAC for 1,200. Loss on
+    # the race's 10,000 images, and the first layer (the 4 x 4 filter) and the hidden
+    # units' input norms read from each weights.h5
     # -> docs/compare/tuning/basin-seed4.json
     dir=runs/basin-seed4
     kfac() { bash scripts/mpirun.sh -n 2 python -m mpinewton.train jobs/mnist_cnn_kfac.toml \
-                 --set run.seed=4 --overwrite "$@"; }
+                 --set run.seed=4 --overwrite --set optimizer.damping_rule='"fixed"' \
+                 --set optimizer.damping=1e-3 "$@"; }
     adam() { bash scripts/mpirun.sh -n 2 python -m mpinewton.train jobs/mnist_cnn_gd.toml \
                  --set run.seed=4 --overwrite --set optimizer.method=adam \
                  --set optimizer.learning_rate=0.01 --set optimizer.batch_size=2000 \
@@ -502,6 +510,21 @@ if [[ $stage == kfac-warm || $stage == kfac-warm-seed1 || $stage == kfac-warm-se
             --out "docs/compare/tuning/minibatch-kfac-warm$warm-seed$s.json.gz"
     done
 fi
+if [[ $stage == kfac-warm-every ]]; then
+    # Round 29, seed 1: the warm-up costs the tuning seed 0.015 (kfac-warm), and it was
+    # ahead at 50 s: each judgement of a step (the batch's loss at the new weights and a
+    # Gauss-Newton product) every 5 steps cost 12 % of the steps. Judged every 20 or 50
+    # steps instead, with the factors raised to the same pace per step (0.95^20 and
+    # 0.95^50 down, their inverses up), from 1 to the floor 1e-3. 100 s each.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3"
+    race --set run.seed=1 --time-limit "${BATCH_TIME:-100}" --average 0.9,0.95,0.98 \
+        --variant "kfac-b8000-avg0.95=$k" \
+        --variant "kfac-b8000-warm1-every5-avg0.95=$k,$lm" \
+        --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.3584859224085419,lm_increase=2.7895098175162607" \
+        --variant "kfac-b8000-warm1-every50-avg0.95=$k,$lm,damping_every=50,lm_decrease=0.07694497527671315,lm_increase=12.99630023148039" \
+        --out docs/compare/tuning/minibatch-kfac-warm-every.json.gz
+fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.
@@ -564,6 +587,21 @@ for seed in 5 6 7; do
         --variant "kfac-b8000-avg0.95=$k,average=0.95" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/cnn-minibatch-kfac-seed$seed.json.gz"
+done
+for seed in 0 2 3 4 5 6 7; do
+    [[ $stage == race-kfac-warm || $stage == "race-kfac-warm-seed$seed" || $stage == all ]] \
+        || continue
+    # Seeds 0 and 2-7, TIME (150) s each: K-FAC with the damping warmed up as round 29
+    # chose it (from 1 to the floor 1e-3, judged every 20 steps), the fixed damping of
+    # every race above and Adam, each averaged as there. None tuned on; kfac-warm measured
+    # the warm-up on seeds 4 and 5, where the fixed damping lost.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3"
+    race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
+        --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.3584859224085419,lm_increase=2.7895098175162607" \
+        --variant "kfac-b8000-avg0.95=$k" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/cnn-minibatch-kfac-warm-seed$seed.json.gz"
 done
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
