@@ -59,6 +59,9 @@
 #   kfac-warm-every  round 29, seed 1: that warm-up judged every 5, 20 or 50 steps (the same
 #          pace: the damping shrinks by 0.95 a step while rho is high), beside the fixed
 #          damping -> docs/compare/tuning/minibatch-kfac-warm-every.json.gz
+#   kfac-warm-start  round 30, seeds 1, 8 and 9 (or kfac-warm-start-seedS for one), 60 s
+#          each: the warm-up from 1, 0.1 and 0.01 (judged every 20 steps) and Adam, for the
+#          first seconds -> docs/compare/tuning/minibatch-kfac-warm-start-seed{1,8,9}.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -76,7 +79,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm and kfac-warm-every only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|all]   (2 ranks; about five hours for all; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every and kfac-warm-start only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -525,6 +528,21 @@ if [[ $stage == kfac-warm-every ]]; then
         --variant "kfac-b8000-warm1-every50-avg0.95=$k,$lm,damping_every=50,lm_decrease=0.07694497527671315,lm_increase=12.99630023148039" \
         --out docs/compare/tuning/minibatch-kfac-warm-every.json.gz
 fi
+for seed in 1 8 9; do
+    [[ $stage == kfac-warm-start || $stage == "kfac-warm-start-seed$seed" ]] || continue
+    # Round 30: the warm-up from 1 leaves Adam ahead for the first 10-23 s of every seed
+    # (race-kfac-warm); does a lower start shorten that? Seeds 1 (tuning), 8 and 9 (never
+    # raced), TIME (60) s each: the warm-up from 1, 0.1 and 0.01 (1e-3 after about 140, 90
+    # and 45 steps), judged every 20 steps as the job's, and the races' Adam.
+    k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping_min=1e-3,damping_every=20,lm_decrease=0.3584859224085419,lm_increase=2.7895098175162607"
+    race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
+        --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,damping=1" \
+        --variant "kfac-b8000-warm0.1-every20-avg0.95=$k,$lm,damping=0.1" \
+        --variant "kfac-b8000-warm0.01-every20-avg0.95=$k,$lm,damping=0.01" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/tuning/minibatch-kfac-warm-start-seed$seed.json.gz"
+done
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.
