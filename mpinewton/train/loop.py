@@ -342,11 +342,8 @@ class TrainingHooks(LoopHooks):
 
         (``hvps`` in metrics.jsonl, the checkpoint's progress and summary.json.)
         """
-        # the curvature objective of a split problem shares the batch's counters
-        # (SplitProblem): each set of counters once
-        counters = {id(o.stats): o.stats for o in (self.objective, self.curvature)
-                    if o is not None}
-        return self.products_before + sum(s.hvps + s.gnvps for s in counters.values())
+        stats = self.problem.stats  # a split problem's curvature shares these (SplitProblem)
+        return self.products_before + stats.hvps + stats.gnvps
 
     def _cg_progress(self, iteration: int, cap: int, ratio: float) -> None:
         """Rank 0's CG progress line, once an iteration has run ``run.progress_seconds``.
