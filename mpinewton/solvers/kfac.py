@@ -52,6 +52,7 @@ Hessian is exactly ``A (x) G`` lands on its minimiser.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -364,8 +365,14 @@ def _unpack(flat: np.ndarray, shapes: list[tuple[tuple[int, ...], tuple[int, ...
     return out
 
 
-#: Entries a pass of :func:`_stepped`: its temporaries (512 KB in float64) stay in cache.
+#: Entries a pass of :func:`_stepped` and :func:`_running_average`: their temporaries
+#: (512 KB in float64) stay in cache.
 _CHUNK = 1 << 16
+
+
+def _chunks(size: int) -> Iterator[slice]:
+    """Slices of ``_CHUNK`` entries (the last one shorter) that cover ``range(size)``."""
+    return (slice(i, i + _CHUNK) for i in range(0, size, _CHUNK))
 
 
 def _stepped(w: np.ndarray, velocity: np.ndarray, lr: float) -> tuple[np.ndarray, float]:
@@ -377,8 +384,7 @@ def _stepped(w: np.ndarray, velocity: np.ndarray, lr: float) -> tuple[np.ndarray
     """
     new_w = np.empty_like(w)
     squares = 0.0
-    for i in range(0, w.size, _CHUNK):
-        part = slice(i, i + _CHUNK)
+    for part in _chunks(w.size):
         np.subtract(w[part], lr * velocity[part], out=new_w[part], casting="same_kind")
         moved = np.subtract(new_w[part], w[part], dtype=np.float64)
         squares += float(moved @ moved)  # NaN or Inf stays
@@ -405,8 +411,7 @@ def _running_average(old: np.ndarray | None, new: list[tuple[np.ndarray, np.ndar
                 into[...] = m
                 continue
             src, prev, dst = m.reshape(-1), olds[i][j].reshape(-1), into.reshape(-1)
-            for k in range(0, dst.size, _CHUNK):
-                part = slice(k, k + _CHUNK)
+            for part in _chunks(dst.size):
                 np.multiply(prev[part], decay, out=dst[part])
                 dst[part] += np.multiply(src[part], 1 - decay, dtype=np.float64)
     return packed
