@@ -40,6 +40,12 @@ iterate's beside it (``iterate_loss``). ``--average D1,D2,...`` traces, for
 every variant, the loss at such averages with each decay as well (the
 ``averaged`` losses of each trace point, and a table), with the clock stopped.
 Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
+
+``--report FILE.json`` prints a finished race's tables from its traces: the
+target and the seconds to each loss of a ladder, every method's loss at
+:data:`LOSS_AT_SECONDS`, and, for each pair, the last second at which one
+method reached a loss the other had not (:func:`first_until`; the summary
+keeps it as ``first_until``).
 """
 
 from __future__ import annotations
@@ -376,9 +382,37 @@ def png_path(out: Path) -> Path:
     return base.with_suffix(".png")
 
 
+#: Race seconds at which ``--report`` gives every method's loss (those within the limit).
+LOSS_AT_SECONDS = (5.0, 10.0, 20.0, 30.0, 60.0, 100.0, 150.0, 300.0, 600.0)
+
+
 def first_time_below(trace: Sequence[dict[str, Any]], loss: float) -> dict[str, Any] | None:
     """The first point of ``trace`` at or below ``loss`` (None if never)."""
     return next((p for p in trace if p["loss"] <= loss), None)
+
+
+def first_until(leader: Sequence[dict[str, Any]],
+                other: Sequence[dict[str, Any]]) -> float | None:
+    """The last race second at which ``leader`` reached a loss that ``other`` had not.
+
+    For each point of the leader's trace, ``other`` is first or level if its trace
+    was at or below that loss by then (its first point, the common start, counts
+    as second 0). None: ``other`` was first or level at every loss the leader
+    reached, the issue's criterion "first at every loss".
+    """
+    last = None
+    for point in leader:
+        hit = first_time_below(other, point["loss"])
+        if hit is not None and (hit is other[0] or hit["seconds"] <= point["seconds"]):
+            continue
+        last = point["seconds"]
+    return last
+
+
+def loss_at(trace: Sequence[dict[str, Any]], seconds: float) -> float | None:
+    """The last traced loss at or before ``seconds`` of race time (None: none yet)."""
+    points = [p for p in trace if p["seconds"] <= seconds]
+    return points[-1]["loss"] if points else None
 
 
 def cut_cg_share(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -434,6 +468,8 @@ def summarise(results: list[dict[str, Any]], reference: str | None,
                 for r in results if r["trace"] and "averaged" in r["trace"][-1]}
     if averaged:  # --average: the loss at each exponential average of the iterates
         out["averaged"] = averaged
+    out["first_until"] = {a["label"]: {b["label"]: first_until(a["trace"], b["trace"])
+                                       for b in results if b is not a} for a in results}
     # A ladder of 12 losses from the common start down to the best any variant reached.
     levels = np.geomspace(min(best.values()), max(r["trace"][0]["loss"] for r in results), 12)
     out["seconds_to_loss"] = {f"{lv:.6f}": {r["label"]: (hit["seconds"] if (
@@ -503,6 +539,24 @@ def markdown(report: dict[str, Any]) -> str:
         row = levels[level]
         lines.append(f"| {float(level):.4f} | " + " | ".join(
             "-" if row[k] is None else f"{row[k]:.1f}" for k in labels) + " |")
+    times = [t for t in LOSS_AT_SECONDS if t <= report.get("time_limit", 600.0)]
+    lines += ["", "Loss at given seconds of race time (the last traced loss by then):", "",
+              "| method | " + " | ".join(f"{t:g} s" for t in times) + " | final |",
+              "|---|" + "---:|" * (len(times) + 1)]
+    for r in results:
+        at = [loss_at(r["trace"], t) for t in times]
+        lines.append(f"| {r['label']} | " + " | ".join(
+            "-" if v is None else f"{v:.4f}" for v in at) + f" | {r['trace'][-1]['loss']:.4f} |")
+    if len(results) > 1:  # from the traces, so that races run before this table have it too
+        lines += ["", "The last second at which the row's method reached a loss the column's had "
+                  "not (- : never; the column's was first or level at every loss):", "",
+                  "| first | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        for a in results:
+            cells = []
+            for b in results:
+                until = None if a is b else first_until(a["trace"], b["trace"])
+                cells.append("" if a is b else "-" if until is None else f"{until:.1f}")
+            lines.append(f"| {a['label']} | " + " | ".join(cells) + " |")
     averaged = summary.get("averaged")
     if averaged:
         decays = sorted({d for v in averaged.values() for d in v}, key=float)

@@ -95,3 +95,28 @@ def test_reports_round_trip_plain_and_gzip(tmp_path):
         assert png_path(tmp_path / name) == tmp_path / "race.png"
     assert (tmp_path / "race.json.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip
     assert png_path(Path("docs/x.json")) == Path("docs/x.png")
+
+
+def _trace(points):
+    return [{"iter": i, "seconds": t, "passes": float(i), "loss": loss}
+            for i, (t, loss) in enumerate(points)]
+
+
+def test_who_is_first_until_when_and_the_loss_at_given_seconds():
+    from mpinewton.compare import first_until, loss_at, markdown, summarise
+
+    a = _trace([(0.0, 1.0), (1.0, 0.5), (2.0, 0.3), (3.0, 0.2)])
+    b = _trace([(0.5, 1.0), (1.0, 0.8), (2.0, 0.4), (3.0, 0.1)])
+    # a is first to 0.5 (at 1 s) and 0.3 (2 s): b gets below them only at 3 s; level at 0.2.
+    # The common start (b's first point, at 0.5 s on its clock) is nobody's lead.
+    assert first_until(a, b) == 2.0
+    assert first_until(b, a) == 3.0  # a never reaches 0.1
+    assert first_until(a, a) is None
+    assert loss_at(b, 0.4) is None and loss_at(b, 2.5) == 0.4 and loss_at(b, 3.0) == 0.1
+    results = [{"label": "a", "trace": a, "steps": []}, {"label": "b", "trace": b, "steps": []}]
+    summary = summarise(results, None, 0)
+    assert summary["first_until"] == {"a": {"b": 2.0}, "b": {"a": 3.0}}
+    table = markdown({"summary": summary, "results": results, "time_limit": 10.0})
+    assert "| method | 5 s | 10 s | final |" in table  # only the seconds within the limit
+    assert "| a | 0.2000 | 0.2000 | 0.2000 |" in table
+    assert "| a |  | 2.0 |" in table and "| b | 3.0 |  |" in table
