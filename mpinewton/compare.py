@@ -45,7 +45,9 @@ Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 target and the seconds to each loss of a ladder, every method's loss at
 :data:`LOSS_AT_SECONDS`, and, for each pair, the last second at which one
 method reached a loss the other had not (:func:`first_until`; the summary
-keeps it as ``first_until``).
+keeps it as ``first_until``). ``--report A.json B.json ... [--versus LABEL]``
+puts several races of the same variants (one per seed) in one table
+(:func:`markdown_races`).
 """
 
 from __future__ import annotations
@@ -576,6 +578,48 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_races(reports: Sequence[tuple[str, dict[str, Any]]], versus: str | None) -> str:
+    """One table over several races of the same variants (seeds): ``--report A B ...``.
+
+    A row per race: each variant's final loss and, with ``versus``, each other
+    variant's seconds to ``versus``'s final loss and the last second at which
+    ``versus`` was first to a loss it had not reached (:func:`first_until`);
+    then the mean of the final losses.
+    """
+    names = [name for name, _ in reports]
+    labels = [r["label"] for r in reports[0][1]["results"]]
+    for name, report in reports[1:]:
+        if [r["label"] for r in report["results"]] != labels:
+            raise ValueError(f"{name}: variants {[r['label'] for r in report['results']]}, "
+                             f"but {names[0]} has {labels}: one table needs the same variants")
+    if versus is not None and versus not in labels:
+        raise ValueError(f"--versus {versus!r}: not a variant of these races ({labels})")
+    others = [label for label in labels if label != versus] if versus else []
+    head = [f"final: {label}" for label in labels]
+    head += [f"{label}: to {versus}'s final" for label in others]
+    head += [f"{versus} first until ({label})" for label in others]
+    lines = ["| race | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    finals: dict[str, list[float]] = {label: [] for label in labels}
+    for name, report in reports:
+        traces = {r["label"]: r["trace"] for r in report["results"]}
+        cells = []
+        for label in labels:
+            finals[label].append(traces[label][-1]["loss"])
+            cells.append(f"{traces[label][-1]['loss']:.4f}")
+        if versus:
+            target = traces[versus][-1]["loss"]
+            for label in others:
+                hit = first_time_below(traces[label], target)
+                cells.append("never" if hit is None else f"{hit['seconds']:.1f} s")
+            for label in others:
+                until = first_until(traces[versus], traces[label])
+                cells.append("never" if until is None else f"{until:.1f} s")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| mean | " + " | ".join(f"{float(np.mean(finals[label])):.4f}"
+                                         for label in labels) + " |" + " |" * (2 * len(others)))
+    return "\n".join(lines)
+
+
 def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
     """The curvature products (``hvp``, ``gnvp``, ``grad_squares``, ``kfac:<dim>``) they take.
 
@@ -683,8 +727,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the iterates with these decays, comma-separated (e.g. 0.9,0.99)")
     parser.add_argument("--out", default=None, help="JSON results, gzip-compressed if it "
                         "ends in .gz (and a PNG beside it)")
-    parser.add_argument("--report", default=None, metavar="FILE.json",
-                        help="print the markdown tables of an earlier race and exit")
+    parser.add_argument("--report", default=None, nargs="+", metavar="FILE.json",
+                        help="print the markdown tables of an earlier race and exit; with "
+                        "several files (one race per seed, the same variants), one table "
+                        "over them")
+    parser.add_argument("--versus", default=None, metavar="LABEL",
+                        help="with several --report files: the variant the others are "
+                        "timed against (to its final loss; how long it led)")
     args = parser.parse_args(argv)
     if args.report is None and args.out is None:
         parser.error("--out is required (or --report FILE.json)")
@@ -701,7 +750,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
     if args.report is not None:
-        report = read_report(args.report)
+        if len(args.report) > 1:
+            try:
+                print(markdown_races([(Path(f).name, read_report(f)) for f in args.report],
+                                     args.versus))
+            except (OSError, ValueError, KeyError) as exc:
+                print(f"error: --report: {exc}", file=sys.stderr)
+                return 2
+            return 0
+        report = read_report(args.report[0])
         if args.reference is not None:  # the summary again, with these references
             report["summary"] = summarise(report["results"], args.reference,
                                           args.reference_iters)

@@ -11,6 +11,7 @@ plays the other rank.
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from mpinewton.compare import _Race
 
@@ -120,3 +121,36 @@ def test_who_is_first_until_when_and_the_loss_at_given_seconds():
     assert "| method | 5 s | 10 s | final |" in table  # only the seconds within the limit
     assert "| a | 0.2000 | 0.2000 | 0.2000 |" in table
     assert "| a |  | 2.0 |" in table and "| b | 3.0 |  |" in table
+
+
+def test_one_table_over_several_races(tmp_path, capsys):
+    from mpinewton.compare import main, markdown_races, write_report
+
+    def race(adam, kfac):
+        return {"time_limit": 10.0, "summary": {}, "results": [
+            {"label": "kfac", "trace": _trace(kfac), "steps": []},
+            {"label": "adam", "trace": _trace(adam), "steps": []}]}
+
+    # seed 0: Adam first to 0.6 (at 1 s, K-FAC at 2 s), K-FAC ends lower and passes
+    # Adam's final 0.4 at 3 s; seed 1: K-FAC never reaches Adam's 0.3.
+    one = race([(0.0, 1.0), (1.0, 0.6), (4.0, 0.4)], [(0.0, 1.0), (2.0, 0.5), (3.0, 0.2)])
+    two = race([(0.0, 1.0), (1.0, 0.3)], [(0.0, 1.0), (2.0, 0.5)])
+    table = markdown_races([("s0", one), ("s1", two)], "adam")
+    assert ("| race | final: kfac | final: adam | kfac: to adam's final "
+            "| adam first until (kfac) |") in table
+    assert "| s0 | 0.2000 | 0.4000 | 3.0 s | 1.0 s |" in table
+    assert "| s1 | 0.5000 | 0.3000 | never | 1.0 s |" in table
+    assert "| mean | 0.3500 | 0.3500 | | |" in table
+    with pytest.raises(ValueError, match="not a variant"):
+        markdown_races([("s0", one)], "sgd")
+    other = race([(0.0, 1.0)], [(0.0, 1.0)])
+    other["results"][0]["label"] = "newton"
+    with pytest.raises(ValueError, match="s2: variants"):
+        markdown_races([("s0", one), ("s2", other)], None)
+    for name, data in (("s0.json.gz", one), ("s1.json", two), ("s2.json", other)):
+        write_report(tmp_path / name, data)
+    assert main(["--report", str(tmp_path / "s0.json.gz"), str(tmp_path / "s1.json"),
+                 "--versus", "adam"]) == 0
+    assert "| s1.json | 0.5000 | 0.3000 | never | 1.0 s |" in capsys.readouterr().out
+    assert main(["--report", str(tmp_path / "s0.json.gz"), str(tmp_path / "s2.json")]) == 2
+    assert "s2.json: variants" in capsys.readouterr().err
