@@ -43,11 +43,11 @@ Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 
 ``--report FILE.json`` prints a finished race's tables from its traces: the
 target and the seconds to each loss of a ladder, every method's loss at
-:data:`LOSS_AT_SECONDS`, and, for each pair, the last second at which one
-method reached a loss the other had not (:func:`first_until`; the summary
-keeps it as ``first_until``). ``--report A.json B.json ... [--versus LABEL]``
-puts several races of the same variants (one per seed) in one table
-(:func:`markdown_races`).
+:data:`LOSS_AT_SECONDS` and at :data:`LOSS_AT_PASSES`, and, for each pair,
+the last second at which one method reached a loss the other had not
+(:func:`first_until`; the summary keeps it as ``first_until``).
+``--report A.json B.json ... [--versus LABEL]`` puts several races of the
+same variants (one per seed) in one table (:func:`markdown_races`).
 """
 
 from __future__ import annotations
@@ -386,6 +386,8 @@ def png_path(out: Path) -> Path:
 
 #: Race seconds at which ``--report`` gives every method's loss (those within the limit).
 LOSS_AT_SECONDS = (5.0, 10.0, 20.0, 30.0, 60.0, 100.0, 150.0, 300.0, 600.0)
+#: Passes over the data at which it gives them too (those below every method's last).
+LOSS_AT_PASSES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 
 
 def first_time_below(trace: Sequence[dict[str, Any]], loss: float) -> dict[str, Any] | None:
@@ -411,9 +413,14 @@ def first_until(leader: Sequence[dict[str, Any]],
     return last
 
 
-def loss_at(trace: Sequence[dict[str, Any]], seconds: float) -> float | None:
-    """The last traced loss at or before ``seconds`` of race time (None: none yet)."""
-    points = [p for p in trace if p["seconds"] <= seconds]
+def loss_at(trace: Sequence[dict[str, Any]], seconds: float,
+            clock: str = "seconds") -> float | None:
+    """The last traced loss at or before ``seconds`` of race time (None: none yet).
+
+    ``clock="passes"``: at or before that many passes over the data instead, the
+    work done, which a machine whose speed drifts does not move.
+    """
+    points = [p for p in trace if p[clock] <= seconds]
     return points[-1]["loss"] if points else None
 
 
@@ -549,6 +556,16 @@ def markdown(report: dict[str, Any]) -> str:
         at = [loss_at(r["trace"], t) for t in times]
         lines.append(f"| {r['label']} | " + " | ".join(
             "-" if v is None else f"{v:.4f}" for v in at) + f" | {r['trace'][-1]['loss']:.4f} |")
+    common = min(r["trace"][-1]["passes"] for r in results)
+    passes = [q for q in LOSS_AT_PASSES if q < common] + [common]
+    lines += ["", "Loss at given passes over the data (the last traced loss by then; the "
+              "last column: the passes every method made):", "",
+              "| method | " + " | ".join(f"{q:.4g}" for q in passes) + " |",
+              "|---|" + "---:|" * len(passes)]
+    for r in results:
+        at = [loss_at(r["trace"], q, "passes") for q in passes]
+        lines.append(f"| {r['label']} | " + " | ".join(
+            "-" if v is None else f"{v:.4f}" for v in at) + " |")
     if len(results) > 1:  # from the traces, so that races run before this table have it too
         lines += ["", "The last second at which the row's method reached a loss the column's had "
                   "not (- : never; the column's was first or level at every loss):", "",

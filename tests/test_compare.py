@@ -121,6 +121,11 @@ def test_who_is_first_until_when_and_the_loss_at_given_seconds():
     assert "| method | 5 s | 10 s | final |" in table  # only the seconds within the limit
     assert "| a | 0.2000 | 0.2000 | 0.2000 |" in table
     assert "| a |  | 2.0 |" in table and "| b | 3.0 |  |" in table
+    # passes: a's i-th point at i passes (_trace); both made 3, the common last column
+    assert "| method | 1 | 2 | 3 |" in table
+    assert "| a | 0.5000 | 0.3000 | 0.2000 |" in table
+    assert "| b | 0.8000 | 0.4000 | 0.1000 |" in table
+    assert loss_at(b, 1.5, "passes") == 0.8
 
 
 def test_one_table_over_several_races(tmp_path, capsys):
