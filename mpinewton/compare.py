@@ -53,6 +53,7 @@ same variants (one per seed) in one table (:func:`markdown_races`).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -404,10 +405,19 @@ def first_until(leader: Sequence[dict[str, Any]],
     as second 0). None: ``other`` was first or level at every loss the leader
     reached, the issue's criterion "first at every loss".
     """
+    # The first point at or below a loss is a new running minimum of ``other``: keep
+    # those (strictly decreasing losses), then bisect, O(log n) a point; a full-batch
+    # race traces thousands of iterates a variant.
+    seconds, negated, low = [], [], math.inf
+    for i, p in enumerate(other):
+        if p["loss"] < low:
+            low = p["loss"]
+            seconds.append(0.0 if i == 0 else p["seconds"])
+            negated.append(-low)
     last = None
     for point in leader:
-        hit = first_time_below(other, point["loss"])
-        if hit is not None and (hit is other[0] or hit["seconds"] <= point["seconds"]):
+        j = bisect.bisect_left(negated, -point["loss"])  # the first minimum <= the loss
+        if j < len(negated) and seconds[j] <= point["seconds"]:
             continue
         last = point["seconds"]
     return last

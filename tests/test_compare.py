@@ -113,6 +113,17 @@ def test_who_is_first_until_when_and_the_loss_at_given_seconds():
     assert first_until(a, b) == 2.0
     assert first_until(b, a) == 3.0  # a never reaches 0.1
     assert first_until(a, a) is None
+    # against the definition, point by point, on random walks with ties and plateaus
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        x, y = (_trace(zip(np.cumsum(rng.integers(0, 3, 30)) + t0,
+                           np.round(rng.random(30), 1), strict=True)) for t0 in (0.0, 0.5))
+        slow = None
+        for p in x:
+            hit = next((q for q in y if q["loss"] <= p["loss"]), None)
+            if hit is None or (hit is not y[0] and hit["seconds"] > p["seconds"]):
+                slow = p["seconds"]
+        assert first_until(x, y) == slow
     assert loss_at(b, 0.4) is None and loss_at(b, 2.5) == 0.4 and loss_at(b, 3.0) == 0.1
     results = [{"label": "a", "trace": a, "steps": []}, {"label": "b", "trace": b, "steps": []}]
     summary = summarise(results, None, 0)
