@@ -525,6 +525,22 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _loss_table(results: list[dict[str, Any]], clock: str, points: Sequence[float],
+                head: Sequence[str], title: str) -> list[str]:
+    """Each method's loss at ``points`` of ``clock`` (seconds or passes), a row each.
+
+    A ``head`` one longer than ``points`` adds the final loss as its last column.
+    """
+    lines = ["", title, "", "| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for r in results:
+        cells = ["-" if v is None else f"{v:.4f}"
+                 for v in (loss_at(r["trace"], q, clock) for q in points)]
+        if len(head) > len(points):
+            cells.append(f"{r['trace'][-1]['loss']:.4f}")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The tables of ``docs/results.md`` from a race's JSON (``--report FILE``)."""
     summary, results = report["summary"], report["results"]
@@ -559,23 +575,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {float(level):.4f} | " + " | ".join(
             "-" if row[k] is None else f"{row[k]:.1f}" for k in labels) + " |")
     times = [t for t in LOSS_AT_SECONDS if t <= report.get("time_limit", 600.0)]
-    lines += ["", "Loss at given seconds of race time (the last traced loss by then):", "",
-              "| method | " + " | ".join(f"{t:g} s" for t in times) + " | final |",
-              "|---|" + "---:|" * (len(times) + 1)]
-    for r in results:
-        at = [loss_at(r["trace"], t) for t in times]
-        lines.append(f"| {r['label']} | " + " | ".join(
-            "-" if v is None else f"{v:.4f}" for v in at) + f" | {r['trace'][-1]['loss']:.4f} |")
+    lines += _loss_table(results, "seconds", times, [f"{t:g} s" for t in times] + ["final"],
+                         "Loss at given seconds of race time (the last traced loss by then):")
     common = min(r["trace"][-1]["passes"] for r in results)
     passes = [q for q in LOSS_AT_PASSES if q < common] + [common]
-    lines += ["", "Loss at given passes over the data (the last traced loss by then; the "
-              "last column: the passes every method made):", "",
-              "| method | " + " | ".join(f"{q:.4g}" for q in passes) + " |",
-              "|---|" + "---:|" * len(passes)]
-    for r in results:
-        at = [loss_at(r["trace"], q, "passes") for q in passes]
-        lines.append(f"| {r['label']} | " + " | ".join(
-            "-" if v is None else f"{v:.4f}" for v in at) + " |")
+    lines += _loss_table(results, "passes", passes, [f"{q:.4g}" for q in passes],
+                         "Loss at given passes over the data (the last traced loss by then; "
+                         "the last column: the passes every method made):")
     if len(results) > 1:  # from the traces, so that races run before this table have it too
         lines += ["", "The last second at which the row's method reached a loss the column's had "
                   "not (- : never; the column's was first or level at every loss):", "",

@@ -560,11 +560,11 @@ for seed in 1 8 9; do
     # 0.8^20 a judgement, their inverses up; the floor 1e-3 after 80 or 40 steps), beside
     # the job's 0.95 and Adam, on the tuning seeds 1, 8 and 9, TIME (60) s each.
     k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,damping_every=20"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3"
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
-        --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,lm_decrease=0.3584859224085419,lm_increase=2.7895098175162607" \
-        --variant "kfac-b8000-warm1-pace0.9-avg0.95=$k,$lm,lm_decrease=0.12157665459056935,lm_increase=8.225263339969954" \
-        --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026" \
+        --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,$every20" \
+        --variant "kfac-b8000-warm1-pace0.9-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.12157665459056935,lm_increase=8.225263339969954" \
+        --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-warm-pace-seed$seed.json.gz"
 done
