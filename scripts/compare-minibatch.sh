@@ -72,7 +72,7 @@
 #          from 0.1 against the job's from 1, and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm0.1-seed{0,2,3,4,5,6,7}.json.gz
 #   race-kfac-pace0.8  seeds 0 and 2-7 (or race-kfac-pace0.8-seedS for one): the warm-up
-#          at 0.8 a step against the job's 0.95, and Adam
+#          at 0.8 a step (the job's since) against 0.95, and Adam
 #          -> docs/compare/cnn-minibatch-kfac-pace0.8-seed{0,2,3,4,5,6,7}.json.gz
 #   race-kfac-fresh  seeds 5, 6, 7 (or race-kfac-seedS for one), never run before: K-FAC
 #          and Adam -> docs/compare/cnn-minibatch-kfac-seed{5,6,7}.json.gz
@@ -668,7 +668,7 @@ for seed in 0 2 3 4 5 6 7; do
        || $stage == all ]] || continue
     # Seeds 0 and 2-7 again, TIME (150) s each: round 31's candidate, the warm-up from 1
     # at 0.8 a step (0.8^20 a judgement, its inverse up; the floor after 40 steps), against
-    # the job's 0.95, and Adam, each averaged as in race-kfac-warm.
+    # the job's 0.95, and Adam, each averaged as in race-kfac-warm. The job takes 0.8 since.
     k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
     lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3"
     race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
