@@ -29,18 +29,24 @@ THESIS_JOB = str(ROOT / "jobs" / "mnist_cnn_thesis.toml")
 
 #: A ``sklearn`` that refuses to import (tests/no_sklearn/sklearn/__init__.py says why).
 NO_SKLEARN = ROOT / "tests" / "no_sklearn"
+#: A ``matplotlib`` that refuses to import (tests/no_matplotlib/matplotlib/__init__.py).
+NO_MATPLOTLIB = ROOT / "tests" / "no_matplotlib"
 
 
-def pythonpath(*dirs, sklearn=False):
-    """A job's PYTHONPATH: ``dirs``, then the repository; scikit-learn hidden unless
-    ``sklearn`` (only docs/examples use it; Keras would import it in every rank)."""
-    return os.pathsep.join(str(d) for d in ([] if sklearn else [NO_SKLEARN]) + [*dirs, ROOT])
+def pythonpath(*dirs, sklearn=False, matplotlib=False):
+    """A job's PYTHONPATH: ``dirs``, then the repository. Hidden from it unless asked for,
+    since Keras would import them in every rank: scikit-learn (``sklearn``: only
+    docs/examples load its data sets) and matplotlib (``matplotlib``: only the jobs of
+    ``mpinewton.compare`` and ``mpinewton.analyze`` draw figures)."""
+    hidden = ([] if sklearn else [NO_SKLEARN]) + ([] if matplotlib else [NO_MATPLOTLIB])
+    return os.pathsep.join(str(d) for d in [*hidden, *dirs, ROOT])
 
 
-def mpi_env(sklearn=False, **extra):
+def mpi_env(sklearn=False, matplotlib=False, **extra):
     """The environment of a job the tests launch; ``extra`` set on top."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=pythonpath(sklearn=sklearn))
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONPATH=pythonpath(sklearn=sklearn, matplotlib=matplotlib))
     env.update(extra)
     return env
 
@@ -176,8 +182,10 @@ class AnalyzeLaunch:
 
 
 def start_analyze_many(ranks, commands, workdir, env=None):
-    """Start :func:`analyze_many`'s launch without waiting (launches may overlap)."""
-    return start_many("mpinewton.analyze", ranks, commands, workdir, env=env)
+    """Start :func:`analyze_many`'s launch without waiting (launches may overlap); its
+    commands may draw figures, so matplotlib is not hidden from it."""
+    return start_many("mpinewton.analyze", ranks, commands, workdir,
+                      env=env or mpi_env(matplotlib=True))
 
 
 def start_many(module, ranks, commands, workdir, env=None):

@@ -23,8 +23,9 @@ def _compare(dataset, out, *args, ranks=2):
            "mpinewton.compare", "--set", f"data.path={json.dumps(str(dataset))}",
            "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
            "--set", "objective.micro_batch=16", "--out", str(out), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
-                          timeout=240)
+    # the race draws its figure (rank 0): matplotlib importable
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(matplotlib=True), capture_output=True,
+                          text=True, timeout=240)
 
 
 def test_compare_races_variants_from_the_same_weights(dataset, tmp_path):
