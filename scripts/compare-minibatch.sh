@@ -65,6 +65,10 @@
 #   kfac-warm-pace  round 31, seeds 1, 8 and 9 (or kfac-warm-pace-seedS for one), 60 s
 #          each: the warm-up from 1 at 0.95 (the job's), 0.9 and 0.8 a step, and Adam
 #          -> docs/compare/tuning/minibatch-kfac-warm-pace-seed{1,8,9}.json.gz
+#   kfac-grow  round 32, seeds 1, 8 and 9 (or kfac-grow-seedS for one), 60 s each: the
+#          job's K-FAC on batches that start at 2,000 and grow by the norm test (theta 0.5
+#          or 2) to the job's 8,000, beside the job's and Adam
+#          -> docs/compare/tuning/minibatch-kfac-grow-seed{1,8,9}.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -88,7 +92,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start and kfac-warm-pace only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace and kfac-grow only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -570,6 +574,25 @@ for seed in 1 8 9; do
         --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-warm-pace-seed$seed.json.gz"
+done
+# The job's K-FAC (jobs/mnist_cnn_kfac.toml since race-kfac-pace0.8): warmed up at 0.8 a step
+pace08="damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026"
+for seed in 1 8 9; do
+    [[ $stage == kfac-grow || $stage == "kfac-grow-seed$seed" ]] || continue
+    # Round 32: Adam is still first for the first 6-16 s (race-kfac-pace0.8), taking about
+    # five steps to each of K-FAC's on 8,000 images. Cheaper first steps: batches of 2,000
+    # that grow by the norm test (theta 0.5 or 2; its per-sample pass counted) to 8,000,
+    # the factors from 5 % of each (100 images at first, as the job's), on the tuning
+    # seeds 1, 8 and 9, TIME (60) s each, beside the job's and Adam.
+    k="kfac,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
+    grow="batch_size=2000,batch_growth=norm_test,batch_max=8000,curvature_fraction=0.05"
+    race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
+        --variant "kfac-grow2000-theta0.5-pace0.8-avg0.95=$k,$lm,$grow,batch_theta=0.5" \
+        --variant "kfac-grow2000-theta2-pace0.8-avg0.95=$k,$lm,$grow,batch_theta=2.0" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/tuning/minibatch-kfac-grow-seed$seed.json.gz"
 done
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
