@@ -3,9 +3,9 @@
 The benchmark's figures are not checked (speed targets never are by tests);
 what is checked is that each benchmark runs to the end as a command, prints its
 figures and writes JSON of the documented shape with positive, finite timings.
-Tiny means: random images (``--synthetic``), batches of 10 and 20 (``--sizes``),
-one timed call after the warm-up (``--repeats 1``), shards of 20 and 40 for
-``memory`` (``--samples``), one thread.
+Tiny means: random images (``--synthetic``), batches of 10 and 20 (``--sizes``;
+5 and 10 for ``hessian``), one timed call after the warm-up (``--repeats 1``),
+shards of 20 and 40 for ``memory`` (``--samples``), one thread.
 """
 
 import json
