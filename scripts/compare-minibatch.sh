@@ -106,6 +106,9 @@ race() { bash scripts/mpirun.sh -n 2 python -m mpinewton.compare jobs/mnist_cnn.
 # K-FAC's Levenberg-Marquardt damping judged every 20 steps, at 0.95 a step while the
 # batch's model holds (0.95^20 down, its inverse up): rounds 29 and 30, race-kfac-warm
 every20="damping_every=20,lm_decrease=0.3584859224085419,lm_increase=2.7895098175162607"
+# ... and at 0.8 a step (0.8^20 down, its inverse up): round 31, race-kfac-pace0.8, the
+# job's since
+pace08="damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026"
 if [[ $stage == tune || $stage == all ]]; then
     race --set run.seed=1 --time-limit "${TUNE_TIME:-45}" \
         --variant "newton-f0.05=newton" \
@@ -571,12 +574,10 @@ for seed in 1 8 9; do
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
         --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,$every20" \
         --variant "kfac-b8000-warm1-pace0.9-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.12157665459056935,lm_increase=8.225263339969954" \
-        --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026" \
+        --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,$pace08" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-warm-pace-seed$seed.json.gz"
 done
-# The job's K-FAC (jobs/mnist_cnn_kfac.toml since race-kfac-pace0.8): warmed up at 0.8 a step
-pace08="damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026"
 for seed in 1 8 9; do
     [[ $stage == kfac-grow || $stage == "kfac-grow-seed$seed" ]] || continue
     # Round 32: Adam is still first for the first 6-16 s (race-kfac-pace0.8), taking about
@@ -695,7 +696,7 @@ for seed in 0 2 3 4 5 6 7; do
     k="kfac,batch_size=8000,curvature_fraction=0.0125,average=0.95"
     lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3"
     race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
-        --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026" \
+        --variant "kfac-b8000-warm1-pace0.8-avg0.95=$k,$lm,$pace08" \
         --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,$every20" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/cnn-minibatch-kfac-pace0.8-seed$seed.json.gz"
