@@ -32,8 +32,10 @@ caps that variant's iterations below ``--max-iters``. In a mini-batch race
 ``batch_size=B`` gives one variant batches of ``B`` instead of the job's,
 cut from the same sequence of samples (the same epoch permutations from the
 same position), e.g. Newton-CG on larger batches than the first-order
-methods; ``batch_growth=norm_test`` (with ``batch_theta``, ``batch_max``) lets
-one variant's batches grow from that size as the trainer's do, and
+methods; ``batch_growth=norm_test`` (with ``batch_theta``, ``batch_max``) or
+``batch_growth=geometric`` (with ``batch_every``, ``batch_factor``,
+``batch_max``) lets one variant's batches grow from that size as the
+trainer's do, and
 ``average=D`` makes the variant's model the exponential average of its
 iterates (``optimizer.average``): its trace is the average's loss, the
 iterate's beside it (``iterate_loss``). ``--average D1,D2,...`` traces, for
@@ -140,9 +142,10 @@ class _Race:
     ``n_train`` training samples counts ``m / n_train``.
 
     Progressive batches (``batch_growth``, the variant's optimizer config with
-    ``batch_growth != "none"``): before each step the mean squared per-sample
-    gradient on its batch (clocked, one pass of the batch), after it the norm
-    test, as the trainer does (:func:`mpinewton.sampling.grow_by_norm_test`).
+    ``batch_growth != "none"``) grow as the trainer's do
+    (:func:`mpinewton.train.loop.grow_batch`): the norm test takes the mean
+    squared per-sample gradient on each batch before the step (clocked, one
+    pass of the batch) and decides after it; geometric growth needs no pass.
     A batch that grows gets its new shapes compiled with the clock stopped,
     as every variant's shapes are before its race.
     """
@@ -221,7 +224,8 @@ class _Race:
             batch = self.sampler.next()
             x, y, lo, hi = load_batch(session, self.objective, batch)
             self.batch = self.curvature_rows = batch.size
-            if self.batch_growth is not None:  # the norm test's mean_i |g_i|^2: one pass
+            if self.batch_growth is not None and self.batch_growth.batch_growth == "norm_test":
+                # the norm test's mean_i |g_i|^2: one pass
                 self.mean_squares = float(np.sum(self.objective.grad_squares(self.w)))
                 self.counts0 = self.counts()
                 self.pass_total += self.batch / self.n_train
@@ -254,11 +258,10 @@ class _Race:
         for average in averages:  # clocked: a user averaging pays for it
             average.update(w)
         if self.batch_growth is not None:
-            from mpinewton.sampling import grow_by_norm_test
+            from mpinewton.train.loop import grow_batch
 
-            opt = self.batch_growth
-            grown = grow_by_norm_test(self.sampler, self.mean_squares, info.grad_norm ** 2,
-                                      opt.batch_theta, opt.batch_max)
+            grown = grow_batch(self.sampler, self.batch_growth, k, self.mean_squares,
+                               info.grad_norm ** 2)
             if grown is not None:
                 self.records[-1]["next_batch_size"] = grown
                 self._compile_batch(grown, w)
@@ -668,7 +671,8 @@ def products_used(optimizers: Sequence[OptimizerConfig]) -> set[str]:
         curvature = getattr(params, "curvature", None)
         if curvature is not None:
             used.add("gnvp" if curvature == "gauss_newton" else "hvp")
-        if getattr(params, "preconditioner", "none") == "fisher" or opt.batch_growth != "none":
+        if getattr(params, "preconditioner", "none") == "fisher" or \
+                opt.batch_growth == "norm_test":
             used.add("grad_squares")
         if getattr(params, "preconditioner", "none") == "hutchinson":
             used.add("hvp")

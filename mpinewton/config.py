@@ -30,7 +30,7 @@ LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy", "binary
 KERAS_LOSS_PREFIX = "keras:"
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 PREPROCESSES = ("scale", "caffe")
-BATCH_GROWTH = ("none", "norm_test")
+BATCH_GROWTH = ("none", "norm_test", "geometric")
 CURVATURE_GROWTH = ("none", "damping")
 
 #: The Newton-CG settings measured fastest (docs/results.md): what ``mpinewton.fit`` uses
@@ -155,8 +155,12 @@ class OptimizerConfig:
     curvature_growth: str = "none"
     curvature_growth_threshold: float = 2.0  # ... above this many times its initial value
     curvature_fraction_max: float = 1.0  # it grows to at most this, in (0, 1] (<= fraction: never)
-    batch_growth: str = "none"  # "norm_test": grow mini-batches by the norm test (BBN 2018)
+    # "norm_test": grow mini-batches by the norm test (BBN 2018); "geometric": multiply them
+    # by batch_factor every batch_every steps of the method (Friedlander & Schmidt 2012)
+    batch_growth: str = "none"
     batch_theta: float = 0.9  # the norm test's theta > 0: smaller grows batches sooner
+    batch_every: int = 0  # geometric: steps of the method between growths (>= 1)
+    batch_factor: float = 2.0  # geometric: the factor, > 1 (2: doublings reuse compiled shapes)
     batch_max: int = 0  # batches grow to at most this many samples; 0 = all of them
     # the model is the exponential average of the method's iterates with this decay, in [0, 1)
     # (mini-batches: less of the batches' noise; Polyak & Juditsky 1992); 0 = the last iterate
@@ -185,6 +189,15 @@ class OptimizerConfig:
                                  self.curvature_fraction_max, "a number in (0, 1]")
         require(self, "batch_growth", "choice", choices=BATCH_GROWTH)
         require(self, "batch_theta", "> 0")
+        require(self, "batch_every", "int >= 0")
+        require(self, "batch_factor", "> 0")
+        if self.batch_factor <= 1:
+            raise ParameterError("OptimizerConfig", "batch_factor", self.batch_factor,
+                                 "a number > 1 (batches only grow)")
+        if self.batch_growth == "geometric" and self.batch_every < 1:
+            raise ParameterError("OptimizerConfig", "batch_every", self.batch_every,
+                                 "the steps between growths, >= 1, with batch_growth = "
+                                 "'geometric'")
         require(self, "batch_max", "int >= 0")
         require(self, "average", ">= 0")
         if self.average >= 1:

@@ -175,6 +175,30 @@ def grow_by_norm_test(sampler: MiniBatchSampler, mean_squares: float, grad_norm_
     return sampler.grow(min(wanted, cap))
 
 
+def grow_geometric(sampler: MiniBatchSampler, step: int, every: int, factor: float,
+                   batch_max: int = 0) -> int | None:
+    """Grow the batches by ``factor`` after every ``every``-th step; the new size, or None.
+
+    Geometric sample-size growth (Friedlander & Schmidt 2012, "Hybrid
+    deterministic-stochastic methods for data fitting", section 3; Smith et al.
+    2018 grow the batch in steps the same way): cheap noisy steps while the
+    loss falls fast, larger batches once the noise dominates, without the norm
+    test's per-sample pass. After method step ``step`` (1, 2, ...) with
+    ``step % every == 0`` the batch becomes ``ceil(factor * b)``, at most
+    ``batch_max`` samples (0: all of them). It depends only on the step and
+    the sampler's batch size, which a checkpoint holds, so a resumed run grows
+    as an uninterrupted one. With ``factor = 2`` and a first batch that is a
+    multiple of ``ranks * micro_batch``, every size reuses the compiled graphs.
+    """
+    if every < 1 or factor <= 1:
+        raise ValueError(f"geometric growth needs every >= 1 and factor > 1, got {every}, "
+                         f"{factor}")
+    cap = batch_max or sampler.num_samples
+    if step < 1 or step % every or sampler.batch_size >= cap:
+        return None
+    return sampler.grow(min(math.ceil(factor * sampler.batch_size), cap))
+
+
 @dataclass
 class CurvatureGrowth:
     """The curvature fraction of each iteration: it grows while the damping stays high.

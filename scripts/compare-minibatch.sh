@@ -69,6 +69,11 @@
 #          job's K-FAC on batches that start at 2,000 and grow by the norm test (theta 0.5
 #          or 2) to the job's 8,000, beside the job's and Adam
 #          -> docs/compare/tuning/minibatch-kfac-grow-seed{1,8,9}.json.gz
+#   kfac-double  round 33, seeds 1, 8 and 9 (or kfac-double-seedS for one), 60 s each:
+#          the job's K-FAC on batches that start at 1,000 (or 2,000) and double every 25,
+#          100 or 400 steps (optimizer.batch_growth = "geometric") to the job's 8,000,
+#          beside the job's and Adam
+#          -> docs/compare/tuning/minibatch-kfac-double-seed{1,8,9}.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -92,7 +97,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace and kfac-grow only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow and kfac-double only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -594,6 +599,26 @@ for seed in 1 8 9; do
         --variant "kfac-grow2000-theta2-pace0.8-avg0.95=$k,$lm,$grow,batch_theta=2.0" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-grow-seed$seed.json.gz"
+done
+for seed in 1 8 9; do
+    [[ $stage == kfac-double || $stage == "kfac-double-seed$seed" ]] || continue
+    # Round 33: the norm test's per-sample pass cost round 32 more than its small batches
+    # gained. A fixed schedule has no such pass: batches of 1,000 (one micro-batch of 500
+    # per rank, so every doubling reuses the compiled graphs) or 2,000 that double every
+    # 25, 100 or 400 steps to 8,000, the factors from 100 images at first (10 % or 5 %),
+    # on the tuning seeds 1, 8 and 9, TIME (60) s each, beside the job's and Adam.
+    k="kfac,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
+    from1000="batch_size=1000,curvature_fraction=0.1,batch_growth=geometric,batch_max=8000"
+    from2000="batch_size=2000,curvature_fraction=0.05,batch_growth=geometric,batch_max=8000"
+    race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
+        --variant "kfac-double1000-every25-pace0.8-avg0.95=$k,$lm,$from1000,batch_every=25" \
+        --variant "kfac-double1000-every100-pace0.8-avg0.95=$k,$lm,$from1000,batch_every=100" \
+        --variant "kfac-double1000-every400-pace0.8-avg0.95=$k,$lm,$from1000,batch_every=400" \
+        --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm,$from2000,batch_every=100" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/tuning/minibatch-kfac-double-seed$seed.json.gz"
 done
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the

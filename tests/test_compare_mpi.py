@@ -168,7 +168,8 @@ def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
     same settings take the same steps on the same batches, which grow by the
     norm test from 20 samples to the cap of 60; each step counts its batch
     twice (the gradient, and the mean squared per-sample gradient the test
-    needs). A Newton-CG variant with a curvature sample grows as well.
+    needs). A Newton-CG variant with a curvature sample grows geometrically:
+    it doubles after every second step, to the cap.
     """
     from mpijobs import read_metrics
 
@@ -178,7 +179,8 @@ def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
     proc = _compare(dataset, out, *job, "--max-iters", "4", "--eval-samples", "30",
                     "--eval-seconds", "0", "--variant", f"gd=gd,learning_rate=0.3,{grow}",
                     "--variant", "hf=newton,curvature=gauss_newton,damping_rule="
-                                 f"levenberg_marquardt,curvature_fraction=0.5,{grow}")
+                                 "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
+                                 "geometric,batch_every=2,batch_max=60")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = {r["label"]: r for r in json.loads(out.read_text())["results"]}
     sizes = [s["batch_size"] for s in results["gd"]["steps"]]
@@ -189,8 +191,10 @@ def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
     for size in sizes:
         passes.append(passes[-1] + 2 * size / 101)
     assert [p["passes"] for p in results["gd"]["trace"]] == pytest.approx(passes)
-    hf = [s["batch_size"] for s in results["hf"]["steps"]]
-    assert len(hf) == 4 and hf[0] == 20 and hf[-1] > 20
+    hf = results["hf"]["steps"]
+    assert [s["batch_size"] for s in hf] == [20, 20, 40, 40]
+    assert [s.get("next_batch_size") for s in hf] == [None, 40, None, 60]
+    assert [s["curvature_samples"] for s in hf] == [10, 10, 20, 20]
 
     run_dir = tmp_path / "run"
     cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",

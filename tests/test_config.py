@@ -152,6 +152,17 @@ def test_batch_growth_needs_mini_batches_and_sane_values():
         load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='norm'"])
     with pytest.raises(ConfigError, match="batch_theta"):
         load_job(None, ["optimizer.batch_size=100", "optimizer.batch_theta=0"])
+    job = load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='geometric'",
+                          "optimizer.batch_every=20"])
+    assert job.optimizer.batch_every == 20 and job.optimizer.batch_factor == 2.0
+    with pytest.raises(ConfigError, match="batch_every"):  # geometric needs its period
+        load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='geometric'"])
+    for bad in ("1", "0.5", "-2"):
+        with pytest.raises(ConfigError, match="batch_factor"):
+            load_job(None, ["optimizer.batch_size=100", "optimizer.batch_growth='geometric'",
+                            "optimizer.batch_every=20", f"optimizer.batch_factor={bad}"])
+    with pytest.raises(ConfigError, match="full-batch"):
+        load_job(None, ["optimizer.batch_growth='geometric'", "optimizer.batch_every=20"])
 
 
 def test_curvature_growth_settings_and_where_it_is_off():

@@ -111,6 +111,46 @@ def test_norm_test_against_hand_computed_sizes():
     assert norm_test(100, 1.0, 0.0, 0.1) is None and norm_test(1, 9.0, 1.0, 0.1) is None
 
 
+def test_geometric_growth_against_hand_computed_sizes():
+    from mpinewton.sampling import grow_geometric
+
+    # b = 10, every 3 steps, factor 2, at most 50: steps 1-3 use 10, 4-6 use 20, 7-9 40, then 50
+    s = MiniBatchSampler(100, 10, seed=0)
+    sizes, grown = [], []
+    for step in range(1, 13):
+        sizes.append(s.next().size)
+        grown.append(grow_geometric(s, step, 3, 2.0, batch_max=50))
+    assert sizes == [10] * 3 + [20] * 3 + [40] * 3 + [50] * 3
+    assert grown == [None, None, 20, None, None, 40, None, None, 50, None, None, None]
+    # factor 1.5 rounds up (ceil(1.5 * 7) = 11), and without batch_max stops at all samples
+    s = MiniBatchSampler(20, 7, seed=0)
+    assert [grow_geometric(s, k, 1, 1.5) for k in (1, 2, 3)] == [11, 17, 20]
+    assert grow_geometric(s, 4, 1, 1.5) is None
+    for every, factor in ((0, 2.0), (1, 1.0)):
+        with pytest.raises(ValueError, match="geometric growth"):
+            grow_geometric(s, 1, every, factor)
+
+
+def test_grow_batch_follows_the_jobs_rule():
+    from mpinewton.config import load_job
+    from mpinewton.train.loop import grow_batch
+
+    def job(*keys):
+        return load_job(None, ["optimizer.batch_size=10", *keys]).optimizer
+
+    geometric = job("optimizer.batch_growth='geometric'", "optimizer.batch_every=2")
+    s = MiniBatchSampler(100, 10)
+    # the norm test's numbers do not matter to the geometric rule, only the step does
+    assert grow_batch(s, geometric, 1, 1e9, 1e-9) is None and s.batch_size == 10
+    assert grow_batch(s, geometric, 2, 0.0, 0.0) == 20 and s.batch_size == 20
+    # the norm test: b = 10, mean |g_i|^2 = 5, |g|^2 = 1, theta 0.5 asks for 18 (above)
+    norm = job("optimizer.batch_growth='norm_test'", "optimizer.batch_theta=0.5")
+    s = MiniBatchSampler(100, 10)
+    assert grow_batch(s, norm, 1, 5.0, 1.0) == 18 and s.batch_size == 18
+    assert grow_batch(MiniBatchSampler(100, 10), job(), 2, 5.0, 1.0) is None
+    assert grow_batch(None, geometric, 2, 0.0, 0.0) is None
+
+
 def test_sampler_grows_and_restores_a_grown_size():
     s = MiniBatchSampler(50, 5, seed=1)
     s.next()

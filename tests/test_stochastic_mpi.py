@@ -76,6 +76,34 @@ def test_resume_mid_epoch_draws_the_same_batches(dataset, runs, tmp_path):
         [r["batch_sha256"] for r in read_metrics(straight)][4:]
 
 
+def test_geometric_batches_double_every_k_method_steps_and_resume(dataset, tmp_path):
+    """``batch_growth = "geometric"``: the batch doubles after every 2nd step of the method.
+
+    Pre-training keeps the first size; the steps count from the method's first,
+    and a run resumed between two growths grows where the uninterrupted one did.
+    """
+    args = small_job(dataset, "--set", "optimizer.batch_size=10", "--set",
+                     "objective.micro_batch=5", "--set", "optimizer.batch_growth='geometric'",
+                     "--set", "optimizer.batch_every=2", "--set", "optimizer.batch_max=35",
+                     "--set", "optimizer.iters=6")
+    straight = tmp_path / "straight"
+    proc = run_job(2, *args, "--set", "checkpoint.every=1", "--set", "checkpoint.keep=10",
+                   "--run-dir", str(straight))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = read_metrics(straight)
+    assert [r["batch_size"] for r in records] == [10] * 3 + [10, 10, 20, 20, 35, 35]
+    assert [r.get("next_batch_size") for r in records][3:] == [None, 20, None, 35, None, None]
+    # iteration 6 is the method's 3rd step: its checkpoint holds batches of 20
+    resumed = tmp_path / "resumed"
+    proc = run_job(2, *args, "--run-dir", str(resumed),
+                   "--resume", str(straight / "checkpoints" / "ckpt-00000006.h5"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = read_metrics(resumed)
+    assert [r["batch_size"] for r in again] == [20, 35, 35]
+    assert [r["batch_sha256"] for r in again] == [r["batch_sha256"] for r in records][6:]
+    np.testing.assert_array_equal(read_weights(resumed), read_weights(straight))
+
+
 def test_batch_larger_than_the_data_set_is_an_error(dataset, tmp_path):
     proc = run_job(2, *small_job(dataset, "--set", "optimizer.batch_size=100000"),
                    "--run-dir", str(tmp_path / "run"), timeout=120)

@@ -202,6 +202,26 @@ def curvature_growth(opt: Any) -> Any:
                            opt.curvature_growth_threshold, opt.curvature_fraction_max)
 
 
+def grow_batch(sampler: Any, opt: Any, step: int, mean_squares: float,
+               grad_norm_sq: float) -> int | None:
+    """Progressive batches after method step ``step``: the new batch size, or None.
+
+    ``optimizer.batch_growth`` picks the rule: ``"norm_test"`` reads
+    ``mean_squares`` (mean_i |g_i|^2 on the step's batch at the step's weights)
+    and ``grad_norm_sq`` (|g|^2 there), both reduced over all ranks;
+    ``"geometric"`` reads only ``step``. So every rank grows alike. The
+    trainer and ``mpinewton.compare`` both grow with this.
+    """
+    from mpinewton.sampling import grow_by_norm_test, grow_geometric
+
+    if sampler is None or opt.batch_growth == "none":
+        return None
+    if opt.batch_growth == "geometric":
+        return grow_geometric(sampler, step, opt.batch_every, opt.batch_factor, opt.batch_max)
+    return grow_by_norm_test(sampler, mean_squares, grad_norm_sq, opt.batch_theta,
+                             opt.batch_max)
+
+
 class TrainingHooks(LoopHooks):
     """The driver's side of each step (module docstring)."""
 
@@ -214,6 +234,7 @@ class TrainingHooks(LoopHooks):
                 phase.method.progress = self._cg_progress
         self.stop = StopRequest()
         self.total = sum(p.iters for p in phases)
+        self.mean_squares = 0.0  # the norm test's mean_i |g_i|^2 (before_step)
         self.states: dict[str, SolverState] = {}
         self.progress: dict[str, Any] = dict.fromkeys(PROGRESS_KEYS, 0)
         self.progress["wall_time"] = 0.0
@@ -377,7 +398,7 @@ class TrainingHooks(LoopHooks):
         batch = sampler.next()  # this iteration's batch; this rank reads its part
         x_part, y_part, lo, hi = load_batch(self.session, self.objective, batch)
         self._set_curvature_rows(k, phase, x_part, y_part, lo, hi, batch.size)
-        if job.optimizer.batch_growth != "none" and phase.name != "pretrain":
+        if job.optimizer.batch_growth == "norm_test" and phase.name != "pretrain":
             # mean_i |g_i|^2 on this batch at the step's weights, for the norm test
             self.mean_squares = float(np.sum(self.objective.grad_squares(self.w)))
         self.record.update(batch_size=batch.size, epoch=sampler.epoch)
@@ -425,7 +446,11 @@ class TrainingHooks(LoopHooks):
             self.progress["method_iters"] += 1
             if self.average is not None:  # the same w on every rank, so the same average
                 self.average.update(w)
-            self._grow_batch(record, info)
+            grown = grow_batch(self.session.sampler, self.session.job.optimizer,
+                               k - self.session.job.optimizer.pretrain_iters,
+                               self.mean_squares, info.grad_norm ** 2)
+            if grown is not None:
+                record["next_batch_size"] = grown
             if self.growth is not None:
                 before = self.growth.current()
                 record["next_curvature_fraction"] = self.growth.update(record.get("damping"))
@@ -451,23 +476,6 @@ class TrainingHooks(LoopHooks):
         if every and k % every == 0 and k < self.total:
             self.save(k)
         return w, False
-
-    def _grow_batch(self, record: dict[str, Any], info: StepRecord) -> None:
-        """Progressive batches: the norm test on this step's batch sets the next size.
-
-        ``info.grad_norm`` is |g| on the batch at the step's weights, where
-        :meth:`before_step` took ``mean_i |g_i|^2``; both are reduced over all
-        ranks, so every rank decides alike.
-        """
-        opt, sampler = self.session.job.optimizer, self.session.sampler
-        if sampler is None or opt.batch_growth == "none":
-            return
-        from mpinewton.sampling import grow_by_norm_test
-
-        grown = grow_by_norm_test(sampler, self.mean_squares, info.grad_norm ** 2,
-                                  opt.batch_theta, opt.batch_max)
-        if grown is not None:
-            record["next_batch_size"] = grown
 
     def save(self, iteration: int) -> None:
         """Write a checkpoint of the weights and every state at ``iteration`` (rank 0)."""
