@@ -97,7 +97,61 @@ def test_summary_bookkeeping():
     assert "| b | 4 | 0.6000 | 6.0 | 2.0 | 1.0 | 75.0 % (30 of 40) |" in table
 
 
-def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
+#: The mini-batch race's job: batches of 20 of the 101 samples, pre-training at lr 0.5.
+BATCH_JOB = ["--set", "optimizer.batch_size=20", "--set", "optimizer.pretrain_lr=0.5"]
+#: Progressive batches by the norm test, from 20 samples to at most 60.
+NORM_TEST = "batch_growth=norm_test,batch_theta=0.2,batch_max=60"
+
+
+@pytest.fixture(scope="module")
+def batch_race(dataset, tmp_path_factory):
+    """One mini-batch race of every variant the tests below read, and beside it, in one
+    launch (``mpijobs.start_many``), ``python -m mpinewton.train`` with the settings of
+    its gradient-descent variants: with fixed batches and with the norm test's.
+
+    Returns the race's report and the two training runs' metrics.
+    """
+    from mpijobs import read_metrics, start_many
+
+    base = tmp_path_factory.mktemp("batch_race")
+    train = ["--set", f"data.path={json.dumps(str(dataset))}",
+             "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
+             "--set", "objective.micro_batch=16", *BATCH_JOB, "--set", "optimizer.method='gd'",
+             "--set", "optimizer.learning_rate=0.3", "--set", "optimizer.iters=4",
+             "--set", "data.eval_splits=[]"]
+    growing = ["--set", "optimizer.batch_growth='norm_test'", "--set",
+               "optimizer.batch_theta=0.2", "--set", "optimizer.batch_max=60"]
+    launch = start_many("mpinewton.train", 2,
+                        [[*train, "--run-dir", str(base / "fixed")],
+                         [*train, *growing, "--run-dir", str(base / "growing")]], base / "train")
+    try:
+        out = base / "race.json"
+        proc = _compare(dataset, out, *BATCH_JOB, "--max-iters", "4", "--eval-samples", "30",
+                        "--eval-seconds", "0", "--average", "0.5,0.9",
+                        "--variant", "gd=gd,learning_rate=0.3",
+                        "--variant", "gd-again=gd,learning_rate=0.3",
+                        "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
+                        "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5",
+                        "--variant", f"gd-grow=gd,learning_rate=0.3,{NORM_TEST}",
+                        "--variant", "hf=newton,curvature=gauss_newton,"
+                                     "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
+                        "--variant", "hf-double=newton,curvature=gauss_newton,damping_rule="
+                                     "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
+                                     "geometric,batch_every=2,batch_max=60",
+                        "--variant", "lbfgs=lbfgs",
+                        # the sampled Fisher's draws come with the curvature rows, also at 1
+                        "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05')
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        done, records = launch.result(timeout=240)
+    finally:
+        launch.kill()
+    assert done.returncode == 0 and records[0][0]["rc"] == 0, (done.stdout, done.stderr, records)
+    trained = {name: [m for m in read_metrics(base / name) if m.get("phase") == "gd"]
+               for name in ("fixed", "growing")}
+    return json.loads(out.read_text()), trained
+
+
+def test_mini_batch_race_draws_the_trainers_batches(batch_race):
     """With optimizer.batch_size, every variant draws the batches training would draw.
 
     Pre-training and the gradient-descent variant walk exactly the path of
@@ -106,23 +160,9 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     variants give identical traces), and the trace is the loss on the first
     ``--eval-samples`` samples, one point per step with ``--eval-seconds 0``.
     """
-    from mpijobs import read_metrics
-
-    job = ["--set", "optimizer.batch_size=20", "--set", "optimizer.pretrain_lr=0.5"]
-    out = tmp_path / "race.json"
-    proc = _compare(dataset, out, *job, "--max-iters", "4", "--eval-samples", "30",
-                    "--eval-seconds", "0", "--variant", "gd=gd,learning_rate=0.3",
-                    "--variant", "gd-again=gd,learning_rate=0.3",
-                    "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
-                    "--variant", "hf=newton,curvature=gauss_newton,"
-                                 "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
-                    "--variant", "lbfgs=lbfgs",
-                    # the sampled Fisher's draws come with the curvature rows, also at 1
-                    "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05')
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(out.read_text())
+    report, trained = batch_race
     assert report["batch_size"] == 20 and report["eval_samples"] == 30
-    assert report["complete"] is True and len(report["variants"]) == 6  # rewritten per variant
+    assert report["complete"] is True and len(report["variants"]) == 9  # rewritten per variant
     results = {r["label"]: r for r in report["results"]}
     assert results["gd"]["trace"] == [{**p, "seconds": results["gd"]["trace"][i]["seconds"]}
                                       for i, p in enumerate(results["gd-again"]["trace"])]
@@ -145,23 +185,11 @@ def test_mini_batch_race_draws_the_trainers_batches(dataset, tmp_path):
     assert len(lbfgs) == 4
     assert all(now["loss"] != before["new_loss"]
                for before, now in zip(lbfgs[:-1], lbfgs[1:], strict=True))
-
-    run_dir = tmp_path / "run"
-    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",
-           "--run-dir", str(run_dir), "--set", f"data.path={json.dumps(str(dataset))}",
-           "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
-           "--set", "objective.micro_batch=16", *job, "--set", "optimizer.method='gd'",
-           "--set", "optimizer.learning_rate=0.3", "--set", "optimizer.iters=4",
-           "--set", "data.eval_splits=[]"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    trained = [m["loss"] for m in read_metrics(run_dir) if m.get("phase") == "gd"]
     raced = [s["loss"] for s in results["gd"]["steps"]]
-    assert raced == pytest.approx(trained, rel=1e-10)
+    assert raced == pytest.approx([m["loss"] for m in trained["fixed"]], rel=1e-10)
 
 
-def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
+def test_a_growing_batch_race_follows_the_trainer(batch_race):
     """``batch_growth=norm_test`` in a variant: the batches grow as in training.
 
     The gradient-descent variant and ``python -m mpinewton.train`` with the
@@ -171,63 +199,36 @@ def test_a_growing_batch_race_follows_the_trainer(dataset, tmp_path):
     needs). A Newton-CG variant with a curvature sample grows geometrically:
     it doubles after every second step, to the cap.
     """
-    from mpijobs import read_metrics
-
-    job = ["--set", "optimizer.batch_size=20", "--set", "optimizer.pretrain_lr=0.5"]
-    grow = "batch_growth=norm_test,batch_theta=0.2,batch_max=60"
-    out = tmp_path / "race.json"
-    proc = _compare(dataset, out, *job, "--max-iters", "4", "--eval-samples", "30",
-                    "--eval-seconds", "0", "--variant", f"gd=gd,learning_rate=0.3,{grow}",
-                    "--variant", "hf=newton,curvature=gauss_newton,damping_rule="
-                                 "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
-                                 "geometric,batch_every=2,batch_max=60")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = {r["label"]: r for r in json.loads(out.read_text())["results"]}
-    sizes = [s["batch_size"] for s in results["gd"]["steps"]]
+    report, trained = batch_race
+    results = {r["label"]: r for r in report["results"]}
+    sizes = [s["batch_size"] for s in results["gd-grow"]["steps"]]
     assert sizes[0] == 20 and sizes[1] > 20 and max(sizes) <= 60 and sizes == sorted(sizes)
-    assert results["gd"]["batch_size"] == 20 and results["gd"]["final_batch_size"] == sizes[-1]
-    assert [s.get("next_batch_size") for s in results["gd"]["steps"][:1]] == [sizes[1]]
+    grow = results["gd-grow"]
+    assert grow["batch_size"] == 20 and grow["final_batch_size"] == sizes[-1]
+    assert [s.get("next_batch_size") for s in grow["steps"][:1]] == [sizes[1]]
     passes = [0.0]
     for size in sizes:
         passes.append(passes[-1] + 2 * size / 101)
-    assert [p["passes"] for p in results["gd"]["trace"]] == pytest.approx(passes)
-    hf = results["hf"]["steps"]
+    assert [p["passes"] for p in grow["trace"]] == pytest.approx(passes)
+    hf = results["hf-double"]["steps"]
     assert [s["batch_size"] for s in hf] == [20, 20, 40, 40]
     assert [s.get("next_batch_size") for s in hf] == [None, 40, None, 60]
     assert [s["curvature_samples"] for s in hf] == [10, 10, 20, 20]
-
-    run_dir = tmp_path / "run"
-    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "mpinewton.train",
-           "--run-dir", str(run_dir), "--set", f"data.path={json.dumps(str(dataset))}",
-           "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
-           "--set", "objective.micro_batch=16", *job, "--set", "optimizer.method='gd'",
-           "--set", "optimizer.learning_rate=0.3", "--set", "optimizer.iters=4",
-           "--set", "optimizer.batch_growth='norm_test'", "--set", "optimizer.batch_theta=0.2",
-           "--set", "optimizer.batch_max=60", "--set", "data.eval_splits=[]"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    trained = [m for m in read_metrics(run_dir) if m.get("phase") == "gd"]
-    assert [m["batch_size"] for m in trained] == sizes
-    assert [m["loss"] for m in trained] == pytest.approx(
-        [s["loss"] for s in results["gd"]["steps"]], rel=1e-10)
+    assert [m["batch_size"] for m in trained["growing"]] == sizes
+    assert [m["loss"] for m in trained["growing"]] == pytest.approx(
+        [s["loss"] for s in grow["steps"]], rel=1e-10)
 
 
-def test_averaged_iterates_in_a_race(dataset, tmp_path):
+def test_averaged_iterates_in_a_race(batch_race):
     """``average=D`` traces the loss of the iterates' average; ``--average`` traces it for all.
 
     The averaged variant walks the same path as the plain one (the method never
     sees the average): its ``iterate_loss`` is the plain variant's loss, and its
     loss is the plain variant's ``averaged`` loss at the same decay.
     """
-    out = tmp_path / "race.json"
-    proc = _compare(dataset, out, "--set", "optimizer.batch_size=20", "--max-iters", "4",
-                    "--eval-samples", "30", "--eval-seconds", "0", "--average", "0.5,0.9",
-                    "--variant", "gd=gd,learning_rate=0.3",
-                    "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(out.read_text())
-    plain, averaged = report["results"]
+    report, _ = batch_race
+    results = {r["label"]: r for r in report["results"]}
+    plain, averaged = results["gd"], results["gd-avg"]
     assert averaged["optimizer"]["average"] == 0.5
     assert [p["iterate_loss"] for p in averaged["trace"]] == pytest.approx(
         [p["loss"] for p in plain["trace"]], rel=1e-12)
@@ -236,7 +237,7 @@ def test_averaged_iterates_in_a_race(dataset, tmp_path):
     first = plain["trace"][0]  # before any step every average is the start
     assert first["averaged"] == pytest.approx({"0.5": first["loss"], "0.9": first["loss"]})
     assert plain["trace"][-1]["averaged"]["0.9"] != plain["trace"][-1]["averaged"]["0.5"]
-    assert set(report["summary"]["averaged"]) == {"gd", "gd-avg"}
+    assert set(report["summary"]["averaged"]) == set(results)
     assert "| gd | " in markdown(report) and "average 0.9" in markdown(report)
 
 
