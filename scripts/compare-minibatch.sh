@@ -69,11 +69,21 @@
 #          job's K-FAC on batches that start at 2,000 and grow by the norm test (theta 0.5
 #          or 2) to the job's 8,000, beside the job's and Adam
 #          -> docs/compare/tuning/minibatch-kfac-grow-seed{1,8,9}.json.gz
-#   kfac-double  round 33, seeds 1, 8 and 9 (or kfac-double-seedS for one), 60 s each:
-#          the job's K-FAC on batches that start at 1,000 (or 2,000) and double every 25,
-#          100 or 400 steps (optimizer.batch_growth = "geometric") to the job's 8,000,
-#          beside the job's and Adam
-#          -> docs/compare/tuning/minibatch-kfac-double-seed{1,8,9}.json.gz
+#   kfac-double  round 33, seed 1, 60 s each: the job's K-FAC on batches that start at
+#          1,000 (or 2,000) and double every 25, 100 or 400 steps (optimizer.batch_growth =
+#          "geometric") to the job's 8,000, the factors from 10 % (5 %) of each batch,
+#          beside the job's and Adam -> docs/compare/tuning/minibatch-kfac-double-seed1.json.gz
+#   kfac-double2  round 34, seeds 1, 8 and 9 (or kfac-double2-seedS for one), 60 s each:
+#          as round 33 with the factors from the job's 1.25 % of each batch (100 images
+#          at 8,000), doubling every 50, 200 or 800 steps from 1,000 (every 200 from 2,000)
+#          -> docs/compare/tuning/minibatch-kfac-double2-seed{1,8,9}.json.gz
+#   kfac-double3  round 35, seeds 1, 8 and 9 (or kfac-double3-seedS for one), 60 s each:
+#          round 34's best (from 2,000, doubling every 200 steps) against every 100 and 400
+#          steps and against every 200 from 4,000, beside the job's
+#          -> docs/compare/tuning/minibatch-kfac-double3-seed{1,8,9}.json.gz
+#   kfac-double4  round 36, seeds 1, 8 and 9 (or kfac-double4-seedS for one), 60 s each:
+#          from 2,000, doubling every 400, 800 or 1,600 steps, beside the job's
+#          -> docs/compare/tuning/minibatch-kfac-double4-seed{1,8,9}.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -94,10 +104,13 @@
 #   race-kfac-sampled  seeds 0, 2, 3, 4 (or race-kfac-sampled-seedS for one): K-FAC with
 #          the sampled Fisher against the exact one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-sampled-seed{0,2,3,4}.json.gz
+#   race-kfac-double  seeds 0 and 2-7 (or race-kfac-double-seedS for one): the job's K-FAC
+#          on batches from 2,000 doubling every 400 steps to 8,000 (rounds 33-36), the job's
+#          fixed 8,000 and Adam -> docs/compare/cnn-minibatch-kfac-double-seed{0,2,...,7}.json.gz
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow and kfac-double only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow and kfac-double* only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -600,13 +613,14 @@ for seed in 1 8 9; do
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-grow-seed$seed.json.gz"
 done
-for seed in 1 8 9; do
+for seed in 1; do
     [[ $stage == kfac-double || $stage == "kfac-double-seed$seed" ]] || continue
     # Round 33: the norm test's per-sample pass cost round 32 more than its small batches
     # gained. A fixed schedule has no such pass: batches of 1,000 (one micro-batch of 500
     # per rank, so every doubling reuses the compiled graphs) or 2,000 that double every
     # 25, 100 or 400 steps to 8,000, the factors from 100 images at first (10 % or 5 %),
-    # on the tuning seeds 1, 8 and 9, TIME (60) s each, beside the job's and Adam.
+    # TIME (60) s each, beside the job's and Adam. Stopped after seed 1 (of 1, 8, 9): the
+    # factors from 800 images at 8,000 cost more than the small batches gained (round 34).
     k="kfac,average=0.95"
     lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     from1000="batch_size=1000,curvature_fraction=0.1,batch_growth=geometric,batch_max=8000"
@@ -619,6 +633,56 @@ for seed in 1 8 9; do
         --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm,$from2000,batch_every=100" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-double-seed$seed.json.gz"
+done
+for seed in 1 8 9; do
+    [[ $stage == kfac-double2 || $stage == "kfac-double2-seed$seed" ]] || continue
+    # Round 34: round 33 with the factors from the job's 1.25 % of each batch (13 images
+    # of 1,000, 100 of 8,000), so that at 8,000 the step is the job's; doubling every 50,
+    # 200 or 800 steps from 1,000, every 200 from 2,000; the tuning seeds 1, 8 and 9,
+    # TIME (60) s each, beside the job's and Adam.
+    k="kfac,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
+    double="curvature_fraction=0.0125,batch_growth=geometric,batch_max=8000"
+    race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
+        --variant "kfac-double1000-every50-pace0.8-avg0.95=$k,$lm,batch_size=1000,$double,batch_every=50" \
+        --variant "kfac-double1000-every200-pace0.8-avg0.95=$k,$lm,batch_size=1000,$double,batch_every=200" \
+        --variant "kfac-double1000-every800-pace0.8-avg0.95=$k,$lm,batch_size=1000,$double,batch_every=800" \
+        --variant "kfac-double2000-every200-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=200" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/tuning/minibatch-kfac-double2-seed$seed.json.gz"
+done
+for seed in 1 8 9; do
+    [[ $stage == kfac-double3 || $stage == "kfac-double3-seed$seed" ]] || continue
+    # Round 35: round 34's winner (from 2,000, doubling every 200 steps) was at no edge of
+    # the starting size, but at the grid's one doubling period from 2,000: every 100, 200
+    # and 400 steps from 2,000, and every 200 from 4,000, beside the job's; the tuning
+    # seeds 1, 8 and 9, TIME (60) s each.
+    k="kfac,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
+    double="curvature_fraction=0.0125,batch_growth=geometric,batch_max=8000"
+    race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
+        --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=100" \
+        --variant "kfac-double2000-every200-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=200" \
+        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=400" \
+        --variant "kfac-double4000-every200-pace0.8-avg0.95=$k,$lm,batch_size=4000,$double,batch_every=200" \
+        --out "docs/compare/tuning/minibatch-kfac-double3-seed$seed.json.gz"
+done
+for seed in 1 8 9; do
+    [[ $stage == kfac-double4 || $stage == "kfac-double4-seed$seed" ]] || continue
+    # Round 36: round 35's best from 2,000 (every 400 steps, on all three seeds) was at the
+    # edge of its grid: every 400, 800 and 1,600 steps, beside the job's; the tuning seeds
+    # 1, 8 and 9, TIME (60) s each.
+    k="kfac,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
+    double="batch_size=2000,curvature_fraction=0.0125,batch_growth=geometric,batch_max=8000"
+    race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
+        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm,$double,batch_every=400" \
+        --variant "kfac-double2000-every800-pace0.8-avg0.95=$k,$lm,$double,batch_every=800" \
+        --variant "kfac-double2000-every1600-pace0.8-avg0.95=$k,$lm,$double,batch_every=1600" \
+        --out "docs/compare/tuning/minibatch-kfac-double4-seed$seed.json.gz"
 done
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
@@ -725,6 +789,20 @@ for seed in 0 2 3 4 5 6 7; do
         --variant "kfac-b8000-warm1-every20-avg0.95=$k,$lm,$every20" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/cnn-minibatch-kfac-pace0.8-seed$seed.json.gz"
+done
+for seed in 0 2 3 4 5 6 7; do
+    [[ $stage == race-kfac-double || $stage == "race-kfac-double-seed$seed" \
+       || $stage == all ]] || continue
+    # Seeds 0 and 2-7 again, TIME (150) s each: rounds 33-36's choice, the job's K-FAC
+    # on batches from 2,000 that double every 400 steps to 8,000, against the job's
+    # fixed 8,000, and Adam, each averaged as in race-kfac-pace0.8.
+    k="kfac,curvature_fraction=0.0125,average=0.95"
+    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
+    race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
+        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm,batch_size=2000,batch_growth=geometric,batch_every=400,batch_max=8000" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,$lm,batch_size=8000" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out "docs/compare/cnn-minibatch-kfac-double-seed$seed.json.gz"
 done
 if [[ $stage == race || $stage == all ]]; then
     # The winners of the tuning runs (docs/results.md says which and why).
