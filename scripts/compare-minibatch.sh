@@ -127,6 +127,9 @@ every20="damping_every=20,lm_decrease=0.3584859224085419,lm_increase=2.789509817
 # ... and at 0.8 a step (0.8^20 down, its inverse up): round 31, race-kfac-pace0.8, the
 # job's since
 pace08="damping_every=20,lm_decrease=0.011529215046068483,lm_increase=86.73617379884026"
+# the job's K-FAC damping (jobs/mnist_cnn_kfac.toml): Levenberg-Marquardt, warmed up from
+# 1 to its floor 1e-3 at 0.8 a step; rounds 32-36 and race-kfac-double race it
+lm_job="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
 if [[ $stage == tune || $stage == all ]]; then
     race --set run.seed=1 --time-limit "${TUNE_TIME:-45}" \
         --variant "newton-f0.05=newton" \
@@ -604,12 +607,11 @@ for seed in 1 8 9; do
     # the factors from 5 % of each (100 images at first, as the job's), on the tuning
     # seeds 1, 8 and 9, TIME (60) s each, beside the job's and Adam.
     k="kfac,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     grow="batch_size=2000,batch_growth=norm_test,batch_max=8000,curvature_fraction=0.05"
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
-        --variant "kfac-grow2000-theta0.5-pace0.8-avg0.95=$k,$lm,$grow,batch_theta=0.5" \
-        --variant "kfac-grow2000-theta2-pace0.8-avg0.95=$k,$lm,$grow,batch_theta=2.0" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm_job" \
+        --variant "kfac-grow2000-theta0.5-pace0.8-avg0.95=$k,$lm_job,$grow,batch_theta=0.5" \
+        --variant "kfac-grow2000-theta2-pace0.8-avg0.95=$k,$lm_job,$grow,batch_theta=2.0" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-grow-seed$seed.json.gz"
 done
@@ -622,15 +624,14 @@ for seed in 1; do
     # TIME (60) s each, beside the job's and Adam. Stopped after seed 1 (of 1, 8, 9): the
     # factors from 800 images at 8,000 cost more than the small batches gained (round 34).
     k="kfac,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     from1000="batch_size=1000,curvature_fraction=0.1,batch_growth=geometric,batch_max=8000"
     from2000="batch_size=2000,curvature_fraction=0.05,batch_growth=geometric,batch_max=8000"
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
-        --variant "kfac-double1000-every25-pace0.8-avg0.95=$k,$lm,$from1000,batch_every=25" \
-        --variant "kfac-double1000-every100-pace0.8-avg0.95=$k,$lm,$from1000,batch_every=100" \
-        --variant "kfac-double1000-every400-pace0.8-avg0.95=$k,$lm,$from1000,batch_every=400" \
-        --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm,$from2000,batch_every=100" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm_job" \
+        --variant "kfac-double1000-every25-pace0.8-avg0.95=$k,$lm_job,$from1000,batch_every=25" \
+        --variant "kfac-double1000-every100-pace0.8-avg0.95=$k,$lm_job,$from1000,batch_every=100" \
+        --variant "kfac-double1000-every400-pace0.8-avg0.95=$k,$lm_job,$from1000,batch_every=400" \
+        --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm_job,$from2000,batch_every=100" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-double-seed$seed.json.gz"
 done
@@ -641,14 +642,13 @@ for seed in 1 8 9; do
     # 200 or 800 steps from 1,000, every 200 from 2,000; the tuning seeds 1, 8 and 9,
     # TIME (60) s each, beside the job's and Adam.
     k="kfac,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     double="curvature_fraction=0.0125,batch_growth=geometric,batch_max=8000"
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
-        --variant "kfac-double1000-every50-pace0.8-avg0.95=$k,$lm,batch_size=1000,$double,batch_every=50" \
-        --variant "kfac-double1000-every200-pace0.8-avg0.95=$k,$lm,batch_size=1000,$double,batch_every=200" \
-        --variant "kfac-double1000-every800-pace0.8-avg0.95=$k,$lm,batch_size=1000,$double,batch_every=800" \
-        --variant "kfac-double2000-every200-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=200" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm_job" \
+        --variant "kfac-double1000-every50-pace0.8-avg0.95=$k,$lm_job,batch_size=1000,$double,batch_every=50" \
+        --variant "kfac-double1000-every200-pace0.8-avg0.95=$k,$lm_job,batch_size=1000,$double,batch_every=200" \
+        --variant "kfac-double1000-every800-pace0.8-avg0.95=$k,$lm_job,batch_size=1000,$double,batch_every=800" \
+        --variant "kfac-double2000-every200-pace0.8-avg0.95=$k,$lm_job,batch_size=2000,$double,batch_every=200" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/tuning/minibatch-kfac-double2-seed$seed.json.gz"
 done
@@ -659,14 +659,13 @@ for seed in 1 8 9; do
     # and 400 steps from 2,000, and every 200 from 4,000, beside the job's; the tuning
     # seeds 1, 8 and 9, TIME (60) s each.
     k="kfac,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     double="curvature_fraction=0.0125,batch_growth=geometric,batch_max=8000"
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
-        --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=100" \
-        --variant "kfac-double2000-every200-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=200" \
-        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm,batch_size=2000,$double,batch_every=400" \
-        --variant "kfac-double4000-every200-pace0.8-avg0.95=$k,$lm,batch_size=4000,$double,batch_every=200" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm_job" \
+        --variant "kfac-double2000-every100-pace0.8-avg0.95=$k,$lm_job,batch_size=2000,$double,batch_every=100" \
+        --variant "kfac-double2000-every200-pace0.8-avg0.95=$k,$lm_job,batch_size=2000,$double,batch_every=200" \
+        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm_job,batch_size=2000,$double,batch_every=400" \
+        --variant "kfac-double4000-every200-pace0.8-avg0.95=$k,$lm_job,batch_size=4000,$double,batch_every=200" \
         --out "docs/compare/tuning/minibatch-kfac-double3-seed$seed.json.gz"
 done
 for seed in 1 8 9; do
@@ -675,13 +674,12 @@ for seed in 1 8 9; do
     # edge of its grid: every 400, 800 and 1,600 steps, beside the job's; the tuning seeds
     # 1, 8 and 9, TIME (60) s each.
     k="kfac,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     double="batch_size=2000,curvature_fraction=0.0125,batch_growth=geometric,batch_max=8000"
     race --set "run.seed=$seed" --time-limit "${TIME:-60}" \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm" \
-        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm,$double,batch_every=400" \
-        --variant "kfac-double2000-every800-pace0.8-avg0.95=$k,$lm,$double,batch_every=800" \
-        --variant "kfac-double2000-every1600-pace0.8-avg0.95=$k,$lm,$double,batch_every=1600" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,batch_size=8000,curvature_fraction=0.0125,$lm_job" \
+        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm_job,$double,batch_every=400" \
+        --variant "kfac-double2000-every800-pace0.8-avg0.95=$k,$lm_job,$double,batch_every=800" \
+        --variant "kfac-double2000-every1600-pace0.8-avg0.95=$k,$lm_job,$double,batch_every=1600" \
         --out "docs/compare/tuning/minibatch-kfac-double4-seed$seed.json.gz"
 done
 if [[ $stage == race-linesearch || $stage == all ]]; then
@@ -797,10 +795,9 @@ for seed in 0 2 3 4 5 6 7; do
     # on batches from 2,000 that double every 400 steps to 8,000, against the job's
     # fixed 8,000, and Adam, each averaged as in race-kfac-pace0.8.
     k="kfac,curvature_fraction=0.0125,average=0.95"
-    lm="damping_rule=\"levenberg_marquardt\",damping=1,damping_min=1e-3,$pace08"
     race --set "run.seed=$seed" --time-limit "${TIME:-150}" \
-        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm,batch_size=2000,batch_growth=geometric,batch_every=400,batch_max=8000" \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k,$lm,batch_size=8000" \
+        --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm_job,batch_size=2000,batch_growth=geometric,batch_every=400,batch_max=8000" \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k,$lm_job,batch_size=8000" \
         --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
         --out "docs/compare/cnn-minibatch-kfac-double-seed$seed.json.gz"
 done
