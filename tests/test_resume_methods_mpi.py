@@ -14,7 +14,6 @@ from mpijobs import (
     read_metrics,
     read_weights,
     requires_mpirun,
-    run_job,
     small_job,
     start_many,
 )
@@ -46,10 +45,6 @@ KFAC_STATE = ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5",
 
 METHODS = {"lbfgs": ["optimizer.method='lbfgs'"], "newton-gauss-newton-lm-growth": NEWTON_STATE,
            "kfac": KFAC_STATE}
-#: Methods whose three jobs share one mpirun launch. K-FAC's do not: a K-FAC job run
-#: after others in the same process ends within a few ulps of, not bitwise at, the one
-#: run in a fresh process, so its jobs each start their own processes, as a user's do.
-SHARED_LAUNCH = ("lbfgs", "newton-gauss-newton-lm-growth")
 
 
 def _jobs(dataset, base, name):
@@ -64,13 +59,15 @@ def _jobs(dataset, base, name):
 
 @pytest.fixture(scope="module")
 def method_runs(dataset, tmp_path_factory):
-    """Each method's three 2-rank jobs (:func:`_jobs`); those of ``SHARED_LAUNCH`` in ONE
-    mpirun launch (``mpijobs.start_many``; a launch costs each rank TensorFlow's start).
+    """Each method's three 2-rank jobs (:func:`_jobs`), all in ONE mpirun launch
+    (``mpijobs.start_many``; a launch costs each rank TensorFlow's start). A job's
+    numbers do not depend on the jobs run before it in the process
+    (``tests/test_threads.py``): K-FAC's first job once inverted on other threads.
 
     Returns the base folder and, per method, each job's exit status and output.
     """
     base = tmp_path_factory.mktemp("methods")
-    commands = [job for name in SHARED_LAUNCH for job in _jobs(dataset, base, name)]
+    commands = [job for name in METHODS for job in _jobs(dataset, base, name)]
     launch = start_many("mpinewton.train", 2, commands, base / "launch")
     try:
         proc, records = launch.result(timeout=400)
@@ -80,12 +77,7 @@ def method_runs(dataset, tmp_path_factory):
     assert len(records) == len(commands) - 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     shared = [(rec[0]["rc"], rec[0]["stdout"] + rec[0]["stderr"]) for rec in records]
     shared.append((proc.returncode, proc.stdout + proc.stderr))
-    outputs = {name: shared[3 * i:3 * i + 3] for i, name in enumerate(SHARED_LAUNCH)}
-    for name in METHODS:
-        if name not in SHARED_LAUNCH:
-            procs = [run_job(2, *job) for job in _jobs(dataset, base, name)]
-            outputs[name] = [(p.returncode, p.stdout + p.stderr) for p in procs]
-    return base, outputs
+    return base, {name: shared[3 * i:3 * i + 3] for i, name in enumerate(METHODS)}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

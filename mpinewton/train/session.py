@@ -53,6 +53,15 @@ def threads_for(intra: int = 0, inter: int = 1) -> tuple[int, int]:
     the node, and K-FAC's factor inversions ran 8x slower that way (2 ranks on
     2 cores, a 784 x 784 Cholesky factorisation: 49 ms against 6 ms).
 
+    scipy's LAPACK and BLAS (K-FAC's factor inversions, the in-place vector
+    updates of K-FAC and Adam) are their own OpenBLAS, and a library loaded
+    after the limit keeps a thread per core: scipy is loaded here first. Before,
+    where no other package had loaded it (Keras loads scikit-learn, and with it
+    scipy, only where scikit-learn is installed), the first job of a process
+    inverted K-FAC's factors on 2 threads a rank, 2x slower with 2 ranks on 2
+    cores (``scripts/bench-blas-threads.sh``), and in other roundings than the
+    process's later jobs.
+
     Returns the pools in effect (TensorFlow's own where it had started already).
     """
     if intra == 0:
@@ -63,6 +72,7 @@ def threads_for(intra: int = 0, inter: int = 1) -> tuple[int, int]:
         else:
             intra = max(1, (os.cpu_count() or 1) // local_size())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, for the limit below)
     import tensorflow as tf
     from threadpoolctl import threadpool_limits
 
