@@ -86,8 +86,15 @@ class DataError(ValueError):
 
 
 def _create_hint(path: PathLike) -> str:
-    return (f"run `python -m mpinewton.data mnist --out {path}` to create it "
-            f"(or `python -m mpinewton.data import YOUR.npz --out {path}` for your own arrays)")
+    """The commands that make a dataset file, one for each kind of data.
+
+    A shipped job's comments say which one makes the file it reads.
+    """
+    return (f"create it with `python -m mpinewton.data mnist --out {path}` (the MNIST "
+            f"digits), `python -m mpinewton.data resize data/mnist.h5 --out {path} --size 32 32` "
+            f"(the digits as 32 x 32 RGB images, the ResNet jobs' data), `python -m "
+            f"mpinewton.data import YOUR.npz --out {path}` (your own arrays) or `python -m "
+            f"mpinewton.data imagenet` (a folder of images per class)")
 
 
 def _check_task_name(task: str | None) -> None:

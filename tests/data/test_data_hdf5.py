@@ -325,6 +325,9 @@ def test_missing_file_names_the_fix(tmp_path: Path) -> None:
         read_shard(path, "train", 0, 1)
     assert str(path) in str(err.value)
     assert f"python -m mpinewton.data mnist --out {path}" in str(err.value)
+    # the ResNet jobs' 32 x 32 RGB digits are made by resize, not by mnist
+    assert f"python -m mpinewton.data resize data/mnist.h5 --out {path} --size 32 32" in \
+        str(err.value)
 
 
 def test_not_hdf5(tmp_path: Path) -> None:
