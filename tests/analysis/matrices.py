@@ -1,9 +1,8 @@
-"""Symmetric test matrices with a chosen spectrum, and small analytic problems."""
+"""Symmetric test matrices with a chosen spectrum."""
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.optimize as so
 
 
 def with_spectrum(eigenvalues, seed: int) -> np.ndarray:
@@ -22,14 +21,3 @@ def gapped_spectrum(n: int = 60, seed: int = 1) -> np.ndarray:
     return np.concatenate([[10.0, 6.0, 4.0, -9.0, -5.0, -3.0], rng.uniform(-1, 1, n - 6)])
 
 
-class Rosenbrock:
-    """scipy's chained Rosenbrock function as a Problem."""
-
-    def value(self, w):
-        return float(so.rosen(w))
-
-    def value_and_grad(self, w):
-        return float(so.rosen(w)), so.rosen_der(w)
-
-    def hvp(self, w, v):
-        return so.rosen_hess_prod(w, v)

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import scipy.optimize as so
+from solvers.problems import Rosenbrock
 
 from mpinewton.analysis import HessianResult, explicit_hessian, hessian_bytes, summarize
 from mpinewton.solvers import HessianOperator, MatrixOperator, aslinearoperator, damped
 
-from .matrices import Rosenbrock, with_spectrum
+from .matrices import with_spectrum
 
 
 def test_explicit_hessian_of_a_matrix_is_the_matrix():
