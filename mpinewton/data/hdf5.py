@@ -97,6 +97,24 @@ def _create_hint(path: PathLike) -> str:
             f"mpinewton.data imagenet` (a folder of images per class)")
 
 
+def _check_same_layout(first: tuple[str, _Layout] | None, layout: _Layout, where: str,
+                       fix: str) -> None:
+    """Every split of a file holds one kind of data: ``layout`` against the first split's.
+
+    ``first`` is (name, layout) of the first split (None: this is the first);
+    the sample shape is named on its own, the most common mismatch.
+    """
+    if first is None:
+        return
+    name, seen = first
+    if layout.sample_shape != seen.sample_shape:
+        raise DataError(f"{where}: sample shape {layout.sample_shape} differs from split "
+                        f"{name!r}, whose samples have shape {seen.sample_shape}")
+    if layout != seen:
+        raise DataError(f"{where}: {layout.describe()} differs from split {name!r}, which "
+                        f"holds {seen.describe()}; {fix}")
+
+
 def _check_task_name(task: str | None) -> None:
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be None, 'classification' or 'regression', got {task!r}")
@@ -668,16 +686,7 @@ def write_dataset(
         assert writer is not None
         layout = _Layout(tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]),
                          np.dtype(np.int64) if task == "classification" else y.dtype)
-        if first is not None and layout.sample_shape != first[1].sample_shape:
-            raise DataError(
-                f"{where}: sample shape {layout.sample_shape} differs from the other splits' "
-                f"{first[1].sample_shape}"
-            )
-        if first is not None and layout != first[1]:
-            raise DataError(
-                f"{where}: {layout.describe()} differs from split {first[0]!r}'s "
-                f"{first[1].describe()}; every split must hold the same kind of data"
-            )
+        _check_same_layout(first, layout, where, "every split must hold the same kind of data")
         first = first or (name, layout)
         if writer.num_classes is not None:
             _check_labels(y, writer.num_classes, where=where)
@@ -867,16 +876,8 @@ def inspect_dataset(path: PathLike) -> DatasetInfo:
         for name in names:
             x, y = _split(f, path, name, task)
             layout = _layout_of(x, y)
-            if first is not None and layout.sample_shape != first[1].sample_shape:
-                raise DataError(
-                    f"{path}: split {name!r} has sample shape {layout.sample_shape}, "
-                    f"other splits have {first[1].sample_shape}"
-                )
-            if first is not None and layout != first[1]:
-                raise DataError(
-                    f"{path}: split {name!r} holds {layout.describe()}, split {first[0]!r} "
-                    f"{first[1].describe()}; recreate the file with one dtype for all splits"
-                )
+            _check_same_layout(first, layout, f"{path}: split {name!r}",
+                               "recreate the file with one dtype for all splits")
             first = first or (name, layout)
             splits[name] = int(x.shape[0])
         assert first is not None

@@ -325,7 +325,8 @@ def test_splits_of_different_dtypes_are_not_concatenated(tmp_path: Path) -> None
     msg = str(err.value)
     assert str(path) in msg and "cannot concatenate split 'test'" in msg
     assert "float64" in msg and "float32" in msg and "different dtypes" in msg
-    with pytest.raises(DataError, match="split 'test' holds samples"):
+    with pytest.raises(DataError, match=r"split 'test': samples \(2,\) float64, y \('N',\) "
+                                        r"float32 differs from split 'train', which holds"):
         inspect_dataset(path)
 
 
@@ -345,3 +346,16 @@ def test_bad_task_attribute(tmp_path: Path) -> None:
         f.attrs["task"] = "ranking"
     with pytest.raises(DataError, match="attribute task='ranking'"):
         read_shard(path, "train", 0, 1)
+
+
+def test_a_split_of_another_sample_shape_is_named_with_both_shapes(tmp_path: Path) -> None:
+    """A file whose splits hold samples of different shapes (made by hand; the writer
+    refuses them) is refused when read, naming the split and both shapes."""
+    path = tmp_path / "shapes.h5"
+    write_dataset(path, {"train": (np.zeros((3, 2), np.float32), np.zeros(3))}, source="t")
+    with h5py.File(path, "r+") as f:
+        f.create_dataset("test/x", data=np.zeros((2, 5), np.float32))
+        f.create_dataset("test/y", data=np.zeros(2, np.float64))
+    with pytest.raises(DataError, match=r"shapes.h5: split 'test': sample shape \(5,\) differs "
+                                        r"from split 'train', whose samples have shape \(2,\)"):
+        inspect_dataset(path)
