@@ -78,3 +78,24 @@ def test_minibatch_stages_named_in_docs_exist():
                     unknown.append(f"{document.name}:{number + 1}: {stage}")
     assert named > 0, "no stage named in the documents: the pattern no longer matches them"
     assert unknown == []
+
+
+def anchor(title: str) -> str:
+    """The anchor a Markdown renderer (GitHub's rule) gives a heading: lower case, spaces
+    to hyphens, everything but letters, digits, ``_`` and ``-`` dropped."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def test_results_contents_list_every_section_with_its_anchor():
+    """``docs/results.md`` opens with a contents list: one entry per section below the
+    glance table, in order, each linking to its heading's anchor."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    headings = [(len(m.group(1)), m.group(2)) for m in re.finditer(r"^(##+) (.*)$", text, re.M)
+                if not m.group(2).startswith("At a glance")]
+    block = text.split("**Contents**\n\n", 1)[1].split("\n\n", 1)[0]
+    listed = [re.fullmatch(r"( *)- \[(.*)\]\(#(.*)\)", line).groups()
+              for line in block.splitlines()]
+    assert [(len(indent) // 2 + 2, title, link) for indent, title, link in listed] == \
+        [(level, title, anchor(title)) for level, title in headings]
+    assert anchor("The top eigenvalue of ResNet-50 at b = 256, and its memory") == \
+        "the-top-eigenvalue-of-resnet-50-at-b--256-and-its-memory"
