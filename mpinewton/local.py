@@ -580,6 +580,7 @@ class LocalObjective:
         self._hvp_many_fn = compile_(self._hvp_many_rr_graph if rr else self._hvp_many_fr_graph)
         self._correct_fn = compile_(self._correct_graph)
         self._metric_fn = compile_(self._metric_graph)
+        self._loss_metric_fn = compile_(self._loss_metric_graph)
         self._outputs_fn = compile_(self._outputs)
         self._gnvp_fn = compile_(self._gnvp_graph)
         self._gnvp_many_fn = compile_(self._gnvp_many_graph)
@@ -1175,16 +1176,26 @@ class LocalObjective:
         hits = tf.cast(tf.reduce_all(self._hits(y, self._outputs(w, x)), axis=-1), tf.int64)
         return tf.reduce_sum(hits * self._mask(y, n, tf.int64))
 
-    def _metric_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
-                      n: tf.Tensor) -> tf.Tensor:
-        """Sum over the samples of the metric (float64): hits, or mean absolute errors."""
-        out = self._outputs(w, x)
+    def _metric_of(self, y: tf.Tensor, out: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+        """Sum over the samples of the metric of ``out`` (float64): hits, or mean abs errors."""
         if self._metric == "mae":
             values = tf.reduce_mean(tf.abs(tf.cast(_flat(out), tf.float64)
                                            - tf.cast(_flat(y), tf.float64)), axis=-1)
         else:
             values = tf.reduce_mean(tf.cast(self._hits(y, out), tf.float64), axis=-1)
         return tf.reduce_sum(values * self._mask(y, n, tf.float64))
+
+    def _metric_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                      n: tf.Tensor) -> tf.Tensor:
+        """Sum over the samples of the metric (float64)."""
+        return self._metric_of(y, self._outputs(w, x), n)
+
+    def _loss_metric_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                           n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The loss sum and the metric sum from one forward pass."""
+        out = self._outputs(w, x)
+        losses = self._loss(y, out)
+        return tf.reduce_sum(losses * self._mask(y, n, losses.dtype)), self._metric_of(y, out, n)
 
     # -- numpy interface ------------------------------------------------------------
 
@@ -1499,6 +1510,22 @@ class LocalObjective:
                                  f"{(None, *self._out_shape)}")
         tw = self._w(w)
         return sum(float(self._metric_fn(tw, x, y, n)) for x, y, n in self._chunks)
+
+    def loss_metric_sum(self, w: np.ndarray) -> tuple[float, float]:
+        """:meth:`loss_sum` and :meth:`metric_sum` from one forward pass over the shard.
+
+        An evaluation's two numbers for the price of one pass (the summary's, the
+        validation's): the same sums, to rounding (another compiled graph).
+        """
+        if self._metric is None:
+            return self.loss_sum(w), 0.0
+        tw = self._w(w)
+        loss = metric = 0.0
+        for x, y, n in self._chunks:
+            part_loss, part_metric = self._loss_metric_fn(tw, x, y, n)
+            loss += float(part_loss)
+            metric += float(part_metric)
+        return loss, metric
 
     def outputs(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
         """The model's outputs at ``w`` for rows ``x`` (prediction), (len(x), *output shape).

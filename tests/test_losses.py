@@ -376,6 +376,25 @@ def test_metric_sum_equals_numpy(objectives, name, metric):
         ref = hits.mean(axis=1).sum()
         assert local.correct_count(w) == hits.all(axis=1).sum()
     assert local.metric_sum(w) == pytest.approx(ref, rel=1e-12)
+    loss, metric_sum = local.loss_metric_sum(w)  # both from one forward pass
+    assert loss == pytest.approx(local.loss_sum(w), rel=1e-12)
+    assert metric_sum == pytest.approx(ref, rel=1e-12)
+
+
+def test_evaluate_takes_loss_and_metric_from_one_forward_pass(objectives, monkeypatch):
+    """``evaluate`` (the summary's, the validation's) runs the fused graph: the separate
+    loss and metric passes are not called."""
+    local, w = objectives("cce").local, objectives("cce").w
+    want = (local.loss_sum(w), local.metric_sum(w))
+    objective = DistributedObjective(local, Comm(None), total_samples=2 * N)
+
+    def refuse(_w):
+        raise AssertionError("a separate pass")
+    monkeypatch.setattr(local, "loss_sum", refuse)
+    monkeypatch.setattr(local, "metric_sum", refuse)
+    result = objective.evaluate(w)
+    assert result["loss"] == pytest.approx(want[0] / (2 * N), rel=1e-12)
+    assert result["accuracy"] == pytest.approx(want[1] / (2 * N), rel=1e-12)
 
 
 def test_distributed_metric_and_evaluate_use_one_allreduce(objectives):

@@ -48,6 +48,9 @@ def test_run_directory_contract(invariance_runs):
     lines = stdout.splitlines()
     assert sum(line.startswith("newton ") for line in lines) == 4
     assert sum(line.startswith("done:") for line in lines) == 1
+    # before the summary's passes, what they evaluate (101 training, 17 validation samples)
+    assert lines.count("evaluating the final weights: loss, gradient and accuracy on the 101 "
+                       "training samples; loss and accuracy on validation (17)") == 1
     # Newton iterations decrease the loss (Armijo accepts only decrease).
     assert all(r["new_loss"] <= r["loss"] for r in newton)
 

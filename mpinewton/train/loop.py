@@ -620,6 +620,21 @@ class Validation:
         return False
 
 
+def _final_evaluation(hooks: TrainingHooks) -> str:
+    """What the summary evaluates at the final weights, said before it does."""
+    session, data = hooks.session, hooks.session.job.data
+    metric = hooks.objective.metric_name
+    what = "loss, gradient" + (f" and {metric}" if metric else "")
+    limits = [n for n in (data.limit, data.eval_limit) if n]
+    total = session.shard.total
+    train = (f"the first {min(*limits, total):,} training samples" if session.sampler is not None
+             and limits and min(limits) < total else f"the {total:,} training samples")
+    splits = [f"{split} ({shard.total:,})" for split, shard
+              in zip(data.eval_splits, session.eval_shards, strict=True) if shard.total]
+    evals = f"; loss{f' and {metric}' if metric else ''} on {', '.join(splits)}" if splits else ""
+    return f"evaluating the final weights: {what} on {train}{evals}"
+
+
 def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], Any]:
     """summary.json: final loss, gradient norm and accuracies at the final weights."""
     session, job, comm = hooks.session, hooks.session.job, hooks.comm
@@ -633,14 +648,15 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
         objective = session.objective(shard.x, shard.y, shard.total)
     progress, opt = hooks.progress, job.optimizer
     w = result.w if hooks.average is None else hooks.model_weights()
+    final_loss, final_grad = objective.value_and_grad(w)  # one pass for both
     method_iters = progress["method_iters"]
     summary: dict[str, Any] = {
         "job": job.run.name, "mpinewton_version": __version__, "world_size": comm.size,
         "threads_per_rank": session.threads[0], "weights": session.layout.size,
         "train_samples": session.shard.total, "train_eval_samples": shard.total,
         "iterations": result.iteration, "pretrain_iters": opt.pretrain_iters,
-        "method": opt.method, "final_loss": objective.value(w),
-        "final_grad_norm": float(np.linalg.norm(objective.value_and_grad(w)[1])),
+        "method": opt.method, "final_loss": final_loss,
+        "final_grad_norm": float(np.linalg.norm(final_grad)),
         "wall_time": train_seconds,
         "method_iters": method_iters,
         "mean_cg_iters": progress["cg_iters"] / method_iters if method_iters else None,
@@ -760,6 +776,7 @@ def _run(session: Session, out: RunDirectory, run_dir: Path, *, check_sync: bool
         validation.evaluate(result.iteration)  # the final weights are candidates for best
     if result.iteration > done or hooks.total == 0:
         hooks.save(result.iteration)
+    say(_final_evaluation(hooks), flush=True)  # the summary's passes take a while on large models
     summary, weights = _summary(hooks, result)
     out.finish(summary, weights)
     accs = "  ".join(f"{k.removesuffix(f'_{metric}')} {metric} {v:.4f}"
