@@ -890,10 +890,14 @@ class LocalObjective:
         """1 for the first ``n`` rows of a micro-batch, 0 for padding rows."""
         return tf.cast(tf.range(tf.shape(y)[0]) < n, dtype)
 
+    def _loss_of(self, y: tf.Tensor, out: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+        """Sum over the samples (padding rows masked out) of the loss of outputs ``out``."""
+        losses = self._loss(y, out)
+        return tf.reduce_sum(losses * self._mask(y, n, losses.dtype))
+
     def _loss_sum_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
                         n: tf.Tensor) -> tf.Tensor:
-        losses = self._loss(y, self._outputs(w, x))
-        return tf.reduce_sum(losses * self._mask(y, n, losses.dtype))
+        return self._loss_of(y, self._outputs(w, x), n)
 
     def _loss_grad_graph(self, w: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
                          n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -1194,8 +1198,7 @@ class LocalObjective:
                            n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The loss sum and the metric sum from one forward pass."""
         out = self._outputs(w, x)
-        losses = self._loss(y, out)
-        return tf.reduce_sum(losses * self._mask(y, n, losses.dtype)), self._metric_of(y, out, n)
+        return self._loss_of(y, out, n), self._metric_of(y, out, n)
 
     # -- numpy interface ------------------------------------------------------------
 

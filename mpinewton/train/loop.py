@@ -620,21 +620,6 @@ class Validation:
         return False
 
 
-def _final_evaluation(hooks: TrainingHooks) -> str:
-    """What the summary evaluates at the final weights, said before it does."""
-    session, data = hooks.session, hooks.session.job.data
-    metric = hooks.objective.metric_name
-    what = "loss, gradient" + (f" and {metric}" if metric else "")
-    limits = [n for n in (data.limit, data.eval_limit) if n]
-    total = session.shard.total
-    train = (f"the first {min(*limits, total):,} training samples" if session.sampler is not None
-             and limits and min(limits) < total else f"the {total:,} training samples")
-    splits = [f"{split} ({shard.total:,})" for split, shard
-              in zip(data.eval_splits, session.eval_shards, strict=True) if shard.total]
-    evals = f"; loss{f' and {metric}' if metric else ''} on {', '.join(splits)}" if splits else ""
-    return f"evaluating the final weights: {what} on {train}{evals}"
-
-
 def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], Any]:
     """summary.json: final loss, gradient norm and accuracies at the final weights."""
     session, job, comm = hooks.session, hooks.session.job, hooks.comm
@@ -646,6 +631,16 @@ def _summary(hooks: TrainingHooks, result: LoopResult) -> tuple[dict[str, Any], 
                                                                   else None),
                                 "reading the training set for the summary")
         objective = session.objective(shard.x, shard.y, shard.total)
+    # the passes below take a while on large models: say first what they evaluate
+    metric = objective.metric_name
+    splits = [f"{split} ({eval_shard.total:,})" for split, eval_shard
+              in zip(job.data.eval_splits, session.eval_shards, strict=True) if eval_shard.total]
+    hooks.say("evaluating the final weights: loss, gradient"
+              + (f" and {metric}" if metric else "")
+              + (f" on the first {shard.total:,}" if shard.total < session.shard.total
+                 else f" on the {shard.total:,}") + " training samples"
+              + (f"; loss{f' and {metric}' if metric else ''} on {', '.join(splits)}"
+                 if splits else ""), flush=True)
     progress, opt = hooks.progress, job.optimizer
     w = result.w if hooks.average is None else hooks.model_weights()
     final_loss, final_grad = objective.value_and_grad(w)  # one pass for both
@@ -776,7 +771,6 @@ def _run(session: Session, out: RunDirectory, run_dir: Path, *, check_sync: bool
         validation.evaluate(result.iteration)  # the final weights are candidates for best
     if result.iteration > done or hooks.total == 0:
         hooks.save(result.iteration)
-    say(_final_evaluation(hooks), flush=True)  # the summary's passes take a while on large models
     summary, weights = _summary(hooks, result)
     out.finish(summary, weights)
     accs = "  ".join(f"{k.removesuffix(f'_{metric}')} {metric} {v:.4f}"
