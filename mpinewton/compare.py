@@ -11,7 +11,8 @@ in turn, in the same processes, each until ``--time-limit`` seconds or
 first variant, so no variant pays for compilation. The trace of a variant is
 one point per iterate ``w_k``: the seconds and data passes spent to reach it,
 and ``c(w_k)``, which the next step computes anyway (the last point costs one
-extra loss evaluation, not counted).
+extra loss evaluation, not counted). Each step's record (``steps``) carries
+what the method reported and the step's clocked ``seconds``.
 
 A *data pass* is one evaluation of the loss, gradient or one curvature
 product over the whole training set; products on a sub-sample or a
@@ -139,7 +140,9 @@ class _Race:
     evaluation samples (``evaluator``), taken every ``eval_seconds`` of race
     time with the clock stopped. Passes count samples: an evaluation of the
     loss, gradient, Fisher diagonal or a curvature product on ``m`` of the
-    ``n_train`` training samples counts ``m / n_train``.
+    ``n_train`` training samples counts ``m / n_train``. Each step's record
+    carries its clocked ``seconds`` (from the batch's reading to the weights'
+    broadcast; the clock-stopped work excluded).
 
     Progressive batches (``batch_growth``, the variant's optimizer config with
     ``batch_growth != "none"``) grow as the trainer's do
@@ -269,6 +272,7 @@ class _Race:
         # every rank (any rank past the limit stops all; any rank due evaluates), so the
         # evaluation's collectives are taken by every rank or by none (design: lockstep).
         elapsed = self.elapsed()
+        self.records[-1]["seconds"] = elapsed - self.t_before  # the step's clocked time
         due = self.evaluator is not None and elapsed - self.last_eval >= self.eval_seconds
         over, evaluate = self.comm.allreduce_sum(
             np.array([float(elapsed > self.limit), float(due)])) > 0
@@ -323,6 +327,12 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
             _warm_up_curvature(session, objective, curvature, w0, fraction, batch,
                                products_used([opt]))
     method = METHODS[opt.method](opt.params)
+    if sampler is not None and sampler.batch_size != session.sampler.batch_size:
+        # its own batch's shapes compile here, before its clock starts
+        from mpinewton.train.subsample import load_batch
+
+        load_batch(session, objective, np.arange(sampler.batch_size))
+        _warm_up(objective, w0, _hutchinson_blocks([opt]), products_used([opt]))
     comm.barrier()
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
                   sampler, evaluator, eval_seconds, growth,
@@ -330,11 +340,6 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
                   averages if sampler is not None else (), opt.average)
     first_batch = None if sampler is None else sampler.batch_size
     if sampler is not None:
-        if sampler.batch_size != session.sampler.batch_size:  # compile its shapes unclocked
-            from mpinewton.train.subsample import load_batch
-
-            load_batch(session, objective, np.arange(sampler.batch_size))
-            _warm_up(objective, w0, _hutchinson_blocks([opt]), products_used([opt]))
         hooks.evaluate(0, w0)
     iters = max_iters if variant.iters is None else min(max_iters, variant.iters)
     result = run(problem, w0, [Phase(opt.method, method, iters)], hooks=hooks,

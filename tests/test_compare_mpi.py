@@ -56,6 +56,11 @@ def test_compare_races_variants_from_the_same_weights(dataset, tmp_path):
         assert all(a["seconds"] <= b["seconds"] and a["passes"] <= b["passes"]
                    for a, b in zip(r["trace"], r["trace"][1:], strict=False))
         assert len(r["steps"]) == 3
+        # each step's clocked seconds: the clock between the trace points holds them
+        seconds = [s["seconds"] for s in r["steps"]]
+        assert all(s > 0 for s in seconds), seconds
+        for k in (1, 2):
+            assert sum(seconds[:k]) <= r["trace"][k]["seconds"] + 1e-9
     assert results["hf"]["optimizer"]["curvature_fraction"] == 0.5
     assert all(s["curvature"] == "gauss_newton" for s in results["hf"]["steps"])
     summary = report["summary"]
@@ -176,6 +181,10 @@ def test_mini_batch_race_draws_the_trainers_batches(batch_race):
     assert [p["passes"] for p in results["gd-b40"]["trace"]] == pytest.approx(
         [k * 40 / 101 for k in range(5)])
     assert results["gd-b40"]["trace"][1]["loss"] != results["gd"]["trace"][1]["loss"]
+    # A variant's own batch compiles before its clock starts: no variant's first trace
+    # point is late (it had carried that variant's warm-up before).
+    assert all(r["trace"][0]["seconds"] < 0.05 for r in results.values()), \
+        {k: r["trace"][0]["seconds"] for k, r in results.items()}
     assert len({r["trace"][0]["loss"] for r in results.values()}) == 1
     assert {s["curvature"] for s in results["hf"]["steps"]} == {"gauss_newton"}
     # L-BFGS keeps its last trial's loss and gradient for the next step; on a new
