@@ -169,6 +169,7 @@ class _Race:
         self.start = time.perf_counter()
         self.paused = 0.0
         self.pass_total = 0.0
+        self.t_before, self.p_before = 0.0, 0.0  # the running step's start (before_step)
         self.last_eval = -math.inf
         self.growth = growth  # optimizer.curvature_growth's rule, or None
         self.batch_growth = batch_growth if sampler is not None else None
