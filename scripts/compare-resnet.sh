@@ -158,6 +158,8 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
     # binds, whatever the learning rate) and damping; factors of order above 2048 as
     # diagonals (max_factor_dim: whole, they ran 2 ranks out of memory).
     k="kfac,curvature_fraction=0.125"
+    # round 5's sampled Fisher on a sixteenth of each batch: rounds 6-7 and race-kfac-dim
+    sampled="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
     if [[ $stage == kfac ]]; then
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-f0.125=$k" \
@@ -205,7 +207,7 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
             --out docs/compare/tuning/resnet-random-kfac5.json
     elif [[ $stage == kfac6 ]]; then
         # Round 5's winner with its damped inverses every 5, 10 (the default) or 20 steps.
-        k="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
+        k=$sampled
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-sampled-f0.0625-s1-i5=$k,inverse_every=5" \
             --variant "kfac-sampled-f0.0625-s1-i10=$k" \
@@ -215,7 +217,7 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
         # Round 6's winner with its factors of order above 256, 512, 1025 or 2048 (the
         # default) kept as diagonals: 2048 was chosen for memory, never tuned. Every full
         # factor costs its products in each direction and its inversion at each refresh.
-        k="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
+        k=$sampled
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-sampled-f0.0625-d256=$k,max_factor_dim=256" \
             --variant "kfac-sampled-f0.0625-d512=$k,max_factor_dim=512" \
@@ -226,7 +228,7 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
         # Round 7's candidate (factors above 512 as diagonals: the lowest mean loss over
         # the trace) against the race's K-FAC (2048: the lowest final loss), Adam and
         # gradient descent (the reference) on seed SEED (0; not tuned on), TIME (200) s each.
-        k="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
+        k=$sampled
         seed=${SEED:-0}
         race --set "run.seed=$seed" --time-limit "${TIME:-200}" \
             --reference gd-lr0.1 --reference-iters "${REFERENCE_ITERS:-100}" \
