@@ -48,7 +48,9 @@ Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 target and the seconds to each loss of a ladder, every method's loss at
 :data:`LOSS_AT_SECONDS` and at :data:`LOSS_AT_PASSES`, and, for each pair,
 the last second at which one method reached a loss the other had not
-(:func:`first_until`; the summary keeps it as ``first_until``).
+(:func:`first_until`; the summary keeps it as ``first_until``), and each
+method's mean step loss over the steps every method took, with its median
+step (:func:`per_step`: on the same batches, whatever the machine's speed).
 ``--report A.json B.json ... [--versus LABEL]`` puts several races of the
 same variants (one per seed) in one table (:func:`markdown_races`).
 """
@@ -454,6 +456,37 @@ def cut_cg_share(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"cg_iters": total, "cut": cut, "share": cut / total if total else None}
 
 
+def per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each method's step losses over the first ``n`` steps, ``n`` the fewest any method took.
+
+    A step's ``loss`` is the objective at its iterate on that step's own batch:
+    in a mini-batch race the methods with the job's batch size draw the same
+    batches, so their means over the same steps compare the work of a step
+    on equal terms, paired batch by batch. Unlike the loss at given seconds
+    it does not move with the machine's speed, which drifted by up to 30 %
+    between runs of one race on the 2-core machine (docs/results.md). The
+    median clocked step (``seconds``; None in races that predate it) says
+    what a step costs. Returns ``{"steps": n, "methods": {label: {"steps",
+    "median_seconds", "mean_loss", "quarters"}}}``, ``quarters`` the means
+    over each quarter of the ``n`` steps; None when a method took no step.
+    """
+    losses = {r["label"]: [s["loss"] for s in r["steps"]] for r in results}
+    n = min((len(v) for v in losses.values()), default=0)
+    if n == 0:
+        return {"steps": 0, "methods": {}}
+    methods = {}
+    for r in results:
+        seconds = [s["seconds"] for s in r["steps"] if s.get("seconds") is not None]
+        first = np.asarray(losses[r["label"]][:n], dtype=float)
+        methods[r["label"]] = {
+            "steps": len(r["steps"]),
+            "median_seconds": float(np.median(seconds)) if seconds else None,
+            "mean_loss": float(first.mean()),
+            "quarters": [float(q.mean()) if q.size else None
+                         for q in np.array_split(first, 4)]}
+    return {"steps": n, "methods": methods}
+
+
 def summarise(results: list[dict[str, Any]], reference: str | None,
               reference_iters: int) -> dict[str, Any]:
     """Targets and who reaches them first.
@@ -601,6 +634,17 @@ def markdown(report: dict[str, Any]) -> str:
                 until = None if a is b else first_until(a["trace"], b["trace"])
                 cells.append("" if a is b else "-" if until is None else f"{until:.1f}")
             lines.append(f"| {a['label']} | " + " | ".join(cells) + " |")
+    steps = per_step(results)
+    if steps["steps"] >= 4:
+        lines += ["", f"Per step: the mean loss of each method's first {steps['steps']} steps "
+                  "(each on its own batch: the same batches for every method with the job's "
+                  "batch size) and of each quarter of them; the median clocked step:", "",
+                  "| method | steps | median step | mean loss | quarters |",
+                  "|---|---:|---:|---:|---|"]
+        for label, m in steps["methods"].items():
+            median = "-" if m["median_seconds"] is None else f"{m['median_seconds']:.2f} s"
+            lines.append(f"| {label} | {m['steps']} | {median} | {m['mean_loss']:.4f} | "
+                         + " / ".join(f"{q:.4f}" for q in m["quarters"]) + " |")
     averaged = summary.get("averaged")
     if averaged:
         decays = sorted({d for v in averaged.values() for d in v}, key=float)

@@ -170,3 +170,33 @@ def test_one_table_over_several_races(tmp_path, capsys):
     assert "| s1.json | 0.5000 | 0.3000 | never | 1.0 s |" in capsys.readouterr().out
     assert main(["--report", str(tmp_path / "s0.json.gz"), str(tmp_path / "s2.json")]) == 2
     assert "s2.json: variants" in capsys.readouterr().err
+
+
+def test_per_step_losses_over_the_steps_every_method_took():
+    from mpinewton.compare import markdown, per_step, summarise
+
+    rng = np.random.default_rng(1)
+    a_loss, b_loss = rng.random(10), rng.random(7)
+    results = [
+        {"label": "a", "trace": _trace([(0.0, 1.0), (1.0, 0.5)]),
+         "steps": [{"loss": x, "seconds": 0.1 * (i + 1)} for i, x in enumerate(a_loss)]},
+        # a race from before the steps were clocked: no seconds
+        {"label": "b", "trace": _trace([(0.0, 1.0), (1.0, 0.4)]),
+         "steps": [{"loss": x} for x in b_loss]}]
+    out = per_step(results)
+    assert out["steps"] == 7  # b's 7 steps: a's first 7 against them
+    a, b = out["methods"]["a"], out["methods"]["b"]
+    assert a["steps"] == 10 and b["steps"] == 7
+    assert a["median_seconds"] == pytest.approx(0.55) and b["median_seconds"] is None
+    assert a["mean_loss"] == pytest.approx(a_loss[:7].sum() / 7)
+    assert b["mean_loss"] == pytest.approx(b_loss.sum() / 7)
+    # quarters of 7 steps: 2, 2, 2, 1
+    assert a["quarters"] == pytest.approx([a_loss[0:2].mean(), a_loss[2:4].mean(),
+                                           a_loss[4:6].mean(), a_loss[6]])
+    table = markdown({"summary": summarise(results, None, 0), "results": results,
+                      "time_limit": 10.0})
+    assert "mean loss of each method's first 7 steps" in table
+    assert f"| a | 10 | 0.55 s | {a_loss[:7].mean():.4f} | " in table
+    assert f"| b | 7 | - | {b_loss.mean():.4f} | " in table
+    assert per_step([{"label": "c", "trace": [], "steps": []}] + results) == {
+        "steps": 0, "methods": {}}
