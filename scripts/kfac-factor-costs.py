@@ -7,11 +7,11 @@ factor) and the float64 bytes of the factors, for the model of
 ``jobs/resnet_mnist.toml`` (32 x 32 RGB inputs, 10 classes). docs/results.md,
 "Fewer whole factors".
 
-    python scripts/kfac-factor-costs.py [DIM ...]   (default 256 512 1025 2048)
+    python scripts/kfac-factor-costs.py [DIM ...]   (default 1 128 256 512 1025 2048)
 """
 
+import argparse
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,4 +40,11 @@ def main(dims: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [256, 512, 1025, 2048])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dims", nargs="*", type=int, metavar="DIM",
+                        default=[1, 128, 256, 512, 1025, 2048],
+                        help="max_factor_dim settings to count (default: %(default)s)")
+    dims = parser.parse_args().dims
+    if any(d < 1 for d in dims):
+        parser.error(f"max_factor_dim must be >= 1, got {min(dims)}")
+    main(dims)
