@@ -50,7 +50,9 @@ target and the seconds to each loss of a ladder, every method's loss at
 the last second at which one method reached a loss the other had not
 (:func:`first_until`; the summary keeps it as ``first_until``), and each
 method's mean step loss over the steps every method took, with its median
-step (:func:`per_step`: on the same batches, whatever the machine's speed).
+step (:func:`per_step`: on the same batches, whatever the machine's speed),
+and, in a mini-batch race, how fast the machine ran in each method's turn
+(:func:`speed_gauge`, from the wall time of the trace's evaluations).
 ``--report A.json B.json ... [--versus LABEL]`` puts several races of the
 same variants (one per seed) in one table (:func:`markdown_races`).
 """
@@ -205,8 +207,11 @@ class _Race:
         """A trace point at ``w_k`` from the evaluation samples, the clock stopped."""
         t0 = time.perf_counter()
         seconds = self.elapsed()
-        point = {"iter": k, "seconds": seconds, "passes": self.pass_total,
-                 "loss": float(self.evaluator.value(w))}
+        loss = float(self.evaluator.value(w))
+        # The same forward pass on the same images at every point of every variant: its
+        # wall time gauges the machine's speed during this variant (speed_gauge).
+        point = {"iter": k, "seconds": seconds, "passes": self.pass_total, "loss": loss,
+                 "probe_seconds": time.perf_counter() - t0}
         if self.average is not None:
             point["iterate_loss"] = point["loss"]
             point["loss"] = float(self.evaluator.value(self.average.weights))
@@ -487,6 +492,30 @@ def per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"steps": n, "methods": methods}
 
 
+def speed_gauge(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """How fast the machine ran in each variant's turn, from its trace's evaluations.
+
+    The variants of a race run one after another, each on its own clock, so a
+    machine whose speed drifts (up to 30 % between runs minutes apart on the
+    2-core machine of docs/benchmarks.md) favours whichever ran in a fast
+    spell. Every trace point of a mini-batch race evaluates the same images
+    (the clock stopped); the median wall time of those evaluations
+    (``probe_seconds``, from the second point on: the first may still warm
+    caches) is the gauge. Returns ``{label: {"median", "relative"}}``,
+    ``relative`` the variant's median over the median of all the variants'
+    medians (above 1: a slower spell), or None without probes (a full-batch
+    race, or one run before the probes were kept).
+    """
+    medians = {}
+    for r in results:
+        probes = [p["probe_seconds"] for p in r["trace"][1:] if "probe_seconds" in p]
+        if not probes:
+            return None
+        medians[r["label"]] = float(np.median(probes))
+    centre = float(np.median(list(medians.values())))
+    return {label: {"median": m, "relative": m / centre} for label, m in medians.items()}
+
+
 def summarise(results: list[dict[str, Any]], reference: str | None,
               reference_iters: int) -> dict[str, Any]:
     """Targets and who reaches them first.
@@ -529,6 +558,9 @@ def summarise(results: list[dict[str, Any]], reference: str | None,
                 for r in results if r["trace"] and "averaged" in r["trace"][-1]}
     if averaged:  # --average: the loss at each exponential average of the iterates
         out["averaged"] = averaged
+    gauge = speed_gauge(results)
+    if gauge:
+        out["speed_gauge"] = gauge
     out["first_until"] = {a["label"]: {b["label"]: first_until(a["trace"], b["trace"])
                                        for b in results if b is not a} for a in results}
     # A ladder of 12 losses from the common start down to the best any variant reached.
@@ -634,6 +666,15 @@ def markdown(report: dict[str, Any]) -> str:
                 until = None if a is b else first_until(a["trace"], b["trace"])
                 cells.append("" if a is b else "-" if until is None else f"{until:.1f}")
             lines.append(f"| {a['label']} | " + " | ".join(cells) + " |")
+    gauge = speed_gauge(results)
+    if gauge:
+        lines += ["", "The machine's speed in each method's turn: the median wall time of the "
+                  "trace's evaluations (the same forward pass on the same images, the clock "
+                  "stopped), and its ratio to the race's median (above 1: a slower spell; "
+                  "a method's seconds divided by it are those at the race's median speed):",
+                  "", "| method | evaluation (median) | relative |", "|---|---:|---:|"]
+        for label, g in gauge.items():
+            lines.append(f"| {label} | {g['median']:.3f} s | {g['relative']:.3f} |")
     steps = per_step(results)
     if steps["steps"] >= 4:
         lines += ["", f"Per step: the mean loss of each method's first {steps['steps']} steps "

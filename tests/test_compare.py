@@ -200,3 +200,38 @@ def test_per_step_losses_over_the_steps_every_method_took():
     assert f"| b | 7 | - | {b_loss.mean():.4f} | " in table
     assert per_step([{"label": "c", "trace": [], "steps": []}] + results) == {
         "steps": 0, "methods": {}}
+
+
+def test_each_evaluation_times_itself_and_the_gauge_compares_the_turns():
+    import time
+
+    from mpinewton.compare import markdown, speed_gauge, summarise
+
+    comm, evaluated = _OtherRank(), []
+    hooks = _hooks(comm, evaluated)
+    hooks.evaluator = SimpleNamespace(value=lambda w: time.sleep(0.02) or 0.5)
+    hooks.evaluate(3, np.ones(3))
+    point = hooks.trace[-1]
+    assert point["loss"] == 0.5 and 0.02 <= point["probe_seconds"] < 1.0
+    assert hooks.elapsed() < point["probe_seconds"]  # and off the race's clock
+
+    def turn(label, probes):
+        return {"label": label, "steps": [], "trace": [
+            {"iter": i, "seconds": float(i), "passes": 0.0, "loss": 1.0 / (i + 1),
+             "probe_seconds": p} for i, p in enumerate(probes)]}
+
+    # the first probe (caches still cold) is left out; medians 1.0, 1.2 and 1.5
+    results = [turn("a", [9.0, 1.0, 0.9, 1.1]), turn("b", [9.0, 1.2, 1.2]),
+               turn("c", [0.1, 1.5, 1.4, 1.6])]
+    gauge = speed_gauge(results)
+    assert {k: v["median"] for k, v in gauge.items()} == pytest.approx(
+        {"a": 1.0, "b": 1.2, "c": 1.5})
+    assert {k: v["relative"] for k, v in gauge.items()} == pytest.approx(
+        {"a": 1.0 / 1.2, "b": 1.0, "c": 1.5 / 1.2})
+    summary = summarise(results, None, 0)
+    assert summary["speed_gauge"] == gauge
+    assert "| c | 1.500 s | 1.250 |" in markdown(
+        {"summary": summary, "results": results, "time_limit": 10.0})
+    # a race without probes (full batch, or older): no gauge
+    del results[1]["trace"][2]["probe_seconds"], results[1]["trace"][1]["probe_seconds"]
+    assert speed_gauge(results) is None and "speed_gauge" not in summarise(results, None, 0)
