@@ -471,11 +471,13 @@ def per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     it does not move with the machine's speed, which drifted by up to 30 %
     between runs of one race on the 2-core machine (docs/results.md). The
     median clocked step (``seconds``; None in races that predate it) says
-    what a step costs. Returns ``{"steps": n, "methods": {label: {"steps",
-    "median_seconds", "mean_loss", "quarters"}}}``, ``quarters`` the means
+    what a step costs, the mean its occasional dear steps (K-FAC's inverse
+    refreshes) too. Returns ``{"steps": n, "methods": {label: {"steps",
+    "mean_seconds", "median_seconds", "mean_loss", "quarters"}}}``, ``quarters`` the means
     over each quarter of the ``n`` steps; None when a method took no step.
     """
-    losses = {r["label"]: [s["loss"] for s in r["steps"]] for r in results}
+    losses = {r["label"]: [s["loss"] for s in r["steps"] if s.get("loss") is not None]
+              for r in results}  # a record without a loss (a hand-made one) is skipped
     n = min((len(v) for v in losses.values()), default=0)
     if n == 0:
         return {"steps": 0, "methods": {}}
@@ -485,6 +487,7 @@ def per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         first = np.asarray(losses[r["label"]][:n], dtype=float)
         methods[r["label"]] = {
             "steps": len(r["steps"]),
+            "mean_seconds": float(np.mean(seconds)) if seconds else None,
             "median_seconds": float(np.median(seconds)) if seconds else None,
             "mean_loss": float(first.mean()),
             "quarters": [float(q.mean()) if q.size else None
@@ -679,11 +682,12 @@ def markdown(report: dict[str, Any]) -> str:
     if steps["steps"] >= 4:
         lines += ["", f"Per step: the mean loss of each method's first {steps['steps']} steps "
                   "(each on its own batch: the same batches for every method with the job's "
-                  "batch size) and of each quarter of them; the median clocked step:", "",
-                  "| method | steps | median step | mean loss | quarters |",
+                  "batch size) and of each quarter of them; the mean (median) clocked step:", "",
+                  "| method | steps | mean (median) step | mean loss | quarters |",
                   "|---|---:|---:|---:|---|"]
         for label, m in steps["methods"].items():
-            median = "-" if m["median_seconds"] is None else f"{m['median_seconds']:.2f} s"
+            median = "-" if m["median_seconds"] is None else \
+                f"{m['mean_seconds']:.2f} ({m['median_seconds']:.2f}) s"
             lines.append(f"| {label} | {m['steps']} | {median} | {m['mean_loss']:.4f} | "
                          + " / ".join(f"{q:.4f}" for q in m["quarters"]) + " |")
     averaged = summary.get("averaged")

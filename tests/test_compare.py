@@ -179,7 +179,8 @@ def test_per_step_losses_over_the_steps_every_method_took():
     a_loss, b_loss = rng.random(10), rng.random(7)
     results = [
         {"label": "a", "trace": _trace([(0.0, 1.0), (1.0, 0.5)]),
-         "steps": [{"loss": x, "seconds": 0.1 * (i + 1)} for i, x in enumerate(a_loss)]},
+         "steps": [{"loss": x, "seconds": 5.0 if i == 0 else 0.1 * (i + 1)}  # a dear first step
+                   for i, x in enumerate(a_loss)]},
         # a race from before the steps were clocked: no seconds
         {"label": "b", "trace": _trace([(0.0, 1.0), (1.0, 0.4)]),
          "steps": [{"loss": x} for x in b_loss]}]
@@ -187,7 +188,8 @@ def test_per_step_losses_over_the_steps_every_method_took():
     assert out["steps"] == 7  # b's 7 steps: a's first 7 against them
     a, b = out["methods"]["a"], out["methods"]["b"]
     assert a["steps"] == 10 and b["steps"] == 7
-    assert a["median_seconds"] == pytest.approx(0.55) and b["median_seconds"] is None
+    assert a["median_seconds"] == pytest.approx(0.65) and b["median_seconds"] is None
+    assert a["mean_seconds"] == pytest.approx(1.04) and b["mean_seconds"] is None
     assert a["mean_loss"] == pytest.approx(a_loss[:7].sum() / 7)
     assert b["mean_loss"] == pytest.approx(b_loss.sum() / 7)
     # quarters of 7 steps: 2, 2, 2, 1
@@ -196,7 +198,7 @@ def test_per_step_losses_over_the_steps_every_method_took():
     table = markdown({"summary": summarise(results, None, 0), "results": results,
                       "time_limit": 10.0})
     assert "mean loss of each method's first 7 steps" in table
-    assert f"| a | 10 | 0.55 s | {a_loss[:7].mean():.4f} | " in table
+    assert f"| a | 10 | 1.04 (0.65) s | {a_loss[:7].mean():.4f} | " in table
     assert f"| b | 7 | - | {b_loss.mean():.4f} | " in table
     assert per_step([{"label": "c", "trace": [], "steps": []}] + results) == {
         "steps": 0, "methods": {}}
@@ -235,3 +237,28 @@ def test_each_evaluation_times_itself_and_the_gauge_compares_the_turns():
     # a race without probes (full batch, or older): no gauge
     del results[1]["trace"][2]["probe_seconds"], results[1]["trace"][1]["probe_seconds"]
     assert speed_gauge(results) is None and "speed_gauge" not in summarise(results, None, 0)
+
+
+def test_steps_to_loss_script(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from mpinewton.compare import write_report
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "steps-to-loss.py"
+    spec = importlib.util.spec_from_file_location("steps_to_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses = np.array([2.0, 2.0, 1.0, 1.0, 0.5, 0.1])
+    # means of 2: 2, 1.5, 1, 0.75, 0.3 after steps 2..6
+    assert module.steps_to(losses, 1.5, 2) == 3
+    assert module.steps_to(losses, 0.3, 2) == 6
+    assert module.steps_to(losses, 0.1, 2) is None
+    assert module.steps_to(losses, 2.0, 1) == 1
+    assert module.steps_to(losses[:1], 2.0, 2) is None
+    write_report(tmp_path / "r.json", {"results": [
+        {"label": "a", "steps": [{"loss": x} for x in losses]},
+        {"label": "b", "steps": [{"loss": 2.0}] * 6}]})
+    assert module.main([str(tmp_path / "r.json"), "--window", "2", "--levels", "0.3"]) == 0
+    assert "| 0.3 | 6 | - |" in capsys.readouterr().out
+    assert module.main([str(tmp_path / "missing.json")]) == 2
