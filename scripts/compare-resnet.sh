@@ -11,18 +11,22 @@
 # ran this 24 GB machine out of memory with 2 ranks. Each first on seed 1 (TUNE: learning-rate grids, Newton-CG settings; TUNE_TIME s
 # each), then on seed 0 (RACE: the best of each; TIME s each). Writes
 # docs/compare/tuning/resnet-<start>.json and docs/compare/resnet-<start>.json.
-# K-FAC (random start): STAGE kfac, kfac2, ..., kfac7 tune it on seed 1
-# (docs/compare/tuning/resnet-random-kfac.json, resnet-random-kfac2.json, ..., -kfac7.json),
+# K-FAC (random start): STAGE kfac, kfac2, ..., kfac10 tune it on seed 1
+# (docs/compare/tuning/resnet-random-kfac.json, resnet-random-kfac2.json, ..., -kfac10.json),
 # race-kfac races it on seed 0 against the first-order winners of the race above
 # (KFAC_OUT, default docs/compare/resnet-random-kfac.json); race-kfac-dim races round 7's
 # max_factor_dim against the race's (docs/compare/resnet-random-kfac-dim.json; SEED=S:
-# resnet-random-kfac-dim-seedS.json).
+# resnet-random-kfac-dim-seedS.json); race-kfac-dim2 races round 8's (256) against 512
+# (docs/compare/resnet-random-kfac-dim2.json, with SEED=S -seedS.json); step-costs runs the
+# first 25 steps of Adam, K-FAC 512 and 256 and gradient descent in turn, three times over
+# (docs/compare/resnet-random-step-costs.json): each method's step cost, measured in
+# alternation, beside the others, so that a drift of the machine's speed falls on all.
 # K-FAC (perturbed start): tune-kfac, tune-kfac2 and tune-kfac3 tune every method again on
 # seed 1 from given weights trained on this machine
 # (docs/compare/tuning/resnet-perturbed-kfac.json, -kfac2.json, -kfac3.json); race-kfac races
 # the winners on seed 0 (KFAC_OUT, default docs/compare/resnet-perturbed-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|...|kfac7|race-kfac-dim|tune-kfac|...|tune-kfac3|race-kfac; tune2,
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac10|race-kfac-dim|race-kfac-dim2|step-costs|tune-kfac|...|tune-kfac3|race-kfac; tune2,
 #        tune3, tune-kfac*: the perturbed start's; kfac*: the random start's; race-kfac: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -151,7 +155,7 @@ elif [[ $stage == tune-kfac || $stage == tune-kfac2 || $stage == tune-kfac3 || (
             --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
             --out "${KFAC_OUT:-docs/compare/resnet-perturbed-kfac.json}"
     fi
-elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 || $stage == kfac5 || $stage == kfac6 || $stage == kfac7 || $stage == race-kfac || $stage == race-kfac-dim ]]; then
+elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs)$ ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
     # backward passes a sample for G), its KL clip (which sets the step's length while it
@@ -224,6 +228,35 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
             --variant "kfac-sampled-f0.0625-d1025=$k,max_factor_dim=1025" \
             --variant "kfac-sampled-f0.0625-d2048=$k" \
             --out docs/compare/tuning/resnet-random-kfac7.json
+    elif [[ $stage == kfac8 ]]; then
+        # Round 7's lowest mean loss over the trace was at its grid's low edge (256): below
+        # it, down to every factor a diagonal (1), with 512 again beside them.
+        k=$sampled
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-sampled-f0.0625-d1=$k,max_factor_dim=1" \
+            --variant "kfac-sampled-f0.0625-d128=$k,max_factor_dim=128" \
+            --variant "kfac-sampled-f0.0625-d256=$k,max_factor_dim=256" \
+            --variant "kfac-sampled-f0.0625-d512=$k,max_factor_dim=512" \
+            --out docs/compare/tuning/resnet-random-kfac8.json
+    elif [[ $stage == kfac9 ]]; then
+        # The KL clip binds at every step (its scale 0.003-0.04 in race-kfac-dim), so it
+        # alone sets the step's length; 3e-4 was tuned with the exact Fisher on an eighth
+        # and 2048 (rounds 1-2): round 8's winner (256) with clips around it.
+        k="kfac,fisher=\"sampled\",curvature_fraction=0.0625,max_factor_dim=256"
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-sampled-d256-kl1e-4=$k,kl_clip=1e-4" \
+            --variant "kfac-sampled-d256-kl3e-4=$k,kl_clip=3e-4" \
+            --variant "kfac-sampled-d256-kl1e-3=$k,kl_clip=1e-3" \
+            --variant "kfac-sampled-d256-kl3e-3=$k,kl_clip=3e-3" \
+            --out docs/compare/tuning/resnet-random-kfac9.json
+    elif [[ $stage == kfac10 ]]; then
+        # Round 9's lowest mean was at its grid's low edge (1e-4): one clip below, with
+        # 1e-4 again beside it.
+        k="kfac,fisher=\"sampled\",curvature_fraction=0.0625,max_factor_dim=256"
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
+            --variant "kfac-sampled-d256-kl3e-5=$k,kl_clip=3e-5" \
+            --variant "kfac-sampled-d256-kl1e-4=$k,kl_clip=1e-4" \
+            --out docs/compare/tuning/resnet-random-kfac10.json
     elif [[ $stage == race-kfac-dim ]]; then
         # Round 7's candidate (factors above 512 as diagonals: the lowest mean loss over
         # the trace) against the race's K-FAC (2048: the lowest final loss), Adam and
@@ -237,6 +270,31 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
             --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
             --variant "gd-lr0.1=gd,learning_rate=0.1" \
             --out "docs/compare/resnet-random-kfac-dim$([[ $seed == 0 ]] || echo "-seed$seed").json"
+    elif [[ $stage == race-kfac-dim2 ]]; then
+        # Round 8's candidate (256: the lowest mean loss over the trace in rounds 7 and 8,
+        # between 128 and 512) against 512, Adam and gradient descent, as race-kfac-dim.
+        k=$sampled
+        seed=${SEED:-0}
+        race --set "run.seed=$seed" --time-limit "${TIME:-200}" \
+            --reference gd-lr0.1 --reference-iters "${REFERENCE_ITERS:-100}" \
+            --variant "kfac-d256=$k,max_factor_dim=256" \
+            --variant "kfac-d512=$k,max_factor_dim=512" \
+            --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
+            --variant "gd-lr0.1=gd,learning_rate=0.1" \
+            --out "docs/compare/resnet-random-kfac-dim2$([[ $seed == 0 ]] || echo "-seed$seed").json"
+    elif [[ $stage == step-costs ]]; then
+        # The races' step times moved by up to 45 % between runs of the same steps (Adam:
+        # 0.99 s and 1.45 s on seed 2): the same 25 steps of each method, in turn, 3 times.
+        k=$sampled
+        turns=()
+        for turn in 1 2 3; do
+            turns+=(--variant "adam-lr0.0003-$turn=adam,learning_rate=0.0003"
+                    --variant "kfac-d512-$turn=$k,max_factor_dim=512"
+                    --variant "kfac-d256-$turn=$k,max_factor_dim=256"
+                    --variant "gd-lr0.1-$turn=gd,learning_rate=0.1")
+        done
+        race --set run.seed=0 --max-iters 25 --time-limit 600 "${turns[@]}" \
+            --out docs/compare/resnet-random-step-costs.json
     else
         : "${KFAC:?KFAC=spec of the K-FAC variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
         # the same first-order rates as the race above (tuned on seed 1 there)
@@ -248,7 +306,7 @@ elif [[ $stage == kfac || $stage == kfac2 || $stage == kfac3 || $stage == kfac4 
             --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
             --out "${KFAC_OUT:-docs/compare/resnet-random-kfac.json}"
     fi
-else
+elif [[ $stage == race ]]; then
     # The winners of the tuning run, from the environment (docs/results.md says which).
     : "${NEWTON:?NEWTON=spec of the Newton-CG variant}" "${GD_LR:?}" "${MOMENTUM_LR:?}" "${ADAM_LR:?}"
     newton=(--variant "newton=$NEWTON")  # and the job's own, unless that is the winner
@@ -260,4 +318,7 @@ else
         --variant "momentum-lr$MOMENTUM_LR=momentum,learning_rate=$MOMENTUM_LR" \
         --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
         --out "docs/compare/resnet-$start.json"
+else
+    echo "unknown STAGE $stage (see the usage at the top of $0)" >&2
+    exit 2
 fi
