@@ -468,7 +468,7 @@ def per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     in a mini-batch race the methods with the job's batch size draw the same
     batches, so their means over the same steps compare the work of a step
     on equal terms, paired batch by batch. Unlike the loss at given seconds
-    it does not move with the machine's speed, which drifted by up to 30 %
+    it does not move with the machine's speed, which drifted by up to 45 %
     between runs of one race on the 2-core machine (docs/results.md). The
     median clocked step (``seconds``; None in races that predate it) says
     what a step costs, the mean its occasional dear steps (K-FAC's inverse
@@ -499,7 +499,7 @@ def speed_gauge(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]
     """How fast the machine ran in each variant's turn, from its trace's evaluations.
 
     The variants of a race run one after another, each on its own clock, so a
-    machine whose speed drifts (up to 30 % between runs minutes apart on the
+    machine whose speed drifts (up to 45 % between runs minutes apart on the
     2-core machine of docs/benchmarks.md) favours whichever ran in a fast
     spell. Every trace point of a mini-batch race evaluates the same images
     (the clock stopped); the median wall time of those evaluations

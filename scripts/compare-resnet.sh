@@ -164,6 +164,8 @@ elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs)$ ]]; t
     k="kfac,curvature_fraction=0.125"
     # round 5's sampled Fisher on a sixteenth of each batch: rounds 6-7 and race-kfac-dim
     sampled="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
+    # the same with factors above 256 as diagonals and no clip of its own: rounds 9-10's
+    sampled256="kfac,fisher=\"sampled\",curvature_fraction=0.0625,max_factor_dim=256"
     if [[ $stage == kfac ]]; then
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-f0.125=$k" \
@@ -242,7 +244,7 @@ elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs)$ ]]; t
         # The KL clip binds at every step (its scale 0.003-0.04 in race-kfac-dim), so it
         # alone sets the step's length; 3e-4 was tuned with the exact Fisher on an eighth
         # and 2048 (rounds 1-2): round 8's winner (256) with clips around it.
-        k="kfac,fisher=\"sampled\",curvature_fraction=0.0625,max_factor_dim=256"
+        k=$sampled256
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-sampled-d256-kl1e-4=$k,kl_clip=1e-4" \
             --variant "kfac-sampled-d256-kl3e-4=$k,kl_clip=3e-4" \
@@ -252,7 +254,7 @@ elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs)$ ]]; t
     elif [[ $stage == kfac10 ]]; then
         # Round 9's lowest mean was at its grid's low edge (1e-4): one clip below, with
         # 1e-4 again beside it.
-        k="kfac,fisher=\"sampled\",curvature_fraction=0.0625,max_factor_dim=256"
+        k=$sampled256
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-sampled-d256-kl3e-5=$k,kl_clip=3e-5" \
             --variant "kfac-sampled-d256-kl1e-4=$k,kl_clip=1e-4" \
