@@ -74,6 +74,19 @@ class Comm:
         """The underlying mpi4py communicator, or None in a one-process run."""
         return self._comm
 
+    @property
+    def serialized_threads(self) -> bool:
+        """Whether threads may call MPI one at a time (``MPI_THREAD_SERIALIZED`` or more).
+
+        mpi4py asks for ``MPI_THREAD_MULTIPLE``; a library may grant less.
+        Always true without MPI.
+        """
+        if self._comm is None or self.size == 1:
+            return True
+        from mpi4py import MPI
+
+        return MPI.Query_thread() >= MPI.THREAD_SERIALIZED
+
     def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
         """Sum one contiguous float buffer over all ranks (``MPI_Allreduce``, SUM).
 

@@ -44,6 +44,12 @@ every variant, the loss at such averages with each decay as well (the
 ``averaged`` losses of each trace point, and a table), with the clock stopped.
 Without ``--variant``, :data:`DEFAULT_VARIANTS` are run.
 
+``--interleave`` runs the variants in turns, one step each, each on its own
+clock (:func:`race_interleaved`), instead of one after another: a slow spell
+of the machine then falls on every variant alike, not on one. The steps are
+the same either way; only their seconds can differ. Every variant's weights
+and state are held at once.
+
 ``--report FILE.json`` prints a finished race's tables from its traces: the
 target and the seconds to each loss of a ladder, every method's loss at
 :data:`LOSS_AT_SECONDS` and at :data:`LOSS_AT_PASSES`, and, for each pair,
@@ -135,6 +141,72 @@ def parse_variant(spec: str, job: JobConfig) -> Variant:
                    optimizer.iters if "iters" in table else None)
 
 
+class Baton:
+    """Turns in a fixed rotation for the variants of an interleaved race, one step each.
+
+    Every variant runs in its own thread; only the holder of the baton runs,
+    so the shared objective, the products' counters and MPI are used by one
+    thread at a time (MPI_THREAD_SERIALIZED suffices), and every rank's threads
+    take the same turns in the same order (design: lockstep). A variant that
+    ends leaves the rotation; an error in one thread ends the wait of all the
+    others (:class:`Abandoned`), so none is left waiting for a turn.
+    """
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        if n < 1:
+            raise ValueError(f"Baton: at least one turn-taker, got {n}")
+        self._cond = threading.Condition()
+        self._active = list(range(n))  # those still in the rotation, in order
+        self._turn = 0
+        self._failed = False
+
+    @property
+    def turn(self) -> int | None:
+        """Whose turn it is (None once every taker has left)."""
+        with self._cond:
+            return self._turn
+
+    def wait(self, i: int) -> None:
+        """Block until it is ``i``'s turn; :class:`Abandoned` if another thread failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._failed or self._turn == i)
+            if self._failed:
+                raise Abandoned(f"turn {i}: another variant failed")
+
+    def pass_on(self, i: int) -> None:
+        """``i`` hands the baton to the next taker in the rotation (itself if alone)."""
+        with self._cond:
+            self._check_holder(i)
+            at = self._active.index(i)
+            self._turn = self._active[(at + 1) % len(self._active)]
+            self._cond.notify_all()
+
+    def leave(self, i: int) -> None:
+        """``i`` is done: out of the rotation, the baton to the next taker."""
+        with self._cond:
+            self._check_holder(i)
+            at = self._active.index(i)
+            self._active.pop(at)
+            self._turn = self._active[at % len(self._active)] if self._active else None
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        """End every wait: a thread failed, and no turn will come."""
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def _check_holder(self, i: int) -> None:
+        if self._turn != i:
+            raise RuntimeError(f"Baton: taker {i} acted in taker {self._turn}'s turn")
+
+
+class Abandoned(RuntimeError):
+    """A variant's thread stopped waiting for its turn: another variant failed."""
+
+
 class _Race:
     """The solver loop's hooks for one variant: batches, the trace and the time limit.
 
@@ -161,7 +233,8 @@ class _Race:
                  fraction: float, limit: float, sampler: Any = None, evaluator: Any = None,
                  eval_seconds: float = 0.0, growth: Any = None,
                  batch_growth: OptimizerConfig | None = None, w: np.ndarray | None = None,
-                 averages: Sequence[float] = (), average: float = 0.0) -> None:
+                 averages: Sequence[float] = (), average: float = 0.0,
+                 baton: tuple[Baton, int] | None = None) -> None:
         self.session, self.comm = session, session.comm
         self.problem, self.objective, self.curvature = problem, objective, curvature
         self.fraction, self.limit, self.sampler = fraction, limit, sampler
@@ -187,6 +260,10 @@ class _Race:
         # The variant's own optimizer.average: its trace is the average's loss, as the
         # trainer delivers the average (the iterate's loss beside it, "iterate_loss").
         self.average = IterateAverage(average, w) if average and w is not None else None
+        # An interleaved race (--interleave): the baton and this variant's place in its
+        # rotation; each step but the first hands the baton on, the clock stopped.
+        self.baton = baton
+        self.stepped = False
 
     def counts(self) -> tuple[int, int]:
         """Evaluations over the batch, and curvature products over the curvature rows.
@@ -225,6 +302,13 @@ class _Race:
     def before_step(self, k: int, phase: Any) -> None:
         from mpinewton.train.subsample import load_batch, set_curvature_rows
 
+        if self.baton is not None and self.stepped:  # the others' steps, not on this clock
+            t0 = time.perf_counter()
+            baton, i = self.baton
+            baton.pass_on(i)
+            baton.wait(i)
+            self.paused += time.perf_counter() - t0
+        self.stepped = True
         self.t_before, self.p_before = self.elapsed(), self.pass_total
         self.counts0 = self.counts()
         session = self.session
@@ -310,11 +394,15 @@ class _Race:
 
 def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
          limit: float, max_iters: int, say: Any, sampler: Any = None, evaluator: Any = None,
-         eval_seconds: float = 0.0, averages: Sequence[float] = ()) -> dict[str, Any]:
+         eval_seconds: float = 0.0, averages: Sequence[float] = (),
+         baton: tuple[Baton, int] | None = None) -> dict[str, Any]:
     """Run one variant from ``w0``; its trace, its step records and where it ended.
 
     With ``sampler`` (a copy per variant, so every variant sees the same
     batches) the race draws mini-batches and traces ``evaluator``'s loss.
+    With ``baton`` (the rotation and this variant's place in it) the variant
+    runs in turns with the others (:func:`race_interleaved`); it holds the
+    baton when called, and still holds it when it returns.
     """
     from mpinewton.solvers import METHODS, Phase, run
     from mpinewton.train.loop import curvature_growth
@@ -345,7 +433,7 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
     hooks = _Race(session, problem, objective, curvature, opt.curvature_fraction, limit,
                   sampler, evaluator, eval_seconds, growth,
                   opt if opt.batch_growth != "none" else None, w0,
-                  averages if sampler is not None else (), opt.average)
+                  averages if sampler is not None else (), opt.average, baton)
     first_batch = None if sampler is None else sampler.batch_size
     if sampler is not None:
         hooks.evaluate(0, w0)
@@ -368,6 +456,50 @@ def race(variant: Variant, session: Any, objective: Any, w0: np.ndarray, *,
             hooks.records[-1]["batch_size"] if hooks.records else first_batch,
             "optimizer": opt.table(), "ended": result.reason.value, "trace": hooks.trace,
             "steps": hooks.records}
+
+
+def race_interleaved(variants: Sequence[Variant], samplers: Sequence[Any],
+                     run_one: Any) -> list[dict[str, Any]]:
+    """Race ``variants`` in turns, one step each, every one on its own clock.
+
+    ``run_one(variant, sampler, baton)`` is :func:`race` for one variant.
+    Each variant runs in a thread of its own; a :class:`Baton` lets one
+    thread run at a time, in the variants' order, and a variant's clock is
+    stopped while the others take their turns. Run one after another, the
+    variants meet the machine in different spells: on this kind of machine a
+    method's step took up to 45 % longer in one turn than in another, which
+    can decide a race. In turns, a slow spell falls on every variant alike.
+    Every variant's weights and state are held at once (memory: their sum,
+    not their maximum). Returns the results in the variants' order; the
+    first error of any thread is raised once all have stopped.
+    """
+    import threading
+
+    baton = Baton(len(variants))
+    results: list[dict[str, Any] | None] = [None] * len(variants)
+    errors: list[BaseException | None] = [None] * len(variants)
+
+    def turn_taker(i: int) -> None:
+        try:
+            baton.wait(i)
+            results[i] = run_one(variants[i], samplers[i], (baton, i))
+            baton.leave(i)
+        except Abandoned:
+            pass
+        except BaseException as exc:  # noqa: BLE001 -- raised again by the main thread
+            errors[i] = exc
+            baton.fail()
+
+    threads = [threading.Thread(target=turn_taker, args=(i,), name=f"race-{v.label}",
+                                daemon=True) for i, v in enumerate(variants)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return [r for r in results if r is not None]
 
 
 def write_report(path: Path, data: dict[str, Any]) -> None:
@@ -845,6 +977,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="seconds per variant (default 600)")
     parser.add_argument("--max-iters", type=int, default=100_000,
                         help="iterations per variant (default: no limit but time)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="the variants take turns, one step each, each on its own clock "
+                        "(a slow spell of the machine falls on all alike; memory: every "
+                        "variant's state at once)")
     parser.add_argument("--reference", default=None,
                         help="label(s), comma-separated, whose best loss after "
                         "--reference-iters iterations sets the target")
@@ -985,6 +1121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval_seconds": None if evaluator is None else args.eval_seconds,
             "start_loss": results[0]["trace"][0]["loss"] if results else None,
             "time_limit": args.time_limit, "complete": complete,
+            "interleaved": args.interleave,
             "variants": [v.spec for v in variants], "results": results,
             "summary": summarise(results, args.reference, args.reference_iters),
         }
@@ -995,17 +1132,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpinewton.sampling import MiniBatchSampler
 
     state = None if sampler is None else sampler.state()  # where pre-training left it
+    samplers = []
     for variant in variants:
         batches = None if state is None else MiniBatchSampler.from_state(
             state, num_samples=sampler.num_samples, batch_size=sampler.batch_size)
         if batches is not None and variant.optimizer.batch_size:  # the same samples' order
             batches.batch_size = variant.optimizer.batch_size
-        results.append(race(variant, session, objective, w0, limit=args.time_limit,
-                            max_iters=args.max_iters, say=say, sampler=batches,
-                            evaluator=evaluator, eval_seconds=args.eval_seconds,
-                            averages=args.average))
-        if comm.is_root and len(results) < len(variants):
-            report(complete=False)
+        samplers.append(batches)
+
+    def run_one(variant: Variant, batches: Any,
+                baton: tuple[Baton, int] | None = None) -> dict[str, Any]:
+        return race(variant, session, objective, w0, limit=args.time_limit,
+                    max_iters=args.max_iters, say=say, sampler=batches, evaluator=evaluator,
+                    eval_seconds=args.eval_seconds, averages=args.average, baton=baton)
+
+    if args.interleave:
+        if not comm.serialized_threads:  # the same answer on every rank: one library
+            if comm.is_root:
+                print("error: --interleave: this MPI library does not allow calls from "
+                      "threads (MPI_THREAD_SERIALIZED); run without it", file=sys.stderr,
+                      flush=True)
+            return 2
+        say("interleaved: the variants take turns, one step each, each on its own clock",
+            flush=True)
+        results.extend(race_interleaved(variants, samplers, run_one))
+    else:
+        for variant, batches in zip(variants, samplers, strict=True):
+            results.append(run_one(variant, batches))
+            if comm.is_root and len(results) < len(variants):
+                report(complete=False)
     if comm.is_root:
         summary = report(complete=True)["summary"]
         drawn = "full batch" if sampler is None else \

@@ -20,13 +20,15 @@
 # (docs/compare/resnet-random-kfac-dim2.json, with SEED=S -seedS.json); step-costs runs the
 # first 25 steps of Adam, K-FAC 512 and 256 and gradient descent in turn, three times over
 # (docs/compare/resnet-random-step-costs.json): each method's step cost, measured in
-# alternation, beside the others, so that a drift of the machine's speed falls on all.
+# alternation, beside the others, so that a drift of the machine's speed falls on all;
+# race-turns races K-FAC 512, Adam and gradient descent in turns, one step each
+# (--interleave; docs/compare/resnet-random-turns.json, with SEED=S -seedS.json).
 # K-FAC (perturbed start): tune-kfac, tune-kfac2 and tune-kfac3 tune every method again on
 # seed 1 from given weights trained on this machine
 # (docs/compare/tuning/resnet-perturbed-kfac.json, -kfac2.json, -kfac3.json); race-kfac races
 # the winners on seed 0 (KFAC_OUT, default docs/compare/resnet-perturbed-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|...|kfac10|race-kfac-dim|race-kfac-dim2|step-costs|tune-kfac|...|tune-kfac3|race-kfac; tune2,
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac10|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|tune-kfac|...|tune-kfac3|race-kfac; tune2,
 #        tune3, tune-kfac*: the perturbed start's; kfac*: the random start's; race-kfac: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -155,7 +157,7 @@ elif [[ $stage == tune-kfac || $stage == tune-kfac2 || $stage == tune-kfac3 || (
             --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
             --out "${KFAC_OUT:-docs/compare/resnet-perturbed-kfac.json}"
     fi
-elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs)$ ]]; then
+elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs|race-turns)$ ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
     # backward passes a sample for G), its KL clip (which sets the step's length while it
@@ -284,6 +286,18 @@ elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs)$ ]]; t
             --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
             --variant "gd-lr0.1=gd,learning_rate=0.1" \
             --out "docs/compare/resnet-random-kfac-dim2$([[ $seed == 0 ]] || echo "-seed$seed").json"
+    elif [[ $stage == race-turns ]]; then
+        # The race of race-kfac-dim2's winner (512) against Adam and gradient descent,
+        # in turns, one step each (--interleave): a drift of the machine's speed falls on
+        # all three alike, where race-kfac-dim2's verdicts followed it. Seed SEED (0).
+        k=$sampled
+        seed=${SEED:-0}
+        race --set "run.seed=$seed" --time-limit "${TIME:-200}" --interleave \
+            --reference gd-lr0.1 --reference-iters "${REFERENCE_ITERS:-100}" \
+            --variant "kfac-d512=$k,max_factor_dim=512" \
+            --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
+            --variant "gd-lr0.1=gd,learning_rate=0.1" \
+            --out "docs/compare/resnet-random-turns$([[ $seed == 0 ]] || echo "-seed$seed").json"
     elif [[ $stage == step-costs ]]; then
         # The races' step times moved by up to 45 % between runs of the same steps (Adam:
         # 0.99 s and 1.45 s on seed 2): the same 25 steps of each method, in turn, 3 times.

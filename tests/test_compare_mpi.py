@@ -114,7 +114,8 @@ def batch_race(dataset, tmp_path_factory):
     launch (``mpijobs.start_many``), ``python -m mpinewton.train`` with the settings of
     its gradient-descent variants: with fixed batches and with the norm test's.
 
-    Returns the race's report and the two training runs' metrics.
+    Returns the race's report and the two training runs' metrics; the same race run
+    with ``--interleave`` is the report's ``"interleaved_report"``.
     """
     from mpijobs import read_metrics, start_many
 
@@ -126,34 +127,76 @@ def batch_race(dataset, tmp_path_factory):
              "--set", "data.eval_splits=[]"]
     growing = ["--set", "optimizer.batch_growth='norm_test'", "--set",
                "optimizer.batch_theta=0.2", "--set", "optimizer.batch_max=60"]
+    variants = ["--variant", "gd=gd,learning_rate=0.3",
+                "--variant", "gd-again=gd,learning_rate=0.3",
+                "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
+                "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5",
+                "--variant", f"gd-grow=gd,learning_rate=0.3,{NORM_TEST}",
+                "--variant", "hf=newton,curvature=gauss_newton,"
+                             "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
+                "--variant", "hf-double=newton,curvature=gauss_newton,damping_rule="
+                             "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
+                             "geometric,batch_every=2,batch_max=60",
+                "--variant", "lbfgs=lbfgs",
+                # the sampled Fisher's draws come with the curvature rows, also at 1
+                "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05']
     launch = start_many("mpinewton.train", 2,
                         [[*train, "--run-dir", str(base / "fixed")],
                          [*train, *growing, "--run-dir", str(base / "growing")]], base / "train")
     try:
         out = base / "race.json"
         proc = _compare(dataset, out, *BATCH_JOB, "--max-iters", "4", "--eval-samples", "30",
-                        "--eval-seconds", "0", "--average", "0.5,0.9",
-                        "--variant", "gd=gd,learning_rate=0.3",
-                        "--variant", "gd-again=gd,learning_rate=0.3",
-                        "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
-                        "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5",
-                        "--variant", f"gd-grow=gd,learning_rate=0.3,{NORM_TEST}",
-                        "--variant", "hf=newton,curvature=gauss_newton,"
-                                     "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
-                        "--variant", "hf-double=newton,curvature=gauss_newton,damping_rule="
-                                     "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
-                                     "geometric,batch_every=2,batch_max=60",
-                        "--variant", "lbfgs=lbfgs",
-                        # the sampled Fisher's draws come with the curvature rows, also at 1
-                        "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05')
+                        "--eval-seconds", "0", "--average", "0.5,0.9", *variants)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # the same race in turns, one step each (--interleave)
+        turns = base / "turns.json"
+        proc = _compare(dataset, turns, *BATCH_JOB, "--max-iters", "4", "--eval-samples",
+                        "30", "--eval-seconds", "0", "--average", "0.5,0.9", "--interleave",
+                        *variants)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "interleaved" in proc.stdout
         done, records = launch.result(timeout=240)
     finally:
         launch.kill()
     assert done.returncode == 0 and records[0][0]["rc"] == 0, (done.stdout, done.stderr, records)
     trained = {name: [m for m in read_metrics(base / name) if m.get("phase") == "gd"]
                for name in ("fixed", "growing")}
-    return json.loads(out.read_text()), trained
+    report = json.loads(out.read_text())
+    report["interleaved_report"] = json.loads(turns.read_text())
+    return report, trained
+
+
+#: What may differ between two runs of the same steps: the clocks.
+CLOCKS = ("seconds", "probe_seconds")
+
+
+def _without_clocks(records):
+    return [{k: v for k, v in r.items() if k not in CLOCKS} for r in records]
+
+
+def test_an_interleaved_race_takes_the_same_steps(batch_race):
+    """``--interleave``: every variant in turns, one step each, takes exactly the steps it
+    takes alone (the same batches, losses, counts and trace), on a clock of its own that
+    stops while the others step."""
+    report, _ = batch_race
+    turns = report["interleaved_report"]
+    assert turns["interleaved"] is True and report["interleaved"] is False
+    assert [r["label"] for r in turns["results"]] == [r["label"] for r in report["results"]]
+    for alone, in_turns in zip(report["results"], turns["results"], strict=True):
+        assert _without_clocks(in_turns["steps"]) == _without_clocks(alone["steps"]), \
+            alone["label"]
+        assert _without_clocks(in_turns["trace"]) == _without_clocks(alone["trace"]), \
+            alone["label"]
+        assert in_turns["trace"][0]["seconds"] < 0.05
+    # Each variant's clock holds its own steps and not the others': with all the others'
+    # steps between its first and its last, a clock that ran on would exceed its own
+    # steps by most of theirs.
+    total = sum(s["seconds"] for r in turns["results"] for s in r["steps"])
+    for r in turns["results"]:
+        own = sum(s["seconds"] for s in r["steps"])
+        clock = r["trace"][-1]["seconds"]
+        assert own <= clock + 1e-9
+        assert clock - own < 0.25 * (total - own), (r["label"], clock, own, total)
 
 
 def test_mini_batch_race_draws_the_trainers_batches(batch_race):
