@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -832,15 +831,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "_hessian_jacobian_worker":
         print(json.dumps(hessian_jacobian_worker(args)))
         return 0
+    from mpinewton.machine import describe
+
     results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "python": platform.python_version()},
-        "data": args.data or "synthetic", "threads": args.threads,
+        "machine": describe(), "data": args.data or "synthetic", "threads": args.threads,
         "micro_batch": args.micro_batch,
     }
-    import tensorflow as tf
-
-    results["machine"]["tensorflow"] = tf.__version__
     steps = {"products": bench_products, "table": bench_table, "ranks": bench_ranks,
              "micro-batches": bench_micro_batches,
              "memory": bench_memory, "hessian": bench_hessian, "resnet": bench_resnet,

@@ -70,7 +70,6 @@ import bisect
 import dataclasses
 import json
 import math
-import platform
 import sys
 import time
 import tomllib
@@ -1105,16 +1104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         Written after every variant: a race that dies (out of memory, a time
         limit) keeps the variants it finished.
         """
-        import tensorflow as tf
-
         import mpinewton
+        from mpinewton.machine import describe
 
         data = {
             "command": "mpirun -n {} python -m mpinewton.compare {}".format(
                 comm.size, " ".join(sys.argv[1:] if argv is None else argv)),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "python": platform.python_version(), "tensorflow": tf.__version__,
-                        "ranks": comm.size, "mpinewton": mpinewton.__version__},
+            "machine": {**describe(), "ranks": comm.size, "mpinewton": mpinewton.__version__},
             "job": job.run.name, "samples": session.shard.total, "weights": session.layout.size,
             "batch_size": opt.batch_size,
             "eval_samples": None if evaluator is None else evaluator.total_samples,
