@@ -469,7 +469,9 @@ def race_interleaved(variants: Sequence[Variant], samplers: Sequence[Any],
     method's step took up to 45 % longer in one turn than in another, which
     can decide a race. In turns, a slow spell falls on every variant alike.
     Every variant's weights and state are held at once (memory: their sum,
-    not their maximum). Returns the results in the variants' order; the
+    not their maximum). The threads' large arrays come from glibc's main arena
+    (:func:`mpinewton.memory.single_arena`, set by :func:`main`), as they would
+    in the main thread. Returns the results in the variants' order; the
     first error of any thread is raised once all have stopped.
     """
     import threading
@@ -1031,6 +1033,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.reference_iters)
         print(markdown(report))
         return 0
+    if args.interleave:  # the variants' threads allocate their arrays from the main arena
+        from mpinewton.memory import single_arena
+
+        single_arena()
     comm = world()
     install_abort_handler(comm)
     say = print if comm.is_root else (lambda *a, **k: None)

@@ -48,6 +48,47 @@ def test_reused_memory_makes_no_page_faults_where_fresh_blocks_do():
     assert kept["kept"] is True and kept["faults"] < 50, kept
 
 
+#: Five arrays of 400 MB made and freed in a thread, after a first: its page faults.
+THREAD_PROBE = """
+import json, resource, sys, threading
+import numpy as np
+from mpinewton.memory import reuse_freed_memory, single_arena
+one = single_arena() if sys.argv[1] == "one" else None
+reuse_freed_memory()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+out = {"one": one}
+def work():
+    x = np.ones(50_000_000); del x
+    before = faults()
+    for _ in range(5):
+        x = np.ones(50_000_000); del x
+    out["faults"] = faults() - before
+thread = threading.Thread(target=work); thread.start(); thread.join()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="glibc's arenas on Linux; elsewhere single_arena() does nothing")
+def test_one_arena_lets_a_thread_reuse_freed_memory():
+    """In a thread's own arena each 400 MB array is a fresh mmap even with freed memory
+    kept; from the main arena (single_arena) the thread reuses the first one's pages."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in MALLOC_ENV and k != "MALLOC_ARENA_MAX"}
+    runs = {}
+    for mode in ("own", "one"):
+        proc = subprocess.run([sys.executable, "-c", THREAD_PROBE, mode], env=clean, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        runs[mode] = json.loads(proc.stdout)
+    assert runs["own"]["faults"] >= 5 * 200, runs
+    assert runs["one"]["one"] is True and runs["one"]["faults"] < 50, runs
+    proc = subprocess.run([sys.executable, "-c", "from mpinewton.memory import single_arena;"
+                           "print(single_arena())"], env={**clean, "MALLOC_ARENA_MAX": "2"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
 def test_glibcs_own_variables_leave_the_allocator_alone():
     """A user who set MALLOC_MMAP_MAX_ (and the like) has chosen: nothing changes."""
     probe = _probe("reuse", MALLOC_TRIM_THRESHOLD_="1000000")
