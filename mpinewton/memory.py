@@ -61,8 +61,9 @@ def single_arena() -> bool:
 
     In a thread's own arena, a block above 64 MB is a fresh ``mmap`` and its
     page faults at every allocation, whatever :func:`reuse_freed_memory` set:
-    a ResNet-50 Adam step taken in a thread took 4.3 s against 2.8 s in the
-    main thread (2 ranks on 2 cores), and 2.9 s with one arena. Call it before
+    ResNet-50's Adam steps taken in turns in threads took 3.87 s (median)
+    against 2.93 s in the main thread, and 2.85 s with one arena (2 ranks on
+    2 cores; ``docs/compare/step-setup/``). Call it before
     any other thread allocates (before TensorFlow starts its pools). False
     where ``MALLOC_ARENA_MAX`` is set (the user's choice), or as
     :func:`reuse_freed_memory`.

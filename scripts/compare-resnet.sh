@@ -22,13 +22,16 @@
 # (docs/compare/resnet-random-step-costs.json): each method's step cost, measured in
 # alternation, beside the others, so that a drift of the machine's speed falls on all;
 # race-turns races K-FAC 512, Adam and gradient descent in turns, one step each
-# (--interleave; docs/compare/resnet-random-turns.json, with SEED=S -seedS.json).
+# (--interleave; docs/compare/resnet-random-turns.json, with SEED=S -seedS.json);
+# step-setup times the first steps of Adam and gradient descent alone and in turns, with
+# and without a memory arena per thread, and with Eigen's kernels
+# (docs/compare/step-setup/).
 # K-FAC (perturbed start): tune-kfac, tune-kfac2 and tune-kfac3 tune every method again on
 # seed 1 from given weights trained on this machine
 # (docs/compare/tuning/resnet-perturbed-kfac.json, -kfac2.json, -kfac3.json); race-kfac races
 # the winners on seed 0 (KFAC_OUT, default docs/compare/resnet-perturbed-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|...|kfac10|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|tune-kfac|...|tune-kfac3|race-kfac; tune2,
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac10|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|step-setup|tune-kfac|...|tune-kfac3|race-kfac; tune2,
 #        tune3, tune-kfac*: the perturbed start's; kfac*: the random start's; race-kfac: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -157,7 +160,7 @@ elif [[ $stage == tune-kfac || $stage == tune-kfac2 || $stage == tune-kfac3 || (
             --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
             --out "${KFAC_OUT:-docs/compare/resnet-perturbed-kfac.json}"
     fi
-elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs|race-turns)$ ]]; then
+elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs|race-turns|step-setup)$ ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
     # backward passes a sample for G), its KL clip (which sets the step's length while it
@@ -298,6 +301,20 @@ elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs|race-tu
             --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
             --variant "gd-lr0.1=gd,learning_rate=0.1" \
             --out "docs/compare/resnet-random-turns$([[ $seed == 0 ]] || echo "-seed$seed").json"
+    elif [[ $stage == step-setup ]]; then
+        # 8 steps of Adam and gradient descent, no pre-training: alone; in turns with an
+        # arena per thread (glibc's default; a MALLOC_ARENA_MAX set by the user is left
+        # alone); in turns as --interleave runs them (one arena); and 4 steps alone with
+        # TensorFlow's Eigen kernels instead of oneDNN's.
+        a=(--set optimizer.pretrain_iters=0 --eval-seconds 1000
+           --variant "adam-lr0.0003=adam,learning_rate=0.0003"
+           --variant "gd-lr0.1=gd,learning_rate=0.1")
+        out=docs/compare/step-setup
+        race "${a[@]}" --max-iters 8 --out $out/alone.json
+        MALLOC_ARENA_MAX=8 race "${a[@]}" --max-iters 8 --interleave \
+            --out $out/turns-arena-per-thread.json
+        race "${a[@]}" --max-iters 8 --interleave --out $out/turns.json
+        TF_ENABLE_ONEDNN_OPTS=0 race "${a[@]}" --max-iters 4 --out $out/alone-eigen.json
     elif [[ $stage == step-costs ]]; then
         # The races' step times moved by up to 45 % between runs of the same steps (Adam:
         # 0.99 s and 1.45 s on seed 2): the same 25 steps of each method, in turn, 3 times.
