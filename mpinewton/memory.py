@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import Any
 
 __all__ = ["MALLOC_ENV", "reuse_freed_memory", "single_arena"]
 
@@ -39,6 +40,18 @@ _M_ARENA_MAX = -8
 _KEEP = 2**31 - 1  # bytes of free memory at the heap's top kept before trimming (the most)
 
 
+def _mallopt() -> Any | None:
+    """The C library's ``mallopt(param, value)`` on Linux with glibc; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def reuse_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse; True where it now does.
 
@@ -46,13 +59,8 @@ def reuse_freed_memory() -> bool:
     not Linux, or one of :data:`MALLOC_ENV` is set. Affects the blocks
     allocated after the call; call it before the first large ones.
     """
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_ENV):
+    if any(name in os.environ for name in MALLOC_ENV) or (mallopt := _mallopt()) is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP) == 1
 
 
@@ -68,11 +76,6 @@ def single_arena() -> bool:
     where ``MALLOC_ARENA_MAX`` is set (the user's choice), or as
     :func:`reuse_freed_memory`.
     """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+    if "MALLOC_ARENA_MAX" in os.environ or (mallopt := _mallopt()) is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(_M_ARENA_MAX, 1) == 1
