@@ -14,6 +14,7 @@ inverted, and one step is::
 
     A, G <- decay (A, G) + (1 - decay) (A_batch, G_batch)      every stats_every steps
     inverses of A + pi sqrt(lambda) I and G + sqrt(lambda)/pi I  every inverse_every steps
+                                                (and at each of the first inverse_warmup)
     p_l = (A_l + ...)^-1 dW_l (G_l + ...)^-1                    each layer's gradient block
     nu = min(1, sqrt(kl_clip / (lr^2 p . g)))                   (Ba, Grosse & Martens 2017)
     v <- momentum v + nu p,  w <- w - lr v
@@ -289,6 +290,9 @@ class KFACConfig:
     stat_decay: float = 0.95  # decay of the factors' running averages, in [0, 1)
     stats_every: int = 1  # new factors from the curvature sample every this many steps
     inverse_every: int = 10  # damped inverses every this many steps
+    # ... and at every one of the first this many steps: the running factors of the first
+    # steps rest on a few samples and change fast; inverses kept from step 1 misdirect 2-10
+    inverse_warmup: int = 0
     kl_clip: float = 1e-3  # step scaled so that lr^2 p.g <= kl_clip; 0 = never
     max_factor_dim: int = 2048  # a factor of a larger order is kept as its diagonal
     fisher: str = "exact"  # G from every class ("exact") or one drawn label a sample ("sampled")
@@ -310,6 +314,7 @@ class KFACConfig:
         require(self, "stat_decay", "[0, 1)")
         require(self, "stats_every", "int >= 1")
         require(self, "inverse_every", "int >= 1")
+        require(self, "inverse_warmup", "int >= 0")
         require(self, "kl_clip", ">= 0")
         require(self, "max_factor_dim", "int >= 1")
         require(self, "fisher", "choice", choices=FISHERS)
@@ -560,7 +565,7 @@ class KFAC:
         share, mine = self._shared(problem, blocks)
         lm = cfg.damping_rule == "levenberg_marquardt"
         damping = float(current_damping(state, cfg))
-        invert = state.inverses is None or t % cfg.inverse_every == 0
+        invert = state.inverses is None or t % cfg.inverse_every == 0 or t < cfg.inverse_warmup
         if invert:
             packed_inverses = self._invert(blocks, packed, shapes, share, mine, damping)
         else:

@@ -36,8 +36,10 @@ VARIANTS = {
     "momentum": {"learning_rate": 0.1, "nesterov": True},
     # inverse_every 3, stats_every 2: steps with and without fresh factors and inverses
     "kfac": {"learning_rate": 0.2, "inverse_every": 3, "stats_every": 2},
-    # one drawn label a sample, the draws by global position (as the driver sets them)
-    "kfac-sampled": {"learning_rate": 0.2, "inverse_every": 3, "fisher": "sampled"},
+    # one drawn label a sample, the draws by global position (as the driver sets them);
+    # inverses at steps 1, 2 (the warm-up) and 4
+    "kfac-sampled": {"learning_rate": 0.2, "inverse_every": 3, "inverse_warmup": 2,
+                     "fisher": "sampled"},
     # the damping adapted every step from a Gauss-Newton product and the loss, both summed
     # over the ranks; refreshes at steps 1 and 3 invert with the adapted damping
     "kfac-lm": {"learning_rate": 0.2, "inverse_every": 2, "damping_rule": "levenberg_marquardt",

@@ -171,29 +171,32 @@ def test_kl_clip_scales_the_step():
     np.testing.assert_allclose(w_clip, w0 - lr * nu * p, rtol=1e-12)
 
 
-def test_running_averages_refresh_and_momentum_by_hand():
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_running_averages_refresh_and_momentum_by_hand(warmup):
+    """New factors every 2 steps, inverses every 3 (and at each of the first ``warmup``)."""
     blocks, pairs, n = _two_blocks()
     rng = np.random.default_rng(9)
-    calls = [[(a * s, g * s) for a, g in pairs] for s in rng.uniform(0.5, 2.0, size=6)]
+    calls = [[(a * s, g * s) for a, g in pairs] for s in rng.uniform(0.5, 2.0, size=8)]
     prob = KroneckerQuadratic(blocks, pairs, n, factors=calls)
     cfg = KFACConfig(learning_rate=0.05, momentum=0.5, damping=1e-2, stat_decay=0.8,
-                     stats_every=2, inverse_every=3, kl_clip=0.0)
+                     stats_every=2, inverse_every=3, inverse_warmup=warmup, kl_clip=0.0)
     method = KFAC(cfg)
     w = rng.standard_normal(n)
     state = method.init(w)
     ref_f, ref_inv, v = None, None, np.zeros(n)
     used = 0
-    for t in range(6):
+    for t in range(8):
         _, g = prob.value_and_grad(w)
         w_new, state, info = method.step(prob, w, state)
-        assert info.stats == (t % 2 == 0) and info.inverted == (t % 3 == 0)
+        refresh = t % 3 == 0 or t < warmup  # warmup 5: steps 1-5 and 7 (t = 0-4, 6)
+        assert info.stats == (t % 2 == 0) and info.inverted == refresh
         if t % 2 == 0:
             new = calls[used]
             used += 1
             ref_f = new if ref_f is None else [
                 (0.8 * a0 + 0.2 * a1, 0.8 * g0 + 0.2 * g1)
                 for (a0, g0), (a1, g1) in zip(ref_f, new, strict=True)]
-        if t % 3 == 0:
+        if refresh:
             ref_inv = []
             for a, gg in ref_f:
                 sa, sg = factored_damping(a, gg, 1e-2)
@@ -202,7 +205,7 @@ def test_running_averages_refresh_and_momentum_by_hand():
         v = 0.5 * v + kfac_direction(tuple(blocks), ref_inv, g)
         np.testing.assert_allclose(w_new, w - 0.05 * v, rtol=1e-10, atol=1e-14)
         w = w_new
-    assert prob.factor_calls == 3
+    assert prob.factor_calls == 4
 
 
 @pytest.mark.parametrize("rule", ["fixed", "levenberg_marquardt"])
@@ -400,7 +403,7 @@ def test_state_and_config_validate():
         KFACState(iteration=-1)
     for field, value in (("learning_rate", 0.0), ("damping", 0.0), ("momentum", 1.0),
                          ("stat_decay", -0.1), ("stats_every", 0), ("inverse_every", 1.5),
-                         ("kl_clip", -1.0), ("max_factor_dim", 0),
+                         ("inverse_warmup", -1), ("kl_clip", -1.0), ("max_factor_dim", 0),
                          ("damping_rule", "trust_region"), ("damping_every", 0),
                          ("lm_increase", 1.0), ("lm_decrease", 1.0), ("lm_rho_low", 0.0),
                          ("damping_min", -1.0)):
