@@ -1,10 +1,13 @@
 """docs/examples/ run under mpirun, so that nothing in the docs goes stale.
 
 - ``fit_arrays.py``: a user's functional model (biases, batch norm, dropout) trained
-  by ``mpinewton.fit`` on in-memory arrays, on 1, 2 and 3 ranks: the same weights.
+  by ``mpinewton.fit`` on in-memory arrays, on 1 and 3 ranks: the same weights.
 - ``digits.toml``: the same model through a job file (``model.factory``) and the
-  command line, on data made by ``python -m mpinewton.data import``: the same
-  weights as the API on arrays.
+  command line on 2 ranks, on data made by ``python -m mpinewton.data import``: the
+  same weights as the API on arrays.
+
+(Each rank's start costs 6-7 CPU-seconds of TensorFlow's import, most of what these
+tests cost: three rank counts across the two paths, not three for each.)
 - ``diabetes_regression.py``: squared-error regression, with scipy's L-BFGS on the
   same model and data.
 
@@ -44,7 +47,7 @@ def finish(proc):
 
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
-    """fit_arrays.py on 1, 2, 3 ranks, and digits.toml through the CLI on 2 ranks."""
+    """fit_arrays.py on 1 and 3 ranks, and digits.toml through the CLI on 2 ranks."""
     work = tmp_path_factory.mktemp("digits")
     prep = subprocess.run([sys.executable, EXAMPLES / "make_digits.py", "data/digits.npz"],
                           cwd=work, env=mpi_env(sklearn=True), capture_output=True, text=True,
@@ -55,7 +58,7 @@ def digits_runs(tmp_path_factory):
                          capture_output=True, text=True, timeout=120)
     assert imp.returncode == 0, imp.stderr
     procs = {ranks: launch(ranks, EXAMPLES / "fit_arrays.py", work / f"api{ranks}", cwd=work)
-             for ranks in (1, 2, 3)}
+             for ranks in (1, 3)}
     # the job file names the factory digits_model:build, importable from docs/examples;
     # the same validation schedule as fit_arrays.py, so both stop at the same iteration
     cli_env = mpi_env(PYTHONPATH=pythonpath(EXAMPLES))
@@ -70,24 +73,22 @@ def digits_runs(tmp_path_factory):
 
 def test_fit_on_arrays_learns_and_validates(digits_runs):
     work, done = digits_runs
-    summary = json.loads((work / "api2" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["validation_accuracy"] > 0.95
+    summary = json.loads((work / "api3" / "summary.json").read_text())
+    assert summary["world_size"] == 3 and summary["validation_accuracy"] > 0.95
     assert summary["train_accuracy"] > summary["validation_accuracy"] - 0.05
-    records = read_metrics(work / "api2")
+    records = read_metrics(work / "api3")
     evals = [r for r in records if r["phase"] == "eval"]
     assert evals and all(r["iter"] % 5 == 0 for r in evals)
     assert summary["best_val_loss"] == min(r["val_loss"] for r in evals)
     # the script prints on rank 0 only
-    assert sum(line.startswith("final loss") for line in done[2].stdout.splitlines()) == 1
-    assert "validation accuracy" in done[2].stdout
+    assert sum(line.startswith("final loss") for line in done[3].stdout.splitlines()) == 1
+    assert "validation accuracy" in done[3].stdout
 
 
-def test_fit_gives_the_same_weights_on_1_2_3_ranks(digits_runs):
+def test_fit_gives_the_same_weights_on_1_and_3_ranks(digits_runs):
     work, _ = digits_runs
-    w1 = read_weights(work / "api1")
-    for ranks in (2, 3):
-        w = read_weights(work / f"api{ranks}")
-        assert np.linalg.norm(w - w1) <= 1e-10 * np.linalg.norm(w1), ranks
+    w1, w3 = read_weights(work / "api1"), read_weights(work / "api3")
+    assert np.linalg.norm(w3 - w1) <= 1e-10 * np.linalg.norm(w1)
 
 
 def test_factory_job_through_the_cli_equals_the_api(digits_runs):

@@ -206,8 +206,9 @@ def _assert_columns_close(got, ref, rel):
 
 @pytest.mark.parametrize("name", ["cnn_problem", "mlp_problem"])
 @pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
-@pytest.mark.parametrize("k", [1, 5])
-@pytest.mark.parametrize("padded", [False, True])
+# one column on whole micro-batches, five on padded ones (padding with several columns: the
+# mask applied to each): the other two pairs went the same ways and took a minute
+@pytest.mark.parametrize(("padded", "k"), [(False, 1), (True, 5)])
 def test_hvp_sum_many_equals_hvp_sum_columns_and_explicit_hessian(request, name, mode, k,
                                                                   padded):
     local, w = request.getfixturevalue(name)
