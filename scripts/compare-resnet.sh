@@ -23,6 +23,10 @@
 # alternation, beside the others, so that a drift of the machine's speed falls on all;
 # race-turns races K-FAC 512, Adam and gradient descent in turns, one step each
 # (--interleave; docs/compare/resnet-random-turns.json, with SEED=S -seedS.json);
+# kfac11 tunes K-FAC 512's inverse warm-up on seed 1, in turns
+# (docs/compare/tuning/resnet-random-kfac11.json); race-warmup races its winner (WARMUP)
+# against race-turns' K-FAC and Adam, in turns (docs/compare/resnet-random-warmup.json,
+# with SEED=S -seedS.json);
 # step-setup times the first steps of Adam and gradient descent alone and in turns, with
 # and without a memory arena per thread, and with Eigen's kernels
 # (docs/compare/step-setup/).
@@ -31,7 +35,7 @@
 # (docs/compare/tuning/resnet-perturbed-kfac.json, -kfac2.json, -kfac3.json); race-kfac races
 # the winners on seed 0 (KFAC_OUT, default docs/compare/resnet-perturbed-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|...|kfac10|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|step-setup|tune-kfac|...|tune-kfac3|race-kfac; tune2,
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac11|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|race-warmup|step-setup|tune-kfac|...|tune-kfac3|race-kfac; tune2,
 #        tune3, tune-kfac*: the perturbed start's; kfac*: the random start's; race-kfac: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -160,7 +164,7 @@ elif [[ $stage == tune-kfac || $stage == tune-kfac2 || $stage == tune-kfac3 || (
             --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
             --out "${KFAC_OUT:-docs/compare/resnet-perturbed-kfac.json}"
     fi
-elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs|race-turns|step-setup)$ ]]; then
+elif [[ $stage =~ ^(kfac([2-9]|1[01])?|race-kfac|race-kfac-dim2?|step-costs|race-turns|race-warmup|step-setup)$ ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
     # backward passes a sample for G), its KL clip (which sets the step's length while it
@@ -301,6 +305,28 @@ elif [[ $stage =~ ^(kfac([2-9]|10)?|race-kfac|race-kfac-dim2?|step-costs|race-tu
             --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
             --variant "gd-lr0.1=gd,learning_rate=0.1" \
             --out "docs/compare/resnet-random-turns$([[ $seed == 0 ]] || echo "-seed$seed").json"
+    elif [[ $stage == kfac11 ]]; then
+        # K-FAC's first inverses come from the first step's 16 images and serve steps 1-10,
+        # where race-turns' K-FAC spiked (steps 6-8: gradient norms 7-17): the inverses
+        # also at every one of the first 5, 10 or 20 steps, beside none, in turns.
+        k="$sampled,max_factor_dim=512"
+        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" --interleave \
+            --variant "kfac-d512=$k" \
+            --variant "kfac-d512-iw5=$k,inverse_warmup=5" \
+            --variant "kfac-d512-iw10=$k,inverse_warmup=10" \
+            --variant "kfac-d512-iw20=$k,inverse_warmup=20" \
+            --out docs/compare/tuning/resnet-random-kfac11.json
+    elif [[ $stage == race-warmup ]]; then
+        # kfac11's winner (WARMUP steps of inverses at every step) against race-turns'
+        # K-FAC and Adam, in turns, on seed SEED (0; not tuned on), TIME (200) s each.
+        : "${WARMUP:?WARMUP=inverse_warmup of the kfac11 winner}"
+        k="$sampled,max_factor_dim=512"
+        seed=${SEED:-0}
+        race --set "run.seed=$seed" --time-limit "${TIME:-200}" --interleave \
+            --variant "kfac-d512-iw$WARMUP=$k,inverse_warmup=$WARMUP" \
+            --variant "kfac-d512=$k" \
+            --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
+            --out "docs/compare/resnet-random-warmup$([[ $seed == 0 ]] || echo "-seed$seed").json"
     elif [[ $stage == step-setup ]]; then
         # 8 steps of Adam and gradient descent, no pre-training: alone; in turns with an
         # arena per thread (glibc's default; a MALLOC_ARENA_MAX set by the user is left
