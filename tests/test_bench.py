@@ -114,7 +114,7 @@ def test_memory(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_hessian(tmp_path):
-    # b = 1 and 2 (the explicit Hessians cost in proportion to b): every method runs
+    # b = 1 and 2: every method runs (the three processes' start is most of the test's time)
     stdout, hessian = _bench(tmp_path, "hessian", "--sizes", "1,2")
     assert set(hessian) == {"block", "hvp", "loop_b", "jacobian_max_b", "jacobian_guard_mib",
                             "sizes"}
