@@ -175,6 +175,8 @@ elif [[ $stage =~ ^(kfac([2-9]|1[01])?|race-kfac|race-kfac-dim2?|step-costs|race
     sampled="kfac,kl_clip=3e-4,fisher=\"sampled\",curvature_fraction=0.0625"
     # the same with factors above 256 as diagonals and no clip of its own: rounds 9-10's
     sampled256="kfac,fisher=\"sampled\",curvature_fraction=0.0625,max_factor_dim=256"
+    # round 5's sampled Fisher with factors above 512 as diagonals: race-turns' K-FAC
+    sampled512="$sampled,max_factor_dim=512"
     if [[ $stage == kfac ]]; then
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" \
             --variant "kfac-f0.125=$k" \
@@ -309,7 +311,7 @@ elif [[ $stage =~ ^(kfac([2-9]|1[01])?|race-kfac|race-kfac-dim2?|step-costs|race
         # K-FAC's first inverses come from the first step's 16 images and serve steps 1-10,
         # where race-turns' K-FAC spiked (steps 6-8: gradient norms 7-17): the inverses
         # also at every one of the first 5, 10 or 20 steps, beside none, in turns.
-        k="$sampled,max_factor_dim=512"
+        k=$sampled512
         race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" --interleave \
             --variant "kfac-d512=$k" \
             --variant "kfac-d512-iw5=$k,inverse_warmup=5" \
@@ -320,7 +322,7 @@ elif [[ $stage =~ ^(kfac([2-9]|1[01])?|race-kfac|race-kfac-dim2?|step-costs|race
         # kfac11's winner (WARMUP steps of inverses at every step) against race-turns'
         # K-FAC and Adam, in turns, on seed SEED (0; not tuned on), TIME (200) s each.
         : "${WARMUP:?WARMUP=inverse_warmup of the kfac11 winner}"
-        k="$sampled,max_factor_dim=512"
+        k=$sampled512
         seed=${SEED:-0}
         race --set "run.seed=$seed" --time-limit "${TIME:-200}" --interleave \
             --variant "kfac-d512-iw$WARMUP=$k,inverse_warmup=$WARMUP" \
