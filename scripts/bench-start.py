@@ -2,8 +2,8 @@
 
 Every rank of every job, and every example and benchmark command, starts a Python
 that imports TensorFlow and Keras before it computes anything; the test suite starts
-a few hundred of them. This times ``python -c "import mpinewton.objective, tensorflow,
-keras, mpi4py.MPI"`` (user + system CPU of the child, and wall time) ``--repeats`` times.
+about two hundred of them. This times ``python -c "import mpinewton.objective, tensorflow,
+keras, mpi4py.MPI, ml_dtypes"`` (user + system CPU of the child, and wall time) ``--repeats`` times.
 
 ``--also DIR`` times a second variant with ``DIR`` first on ``PYTHONPATH`` (e.g. another
 version of a dependency installed with ``pip install --target DIR``), alternating the two
@@ -17,27 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mpinewton.machine import describe
+
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = "import mpinewton.objective, tensorflow, keras, mpi4py.MPI, ml_dtypes"
 PRINT = "; print(ml_dtypes.__version__, tensorflow.__version__, keras.__version__)"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def one_start(path: str | None) -> dict:
@@ -87,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         command = ["python", "scripts/bench-start.py", *(argv or sys.argv[1:])]
         record = {"command": " ".join(command),
-                  "imports": IMPORTS, "machine": cpu_model(),
+                  "imports": IMPORTS, "machine": describe(),
                   "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                   "variants": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
