@@ -7,7 +7,8 @@ keras, mpi4py.MPI, ml_dtypes"`` (user + system CPU of the child, and wall time) 
 
 ``--also DIR`` times a second variant with ``DIR`` first on ``PYTHONPATH`` (e.g. another
 version of a dependency installed with ``pip install --target DIR``), alternating the two
-so that a machine whose speed drifts affects both alike. Prints a table and writes JSON:
+so that a machine whose speed drifts affects both alike; the pairs (one start of each,
+back to back) are then compared one by one. Prints a table and writes JSON:
 
     python scripts/bench-start.py --repeats 10 --also /tmp/other --out start.json
 """
@@ -74,12 +75,22 @@ def main(argv: list[str] | None = None) -> int:
                          "keras": done[0]["keras"], "starts": done}
         print(f"{name:32} {done[0]['ml_dtypes']:>9} {statistics.median(cpu):12.2f} "
               f"{min(cpu):9.2f} {statistics.median(wall):13.2f}")
+    paired = None
+    if args.also:
+        (_, base), (_, other) = runs.items()
+        diffs = [b["cpu_s"] - a["cpu_s"] for a, b in zip(base, other, strict=True)]
+        paired = {"variant_minus_installed_mean_cpu_s": statistics.fmean(diffs),
+                  "pairs_where_variant_cost_more": sum(d > 0 for d in diffs),
+                  "pairs": len(diffs)}
+        more, mean = paired["pairs_where_variant_cost_more"], statistics.fmean(diffs)
+        print(f"pair by pair: {args.also} first cost more in {more} of {len(diffs)} pairs, "
+              f"by {mean:+.2f} CPU-s on average")
     if args.out:
         command = ["python", "scripts/bench-start.py", *(argv or sys.argv[1:])]
         record = {"command": " ".join(command),
                   "imports": IMPORTS, "machine": describe(),
                   "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-                  "variants": summary}
+                  "variants": summary, "paired": paired}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")
