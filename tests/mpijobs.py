@@ -125,21 +125,8 @@ def rank_pids(run_dir):
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
-def analyze_many(ranks, commands, workdir, timeout=240, env=None):
-    """Run several ``mpinewton.analyze`` commands in ONE mpirun launch (a launch costs ~10 s).
-
-    ``commands`` is a list of argument lists. Each rank calls ``analyze.main(argv)``
-    in-process for every command but the last, capturing its return code, stdout
-    and stderr; the last runs through the module's real entry point
-    (``python -m mpinewton.analyze``), so the launch's exit status is the CLI's.
-    Returns ``(proc, records)``: ``records[i][rank]`` is ``{"rc", "stdout",
-    "stderr"}`` of command ``i`` but the last, whose outcome is ``proc``'s.
-    """
-    return start_analyze_many(ranks, commands, workdir, env=env).result(timeout)
-
-
-class AnalyzeLaunch:
-    """A running :func:`analyze_many` launch; ``result(timeout)`` waits for it."""
+class ManyLaunch:
+    """A running :func:`start_many` launch; ``result(timeout)`` waits for it."""
 
     def __init__(self, ranks, workdir, proc):
         self.ranks, self.workdir, self.proc = ranks, Path(workdir), proc
@@ -147,7 +134,9 @@ class AnalyzeLaunch:
         self._result = None
 
     def result(self, timeout):
-        """``(proc, records)`` as :func:`analyze_many`; ``timeout`` counts from the start."""
+        """``(proc, records)``: the finished mpirun, and ``records[i][rank]`` the
+        ``{"rc", "stdout", "stderr"}`` of command ``i`` that ran in-process (a command
+        the launch did not reach has no record). ``timeout`` counts from the start."""
         if self._result is not None:
             return self._result
         left = max(1.0, self.started + timeout - time.monotonic())
@@ -159,7 +148,7 @@ class AnalyzeLaunch:
         proc = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
         records = []
         for rank in range(self.ranks):
-            path = self.workdir / f"analyze_many.{rank}.json"
+            path = self.workdir / f"records.{rank}.json"
             done = json.loads(path.read_text()) if path.exists() else []
             for i, record in enumerate(done):
                 if len(records) <= i:
@@ -182,28 +171,42 @@ class AnalyzeLaunch:
 
 
 def start_analyze_many(ranks, commands, workdir, env=None):
-    """Start :func:`analyze_many`'s launch without waiting (launches may overlap); its
-    commands may draw figures, so matplotlib is not hidden from it."""
+    """:func:`start_many` of ``mpinewton.analyze`` commands; they may draw figures, so
+    matplotlib is not hidden from them."""
     return start_many("mpinewton.analyze", ranks, commands, workdir,
                       env=env or mpi_env(matplotlib=True))
 
 
-def start_many(module, ranks, commands, workdir, env=None):
-    """Start one mpirun launch running ``python -m MODULE`` for each of several ``commands``.
+def start_many(module, ranks, commands, workdir, env=None, *, cli_last=True):
+    """Start ONE mpirun launch that runs several commands (a launch costs each rank
+    TensorFlow's start, 5-9 CPU-s); returns a :class:`ManyLaunch` without waiting.
 
-    ``module`` is ``mpinewton.analyze`` or ``mpinewton.train``; see :func:`analyze_many`.
+    ``commands`` is a list of argument lists for ``python -m MODULE``, or, with
+    ``module=None``, of ``(module, argv)`` pairs. Each rank calls the module's
+    ``main(argv)`` in-process for every command, recording its return code, stdout
+    and stderr (``ManyLaunch.result``). With ``cli_last`` the last command instead runs
+    through the module's real entry point (as ``python -m``), so the launch's exit
+    status is the CLI's; without it the launch exits 0 unless a command raised.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    pairs = [(module, c) if module else c for c in commands]
     spec = workdir / "many.json"
-    spec.write_text(json.dumps({"module": module,
-                                "commands": [list(map(str, c)) for c in commands],
-                                "results": str(workdir / "analyze_many")}))
+    spec.write_text(json.dumps({"commands": [[m, list(map(str, a))] for m, a in pairs],
+                                "cli_last": cli_last, "records": str(workdir / "records")}))
     cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, __file__,
            "run-many", str(spec)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return AnalyzeLaunch(ranks, workdir, proc)
+    return ManyLaunch(ranks, workdir, proc)
+
+
+def _entry(module):
+    """The module whose ``main`` ``python -m MODULE`` runs: a package's ``__main__``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    return f"{module}.__main__" if spec.submodule_search_locations is not None else module
 
 
 def _run_many_main(spec_path):
@@ -215,13 +218,12 @@ def _run_many_main(spec_path):
     from mpinewton.comm import world
 
     spec = json.loads(Path(spec_path).read_text())
-    module = spec["module"]
-    entry = module if module == "mpinewton.analyze" else f"{module}.__main__"
-    main = importlib.import_module(entry).main
     rank = world().rank
-    *first, last = spec["commands"]
+    commands = spec["commands"]
+    last = commands.pop() if spec["cli_last"] else None
     done = []
-    for argv in first:
+    for module, argv in commands:
+        main = importlib.import_module(_entry(module)).main
         out, err = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -232,10 +234,12 @@ def _run_many_main(spec_path):
             raise
         done.append({"argv": argv, "rc": rc, "stdout": out.getvalue(),
                      "stderr": err.getvalue()})
-        Path(f"{spec['results']}.{rank}.json").write_text(json.dumps(done))
-    sys.argv = [module, *last]
-    sys.modules.pop(entry)  # run afresh as __main__, as ``python -m`` does
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+        Path(f"{spec['records']}.{rank}.json").write_text(json.dumps(done))
+    if last is not None:
+        module, argv = last
+        sys.argv = [module, *argv]
+        sys.modules.pop(_entry(module), None)  # run afresh as __main__, as ``python -m`` does
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["run-many"]:

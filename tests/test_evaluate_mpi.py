@@ -13,13 +13,12 @@ The commands run concurrently (each with a hard timeout) to keep the file fast.
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun, run_job, small_job
+from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun, run_job, small_job, start_many
 
 from mpinewton.data import write_dataset
 
@@ -34,40 +33,10 @@ def start(ranks, command, *args):
     return _popen(ranks, "-m", f"mpinewton.{command}", *args)
 
 
-def start_many(ranks, commands, workdir):
-    """Start one launch that runs several commands in-process (one TensorFlow start-up).
-
-    ``commands``: name -> (module, argv). Each rank records every command's
-    exit code and output in ``workdir/many.RANK.json`` (read by :func:`records`).
-    """
-    spec = workdir / f"many{ranks}.json"
-    spec.write_text(json.dumps({"commands": commands, "out": str(workdir / f"many{ranks}")}))
-    return _popen(ranks, __file__, "many", str(spec))
-
-
 def _popen(ranks, *args):
     return subprocess.Popen([MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, *args],
                             cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _many(spec_path):
-    """Under mpirun (see :func:`start_many`): this rank's share of several commands."""
-    import contextlib
-    import importlib
-    import io
-
-    from mpinewton.comm import world
-
-    spec = json.loads(Path(spec_path).read_text())
-    rank, done = world().rank, {}
-    for name, (module, argv) in spec["commands"].items():
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = importlib.import_module(f"mpinewton.{module}").main(argv)
-        done[name] = {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
-        with open(f"{spec['out']}.{rank}.json", "w") as f:
-            json.dump(done, f)
 
 
 def finish(procs):
@@ -83,13 +52,6 @@ def finish(procs):
         done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert proc.returncode in (0, 2), f"{name}: {out}{err}"
     return done
-
-
-def records(workdir, ranks):
-    """name -> [per-rank record] of a :func:`start_many` launch."""
-    per_rank = [json.loads((workdir / f"many{ranks}.{r}.json").read_text())
-                for r in range(ranks)]
-    return {name: [rec[name] for rec in per_rank] for name in per_rank[0]}
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +92,28 @@ def runs(dataset, tmp_path_factory):
                                   "--out", str(tmp / "shape.h5")])},
         3: {"pred3": ("predict", [str(run_dir), *predict, str(tmp / "pred3.h5")])},
     }
-    launches = {ranks: start_many(ranks, commands, tmp) for ranks, commands in many.items()}
+    # one launch per rank count, every command in-process (one TensorFlow start a rank)
+    launches = {ranks: start_many(None, ranks, [(f"mpinewton.{module}", argv)
+                                                for module, argv in commands.values()],
+                                  tmp / f"many{ranks}", cli_last=False)
+                for ranks, commands in many.items()}
     done = {}
-    for name, proc in finish(cli).items():
-        done[name] = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout,
-                                     stderr=proc.stderr, codes=None)
-    finish({f"{ranks} rank(s)": proc for ranks, proc in launches.items()})
-    for ranks in many:
-        for name, recs in records(tmp, ranks).items():
-            done[name] = SimpleNamespace(returncode=recs[0]["rc"], stdout=recs[0]["stdout"],
-                                         stderr=recs[0]["stderr"],
-                                         codes=[rec["rc"] for rec in recs])
+    try:
+        for name, proc in finish(cli).items():
+            done[name] = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout,
+                                         stderr=proc.stderr, codes=None)
+        for ranks, launch in launches.items():
+            proc, recs = launch.result(timeout=TIMEOUT)
+            assert proc.returncode == 0 and len(recs) == len(many[ranks]), \
+                (ranks, proc.stdout, proc.stderr)
+            for name, rec in zip(many[ranks], recs, strict=True):
+                assert sorted(rec) == list(range(ranks)), (name, rec)
+                done[name] = SimpleNamespace(returncode=rec[0]["rc"], stdout=rec[0]["stdout"],
+                                             stderr=rec[0]["stderr"],
+                                             codes=[rec[r]["rc"] for r in range(ranks)])
+    finally:
+        for launch in launches.values():
+            launch.kill()
     return tmp, run_dir, done
 
 
@@ -218,7 +191,3 @@ def test_bad_input_ends_every_rank_and_writes_nothing(runs, name, messages):
         assert message in proc.stderr, proc.stderr
     assert not (tmp / f"{name}.json").exists() and not (tmp / f"{name}.h5").exists()
     assert not list(tmp.glob(".*.tmp"))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["many"]:
-    _many(sys.argv[2])
