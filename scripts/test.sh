@@ -18,8 +18,9 @@ ruff check mpinewton tests
 echo "== serial tests (two workers, a test file per worker)"
 # Most of these tests wait on subprocesses (whole jobs under mpirun), so two workers
 # shorten the suite on two cores; the SLURM tests run afterwards, beside the lighter MPI
-# tests, since a machine loaded by two workers delays the single-node SLURM's job starts. Files go to the workers in
-# the order tests/conftest.py gives them (the slowest first), not xdist's own.
+# tests, since a machine loaded by two workers delays the single-node SLURM's job
+# starts. Files go to the workers in the order tests/conftest.py gives them (the
+# slowest first), not xdist's own.
 python -m pytest -q -p no:cacheprovider --ignore=tests/mpi --ignore=tests/slurm \
     -n 2 --dist loadfile --no-loadscope-reorder "$@"
 
