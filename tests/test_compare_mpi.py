@@ -7,41 +7,38 @@ refuses bad variants on every rank.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
-from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun
+from mpijobs import mpi_env, requires_mpirun
 
 from mpinewton.compare import cut_cg_share, first_time_below, markdown, summarise
 
 pytestmark = requires_mpirun
 
 
-def _compare(dataset, out, *args, ranks=2):
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
-           "mpinewton.compare", "--set", f"data.path={json.dumps(str(dataset))}",
-           "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
-           "--set", "objective.micro_batch=16", "--out", str(out), *args]
-    # the race draws its figure (rank 0): matplotlib importable
-    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(matplotlib=True), capture_output=True,
-                          text=True, timeout=240)
+def _compare_args(dataset, out, *args):
+    """Arguments of ``python -m mpinewton.compare`` on the tiny data set."""
+    return ["--set", f"data.path={json.dumps(str(dataset))}",
+            "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
+            "--set", "objective.micro_batch=16", "--out", str(out), *args]
 
 
-def test_compare_races_variants_from_the_same_weights(dataset, tmp_path):
-    out = tmp_path / "race.json"
-    proc = _compare(dataset, out, "--max-iters", "3", "--reference", "gd",
-                    "--reference-iters", "2",
-                    "--variant", "gd=gd,learning_rate=0.5",
-                    "--variant", "hf=newton,curvature=gauss_newton,"
-                                 "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
-                    "--variant", "lbfgs=lbfgs",
-                    # damping >= 10 x its initial value: the sample doubles after each step
-                    "--variant", "grow=newton,curvature=gauss_newton,damping_rule="
-                                 "levenberg_marquardt,curvature_fraction=0.2,damping=1e-2,"
-                                 "damping_min=0.1,curvature_growth=damping,"
-                                 "curvature_growth_threshold=1.001,curvature_fraction_max=1.0")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+#: The full-batch race: every kind of method against gradient descent as the reference.
+FULL_RACE = ["--max-iters", "3", "--reference", "gd", "--reference-iters", "2",
+             "--variant", "gd=gd,learning_rate=0.5",
+             "--variant", "hf=newton,curvature=gauss_newton,"
+                          "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
+             "--variant", "lbfgs=lbfgs",
+             # damping >= 10 x its initial value: the sample doubles after each step
+             "--variant", "grow=newton,curvature=gauss_newton,damping_rule="
+                          "levenberg_marquardt,curvature_fraction=0.2,damping=1e-2,"
+                          "damping_min=0.1,curvature_growth=damping,"
+                          "curvature_growth_threshold=1.001,curvature_fraction_max=1.0"]
+
+
+def test_compare_races_variants_from_the_same_weights(launched):
+    out, record = launched["full"]
+    assert all(r["rc"] == 0 for r in record.values()), record[0]
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     results = {r["label"]: r for r in report["results"]}
@@ -68,15 +65,7 @@ def test_compare_races_variants_from_the_same_weights(dataset, tmp_path):
                                  "reference_iters": 2}
     assert summary["to_target"]["gd"]["iter"] == 2
     assert "hf" in summary["cut_cg_share"] and "gd" not in summary["cut_cg_share"]
-    assert "target loss" in proc.stdout
-
-
-def test_a_bad_variant_is_an_error_on_every_rank(dataset, tmp_path):
-    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=newton,dampin=1")
-    assert proc.returncode == 2 and "did you mean optimizer.damping" in proc.stderr
-    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd", "--variant", "a=adam")
-    assert proc.returncode == 2 and "labels must differ" in proc.stderr
-    assert not (tmp_path / "x.json").exists()
+    assert "target loss" in record[0]["stdout"]
 
 
 def test_summary_bookkeeping():
@@ -108,18 +97,49 @@ BATCH_JOB = ["--set", "optimizer.batch_size=20", "--set", "optimizer.pretrain_lr
 NORM_TEST = "batch_growth=norm_test,batch_theta=0.2,batch_max=60"
 
 
+#: The mini-batch race's variants.
+VARIANTS = ["--variant", "gd=gd,learning_rate=0.3",
+            "--variant", "gd-again=gd,learning_rate=0.3",
+            "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
+            "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5",
+            "--variant", f"gd-grow=gd,learning_rate=0.3,{NORM_TEST}",
+            "--variant", "hf=newton,curvature=gauss_newton,"
+                         "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
+            "--variant", "hf-double=newton,curvature=gauss_newton,damping_rule="
+                         "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
+                         "geometric,batch_every=2,batch_max=60",
+            "--variant", "lbfgs=lbfgs",
+            # the sampled Fisher's draws come with the curvature rows, also at 1
+            "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05']
+#: Races refused before they start: their arguments, and words of the error.
+REFUSED = [
+    (["--variant", "a=newton,dampin=1"], "did you mean optimizer.damping"),
+    (["--variant", "a=gd", "--variant", "a=adam"], "labels must differ"),
+    (["--variant", "a=gd,batch_growth=norm_test"], "full-batch runs"),
+    (["--variant", "a=gd,batch_size=10"], "set optimizer.batch_size in the job"),
+    (["--variant", "a=gd,average=0.9"], "average needs a mini-batch race"),
+    (["--average", "0.9"], "--average needs a mini-batch race"),
+    (["--set", "optimizer.batch_size=20", "--variant", "a=gd,batch_size=500"],
+     "batch_size 500 exceeds the 101 training samples"),
+]
+
+
 @pytest.fixture(scope="module")
-def batch_race(dataset, tmp_path_factory):
-    """One mini-batch race of every variant the tests below read, and beside it, in one
-    launch (``mpijobs.start_many``), ``python -m mpinewton.train`` with the settings of
-    its gradient-descent variants: with fixed batches and with the norm test's.
+def launched(dataset, tmp_path_factory):
+    """Every command of this module in ONE 2-rank launch (``mpijobs.start_many``; a
+    launch costs each rank TensorFlow's start), one after another in each rank's
+    process: the full-batch race; ``python -m mpinewton.train`` with the settings of the
+    mini-batch race's gradient-descent variants (with fixed batches and with the norm
+    test's); the mini-batch race, and the same race with ``--interleave``; then the
+    refused races, the last through the real entry point.
 
-    Returns the race's report and the two training runs' metrics; the same race run
-    with ``--interleave`` is the report's ``"interleaved_report"``.
+    Returns, by name, each command's report path and its record (``rank: {"rc",
+    "stdout", "stderr"}``; the last command's is the launch's exit status and output);
+    ``"refused"`` lists those of REFUSED, and ``"dir"`` is the base folder.
     """
-    from mpijobs import read_metrics, start_many
+    from mpijobs import start_many
 
-    base = tmp_path_factory.mktemp("batch_race")
+    base = tmp_path_factory.mktemp("compare")
     train = ["--set", f"data.path={json.dumps(str(dataset))}",
              "--set", "optimizer.pretrain_iters=2", "--set", "objective.jit=false",
              "--set", "objective.micro_batch=16", *BATCH_JOB, "--set", "optimizer.method='gd'",
@@ -127,42 +147,48 @@ def batch_race(dataset, tmp_path_factory):
              "--set", "data.eval_splits=[]"]
     growing = ["--set", "optimizer.batch_growth='norm_test'", "--set",
                "optimizer.batch_theta=0.2", "--set", "optimizer.batch_max=60"]
-    variants = ["--variant", "gd=gd,learning_rate=0.3",
-                "--variant", "gd-again=gd,learning_rate=0.3",
-                "--variant", "gd-b40=gd,learning_rate=0.3,batch_size=40",
-                "--variant", "gd-avg=gd,learning_rate=0.3,average=0.5",
-                "--variant", f"gd-grow=gd,learning_rate=0.3,{NORM_TEST}",
-                "--variant", "hf=newton,curvature=gauss_newton,"
-                             "damping_rule=levenberg_marquardt,curvature_fraction=0.5",
-                "--variant", "hf-double=newton,curvature=gauss_newton,damping_rule="
-                             "levenberg_marquardt,curvature_fraction=0.5,batch_growth="
-                             "geometric,batch_every=2,batch_max=60",
-                "--variant", "lbfgs=lbfgs",
-                # the sampled Fisher's draws come with the curvature rows, also at 1
-                "--variant", 'kfac=kfac,fisher="sampled",learning_rate=0.05']
-    launch = start_many("mpinewton.train", 2,
-                        [[*train, "--run-dir", str(base / "fixed")],
-                         [*train, *growing, "--run-dir", str(base / "growing")]], base / "train")
+    race = [*BATCH_JOB, "--max-iters", "4", "--eval-samples", "30", "--eval-seconds", "0",
+            "--average", "0.5,0.9", *VARIANTS]
+    named = [("full", "mpinewton.compare", base / "full.json", FULL_RACE),
+             ("fixed", "mpinewton.train", None, [*train, "--run-dir", str(base / "fixed")]),
+             ("growing", "mpinewton.train", None,
+              [*train, *growing, "--run-dir", str(base / "growing")]),
+             ("race", "mpinewton.compare", base / "race.json", race),
+             # the same race in turns, one step each
+             ("turns", "mpinewton.compare", base / "turns.json", [*race, "--interleave"])]
+    named += [(f"refused{i}", "mpinewton.compare", base / f"refused{i}.json", args)
+              for i, (args, _) in enumerate(REFUSED)]
+    commands = [(module, _compare_args(dataset, out, *args) if out else args)
+                for _, module, out, args in named]
+    # the races draw their figures (rank 0): matplotlib importable
+    launch = start_many(None, 2, commands, base / "launch", env=mpi_env(matplotlib=True))
     try:
-        out = base / "race.json"
-        proc = _compare(dataset, out, *BATCH_JOB, "--max-iters", "4", "--eval-samples", "30",
-                        "--eval-seconds", "0", "--average", "0.5,0.9", *variants)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        # the same race in turns, one step each (--interleave)
-        turns = base / "turns.json"
-        proc = _compare(dataset, turns, *BATCH_JOB, "--max-iters", "4", "--eval-samples",
-                        "30", "--eval-seconds", "0", "--average", "0.5,0.9", "--interleave",
-                        *variants)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "interleaved" in proc.stdout
-        done, records = launch.result(timeout=240)
+        proc, records = launch.result(timeout=500)
     finally:
         launch.kill()
-    assert done.returncode == 0 and records[0][0]["rc"] == 0, (done.stdout, done.stderr, records)
-    trained = {name: [m for m in read_metrics(base / name) if m.get("phase") == "gd"]
-               for name in ("fixed", "growing")}
-    report = json.loads(out.read_text())
-    report["interleaved_report"] = json.loads(turns.read_text())
+    assert len(records) == len(commands) - 1, (proc.stdout[-3000:], proc.stderr[-3000:])
+    records.append({0: {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}})
+    out = {name: (path, record)
+           for (name, _, path, _), record in zip(named, records, strict=True)}
+    out["refused"] = [out.pop(f"refused{i}") for i in range(len(REFUSED))]
+    out["dir"] = base
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch_race(launched):
+    """The mini-batch race's report and the two training runs' metrics; the same race
+    run with ``--interleave`` is the report's ``"interleaved_report"``."""
+    from mpijobs import read_metrics
+
+    for name in ("fixed", "growing", "race", "turns"):
+        record = launched[name][1]
+        assert all(r["rc"] == 0 for r in record.values()), (name, record[0])
+    assert "interleaved" in launched["turns"][1][0]["stdout"]
+    trained = {name: [m for m in read_metrics(launched["dir"] / name)
+                      if m.get("phase") == "gd"] for name in ("fixed", "growing")}
+    report = json.loads(launched["race"][0].read_text())
+    report["interleaved_report"] = json.loads(launched["turns"][0].read_text())
     return report, trained
 
 
@@ -295,17 +321,13 @@ def test_averaged_iterates_in_a_race(batch_race):
     assert "| gd | " in markdown(report) and "average 0.9" in markdown(report)
 
 
-def test_a_growing_full_batch_or_too_large_batch_is_refused(dataset, tmp_path):
-    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_growth=norm_test")
-    assert proc.returncode == 2 and "full-batch runs" in proc.stderr, proc.stderr
-    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,batch_size=10")
-    assert proc.returncode == 2 and "set optimizer.batch_size in the job" in proc.stderr
-    proc = _compare(dataset, tmp_path / "x.json", "--variant", "a=gd,average=0.9")
-    assert proc.returncode == 2 and "average needs a mini-batch race" in proc.stderr
-    proc = _compare(dataset, tmp_path / "x.json", "--average", "0.9")
-    assert proc.returncode == 2 and "--average needs a mini-batch race" in proc.stderr
-    proc = _compare(dataset, tmp_path / "x.json", "--set", "optimizer.batch_size=20",
-                    "--variant", "a=gd,batch_size=500")
-    assert proc.returncode == 2 and "batch_size 500 exceeds the 101 training samples" \
-        in proc.stderr, proc.stderr
-    assert not (tmp_path / "x.json").exists()
+@pytest.mark.parametrize("case", range(len(REFUSED)),
+                         ids=[words for _, words in REFUSED])
+def test_a_bad_race_is_an_error_on_every_rank(launched, case):
+    """Unknown keys, repeated labels, batch settings that need a mini-batch race, and a
+    batch larger than the data set: status 2 on every rank, the error named, no report."""
+    out, record = launched["refused"][case]
+    codes, stderr = [r["rc"] for r in record.values()], record[0]["stderr"]
+    assert codes and all(code == 2 for code in codes), (codes, stderr)
+    assert REFUSED[case][1] in stderr, stderr
+    assert not out.exists()
