@@ -10,7 +10,6 @@ rises after iteration 4, so the run stops early at iteration 8.
 import json
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -67,21 +66,46 @@ def _summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def _run_together(*jobs):
-    """Run several ``(ranks, args)`` jobs at once (most of a small job is start-up)."""
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        return list(pool.map(lambda job: run_job(job[0], *job[1], timeout=240), jobs))
+@pytest.fixture(scope="module")
+def launched(dataset, tmp_path_factory):
+    """The job uninterrupted on 1 rank, and on 2 in ONE launch (``mpijobs.start_many``;
+    a launch costs each rank TensorFlow's start) with two diverging jobs after it: a
+    loss 1000 x its start, and a NaN loss.
+
+    Returns the run directories by name (1 and 2 for the uninterrupted job), the
+    1-rank job's stdout, and the 2-rank commands' records (``rank: {"rc", "stdout",
+    "stderr"}``) by name."""
+    from mpijobs import start_many
+
+    base = tmp_path_factory.mktemp("validation")
+    dirs = {name: base / str(name) for name in (1, 2, "ratio", "nan")}
+    # Every iteration would be checkpointed (and evaluated, keeping the best weights):
+    # the first iteration's weights already have a loss of ~6e10, checked before saving.
+    ratio = small_job(dataset, "--set", "optimizer.pretrain_lr=1e12",
+                      "--set", "checkpoint.every=1", "--set", "eval.every=1")
+    nan = small_job(dataset, "--set", "optimizer.pretrain_lr=1e300",
+                    "--set", "run.max_loss_ratio=0")
+    named = {2: [*_args(dataset), "--run-dir", str(dirs[2])],
+             "ratio": [*ratio, "--run-dir", str(dirs["ratio"])],
+             "nan": [*nan, "--run-dir", str(dirs["nan"])]}
+    launch = start_many("mpinewton.train", 2, list(named.values()), base / "launch",
+                        cli_last=False)
+    try:
+        one = run_job(1, *_args(dataset), "--run-dir", str(dirs[1]), timeout=240)
+        assert one.returncode == 0, one.stdout + one.stderr
+        done, records = launch.result(timeout=400)
+    finally:
+        launch.kill()
+    assert done.returncode == 0 and len(records) == len(named), (done.stdout, done.stderr)
+    return dirs, one.stdout, dict(zip(named, records, strict=True))
 
 
 @pytest.fixture(scope="module")
-def runs(dataset, tmp_path_factory):
-    """The job uninterrupted on 1 and 2 ranks: run directory and stdout."""
-    dirs = {ranks: tmp_path_factory.mktemp(f"eval{ranks}") for ranks in (1, 2)}
-    procs = _run_together(*[(ranks, [*_args(dataset), "--run-dir", str(run_dir)])
-                            for ranks, run_dir in dirs.items()])
-    for proc in procs:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {ranks: (dirs[ranks], proc.stdout) for ranks, proc in zip(dirs, procs, strict=True)}
+def runs(launched):
+    """The job uninterrupted on 1 and 2 ranks: run directory and (rank 0's) stdout."""
+    dirs, stdout, records = launched
+    assert all(r["rc"] == 0 for r in records[2].values()), records[2][0]
+    return {1: (dirs[1], stdout), 2: (dirs[2], records[2][0]["stdout"])}
 
 
 def test_evaluations_every_k_iterations_and_early_stopping(runs):
@@ -198,35 +222,31 @@ def _no_saved_weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def diverged(dataset, tmp_path_factory):
-    """Two diverging jobs, run together: a loss 1000 x its start, and a NaN loss."""
-    dirs = [tmp_path_factory.mktemp("ratio"), tmp_path_factory.mktemp("nan")]
-    # Every iteration would be checkpointed (and evaluated, keeping the best weights):
-    # the first iteration's weights already have a loss of ~6e10, checked before saving.
-    ratio = small_job(dataset, "--set", "optimizer.pretrain_lr=1e12",
-                      "--set", "checkpoint.every=1", "--set", "eval.every=1")
-    nan = small_job(dataset, "--set", "optimizer.pretrain_lr=1e300",
-                    "--set", "run.max_loss_ratio=0")
-    procs = _run_together((2, [*ratio, "--run-dir", str(dirs[0])]),
-                          (2, [*nan, "--run-dir", str(dirs[1])]))
-    return list(zip(dirs, procs, strict=True))
+def diverged(launched):
+    """The two diverging jobs: run directory, and every rank's exit status, rank 0's
+    stdout and stderr, and the other ranks' stderr."""
+    dirs, _, records = launched
+    return [(dirs[name], [r["rc"] for r in records[name].values()], records[name][0]["stdout"],
+             records[name][0]["stderr"], "".join(r["stderr"] for rank, r in
+                                                records[name].items() if rank != 0))
+            for name in ("ratio", "nan")]
 
 
 def test_a_diverging_run_stops_without_saving_its_weights(diverged):
-    run_dir, proc = diverged[0]
-    assert proc.returncode == EXIT_DIVERGED, proc.stdout + proc.stderr
+    run_dir, codes, stdout, stderr, others = diverged[0]
+    assert codes == [EXIT_DIVERGED] * 2, stdout + stderr  # on every rank
     assert "error: diverged at iteration 1 (pretrain): the loss at the weights to be saved " \
-        in proc.stderr, proc.stderr
-    assert "is more than 1000 x the loss at the start of the run" in proc.stderr
-    assert "lower optimizer.pretrain_lr (now 1e+12)" in proc.stderr
-    assert proc.stderr.count("error: diverged") == 1  # rank 0 reports
+        in stderr, stderr
+    assert "is more than 1000 x the loss at the start of the run" in stderr
+    assert "lower optimizer.pretrain_lr (now 1e+12)" in stderr
+    assert stderr.count("error: diverged") == 1 and "error" not in others  # rank 0 reports
     assert [r["iter"] for r in _steps(run_dir)] == [1]
     _no_saved_weights(run_dir)
 
 
 def test_a_nan_loss_stops_the_run(diverged):
-    run_dir, proc = diverged[1]
-    assert proc.returncode == EXIT_DIVERGED, proc.stdout + proc.stderr
-    assert "error: diverged at iteration 2 (pretrain): " in proc.stderr, proc.stderr
-    assert "NaN or Inf" in proc.stderr and "lower optimizer.pretrain_lr" in proc.stderr
+    run_dir, codes, stdout, stderr, _ = diverged[1]
+    assert codes == [EXIT_DIVERGED] * 2, stdout + stderr  # on every rank
+    assert "error: diverged at iteration 2 (pretrain): " in stderr, stderr
+    assert "NaN or Inf" in stderr and "lower optimizer.pretrain_lr" in stderr
     _no_saved_weights(run_dir)
