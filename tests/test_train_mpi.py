@@ -19,15 +19,19 @@ from mpinewton.data import write_dataset
 pytestmark = requires_mpirun
 
 @pytest.fixture(scope="module")
-def invariance_runs(dataset, tmp_path_factory):
-    runs = {}
-    for ranks in (1, 2, 3):
-        run_dir = tmp_path_factory.mktemp(f"run{ranks}")
-        # The default job: Gauss-Newton, Levenberg-Marquardt, Fisher-preconditioned CG
-        # with orthogonal residuals, curvature on a subset (docs/algorithms.md).
-        proc = run_job(ranks, *small_job(dataset), "--run-dir", str(run_dir))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        runs[ranks] = (run_dir, proc.stdout)
+def invariance_runs(dataset, tmp_path_factory, two_rank_jobs, three_rank_jobs):
+    """The default job (Gauss-Newton, Levenberg-Marquardt, Fisher-preconditioned CG with
+    orthogonal residuals, curvature on a subset: docs/algorithms.md) on 1, 2 and 3 ranks:
+    run directory and rank 0's stdout. The 2- and 3-rank runs are the first commands of
+    their rank count's launch."""
+    run_dir = tmp_path_factory.mktemp("run1")
+    proc = run_job(1, *small_job(dataset), "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = {1: (run_dir, proc.stdout)}
+    for ranks, (base, _, results) in ((2, two_rank_jobs), (3, three_rank_jobs)):
+        code, stdout, stderr = results["invariance"]
+        assert code == 0, stdout + stderr
+        runs[ranks] = (base / "invariance", stdout)
     return runs
 
 
@@ -103,11 +107,32 @@ def test_exception_on_one_rank_ends_the_job_quickly(dataset, tmp_path):
     assert elapsed < 30, elapsed
 
 
+def _launch(ranks, base, jobs):
+    """``jobs`` (name: trainer arguments) in ONE launch on ``ranks`` ranks
+    (``mpijobs.start_many``; a launch costs each rank TensorFlow's start), each in its
+    run directory ``base / name``, the last through ``python -m mpinewton.train``, whose
+    exit status is the launch's. Per name: the exit status (the same on every rank, or
+    the test fails), rank 0's stdout and stderr."""
+    launch = start_many("mpinewton.train", ranks,
+                        [[*args, "--run-dir", str(base / name)] for name, args in jobs.items()],
+                        base / "launch")
+    try:
+        proc, records = launch.result(timeout=300)
+    finally:
+        launch.kill()
+    results = {list(jobs)[-1]: (proc.returncode, proc.stdout, proc.stderr)}
+    for i, name in enumerate(list(jobs)[:-1]):
+        rec = records[i] if i < len(records) else {}
+        assert len(rec) == ranks, (name, proc.stdout, proc.stderr)
+        assert len({r["rc"] for r in rec.values()}) == 1, rec  # the same verdict on every rank
+        results[name] = (rec[0]["rc"], rec[0]["stdout"], rec[0]["stderr"])
+    return results
+
+
 @pytest.fixture(scope="module")
 def two_rank_jobs(dataset, tmp_path_factory):
-    """Four short 2-rank jobs in ONE mpirun launch (mpijobs.start_many): three refused
-    in-process, each with its return code, stdout and stderr per rank, then the gtol
-    job through ``python -m mpinewton.train``, whose exit status is the launch's."""
+    """Five short 2-rank jobs in one launch (:func:`_launch`): the default job run
+    through, three refused, and the gtol job."""
     base = tmp_path_factory.mktemp("two_rank_jobs")
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
@@ -124,23 +149,25 @@ def two_rank_jobs(dataset, tmp_path_factory):
     write_dataset(rgb, {"train": (x, rng.integers(0, 10, 20)),
                         "validation": (x[:4], rng.integers(0, 10, 4))}, num_classes=10,
                   source="test")
-    jobs = {"unknown": small_job(dataset, "--set", "optimizer.dampin=1"),
+    jobs = {"invariance": small_job(dataset),
+            "unknown": small_job(dataset, "--set", "optimizer.dampin=1"),
             "labels": small_job(bad), "shape": small_job(rgb),
             "gtol": small_job(dataset, "--set", "optimizer.gtol=1e9")}
-    launch = start_many("mpinewton.train", 2,
-                        [[*args, "--run-dir", str(base / name)] for name, args in jobs.items()],
-                        base / "launch")
-    try:
-        proc, records = launch.result(timeout=240)
-    finally:
-        launch.kill()
-    results = {"gtol": (proc.returncode, proc.stdout, proc.stderr)}
-    for i, name in enumerate(list(jobs)[:-1]):
-        rec = records[i] if i < len(records) else {}
-        assert len(rec) == 2, (name, proc.stdout, proc.stderr)
-        assert rec[0]["rc"] == rec[1]["rc"], rec  # the same verdict on every rank
-        results[name] = (rec[0]["rc"], rec[0]["stdout"], rec[0]["stderr"])
-    return base, {"bad": bad, "rgb": rgb}, results
+    return base, {"bad": bad, "rgb": rgb}, _launch(2, base, jobs)
+
+
+@pytest.fixture(scope="module")
+def three_rank_jobs(dataset, tmp_path_factory):
+    """The default job run through on 3 ranks, then one refused: a data set of 2
+    samples for 3 ranks (:func:`_launch`)."""
+    base = tmp_path_factory.mktemp("three_rank_jobs")
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    two = base / "two.h5"
+    write_dataset(two, {"train": (x, np.array([1, 2])), "validation": (x, np.array([1, 2]))},
+                  num_classes=10, source="test")
+    jobs = {"invariance": small_job(dataset), "too_few": small_job(two)}
+    return base, {"two": two}, _launch(3, base, jobs)
 
 
 def test_unknown_key_is_an_error_on_every_rank(two_rank_jobs):
@@ -167,19 +194,14 @@ def test_sample_shape_mismatch_names_both_shapes(two_rank_jobs):
     assert str(paths["rgb"]) in stderr
 
 
-def test_more_ranks_than_samples_is_an_error_on_every_rank(tmp_path):
-    rng = np.random.default_rng(3)
-    x = rng.integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
-    path = tmp_path / "two.h5"
-    write_dataset(path, {"train": (x, np.array([1, 2])), "validation": (x, np.array([1, 2]))},
-                  num_classes=10, source="test")
-    run_dir = tmp_path / "r"
-    proc = run_job(3, *small_job(path), "--run-dir", str(run_dir), timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert (f"loading data failed on rank 0, 1, 2: ConfigError: {path} [train] has 2 training "
-            "sample(s) for 3 ranks: every rank needs at least one (run on at most 2 ranks"
-            in proc.stderr)
-    assert not (run_dir / "metrics.jsonl").exists()
+def test_more_ranks_than_samples_is_an_error_on_every_rank(three_rank_jobs):
+    base, paths, results = three_rank_jobs
+    code, stdout, stderr = results["too_few"]
+    assert code == 2, stdout + stderr
+    assert (f"loading data failed on rank 0, 1, 2: ConfigError: {paths['two']} [train] has 2 "
+            "training sample(s) for 3 ranks: every rank needs at least one (run on at most 2 "
+            "ranks" in stderr)
+    assert not (base / "too_few" / "metrics.jsonl").exists()
 
 
 def test_gtol_ends_a_run_whose_gradient_is_small_enough(two_rank_jobs):
