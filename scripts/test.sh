@@ -15,14 +15,15 @@ export OMPI_MCA_btl="${OMPI_MCA_btl:-^ofi}"
 echo "== ruff"
 ruff check mpinewton tests
 
-echo "== serial tests (two workers, a test file per worker)"
-# Most of these tests wait on subprocesses (whole jobs under mpirun), so two workers
-# shorten the suite on two cores; the SLURM tests run afterwards, beside the lighter MPI
-# tests, since a machine loaded by two workers delays the single-node SLURM's job
-# starts. Files go to the workers in the order tests/conftest.py gives them (the
-# slowest first), not xdist's own.
+echo "== serial tests (three workers, a test file per worker)"
+# Most of these tests wait on subprocesses (whole jobs under mpirun), some of which sleep
+# between iterations or wait for a signal, so three workers keep two cores busier than
+# two do (the serial tests in 9 min 44 s against 10 min 23 s on a 2-core host,
+# docs/benchmarks.md); the SLURM tests run afterwards, beside the lighter MPI tests,
+# since a loaded machine delays the single-node SLURM's job starts. Files go to the
+# workers in the order tests/conftest.py gives them (the slowest first), not xdist's own.
 python -m pytest -q -p no:cacheprovider --ignore=tests/mpi --ignore=tests/slurm \
-    -n 2 --dist loadfile --no-loadscope-reorder "$@"
+    -n 3 --dist loadfile --no-loadscope-reorder "$@"
 
 # The SLURM tests run in the background beside the MPI tests: they mostly wait on the
 # single-node SLURM's daemons (a third of a core on average), while the 1-rank MPI tests

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "no_sklearn"))
 
 # Open MPI's shared-memory transport names its backing files in /dev/shm after the
-# job id. Two jobs started at the same moment from the two test workers can draw the
+# job id. Two jobs started at the same moment from two test workers can draw the
 # same id and then attach to each other's segments: both crashed with SIGSEGV in
 # mca_btl_sm_poll_handle_frag in one CI run (open-mpi/ompi#7642, #4767). Every test
 # process (each xdist worker) gives the jobs it starts a directory of their own, and

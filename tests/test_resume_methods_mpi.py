@@ -1,7 +1,7 @@
 """Exact resume of each method's state, as whole training jobs under mpirun.
 
 Split from tests/test_resume_mpi.py (signals, rank counts, corrupt checkpoints) so
-that the two files run on the two test workers side by side.
+that the two files run on two test workers side by side.
 """
 
 
