@@ -31,6 +31,12 @@ THESIS_JOB = str(ROOT / "jobs" / "mnist_cnn_thesis.toml")
 PYTHON = [sys.executable, str(ROOT / "tests" / "quick_exit.py")]
 
 
+def mpirun(ranks, *args):
+    """The command that runs ``python ARGS`` (``-m MODULE ...`` or ``SCRIPT ...``) on
+    ``ranks`` ranks: scripts/mpirun.sh (more ranks than cores allowed), then PYTHON."""
+    return [MPIRUN, "-n", str(ranks), *PYTHON, *map(str, args)]
+
+
 #: A ``sklearn`` that refuses to import (tests/no_sklearn/sklearn/__init__.py says why).
 NO_SKLEARN = ROOT / "tests" / "no_sklearn"
 #: A ``matplotlib`` that refuses to import (tests/no_matplotlib/matplotlib/__init__.py).
@@ -56,7 +62,7 @@ def mpi_env(sklearn=False, matplotlib=False, **extra):
 
 
 def run_job(ranks, *args, timeout=240, env=None):
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, "-m", "mpinewton.train", *args]
+    cmd = mpirun(ranks, "-m", "mpinewton.train", *args)
     return subprocess.run(cmd, cwd=ROOT, env=env or mpi_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -103,7 +109,7 @@ def read_metrics(run_dir):
 
 def start_job(ranks, args, env):
     """Start a training job in its own session (so a test can signal or kill it)."""
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, "-m", "mpinewton.train", *args]
+    cmd = mpirun(ranks, "-m", "mpinewton.train", *args)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -197,7 +203,7 @@ def start_many(module, ranks, commands, workdir, env=None, *, cli_last=True):
     spec = workdir / "many.json"
     spec.write_text(json.dumps({"commands": [[m, list(map(str, a))] for m, a in pairs],
                                 "cli_last": cli_last, "records": str(workdir / "records")}))
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, __file__, "run-many", str(spec)]
+    cmd = mpirun(ranks, __file__, "run-many", spec)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     return ManyLaunch(ranks, workdir, proc)
@@ -232,7 +238,7 @@ def _run_many_main(spec_path):
                 try:
                     rc = main(argv)
                 except SystemExit as exc:  # argparse's refusals: the command's status
-                    rc = exc.code
+                    rc = 0 if exc.code is None else exc.code
         except BaseException:
             sys.stdout.write(out.getvalue())
             sys.stderr.write(err.getvalue())

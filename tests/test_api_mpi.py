@@ -2,9 +2,8 @@
 
 import json
 import subprocess
-import sys
 
-from mpijobs import MPIRUN, ROOT, mpi_env, requires_mpirun
+from mpijobs import ROOT, mpi_env, mpirun, requires_mpirun
 
 pytestmark = requires_mpirun
 
@@ -19,10 +18,8 @@ EXPECTED = {
 
 def test_bad_input_to_fit_fails_on_every_rank(tmp_path):
     out = tmp_path / "errors"
-    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, ROOT / "tests" / "api_errors.py",
-           out]
-    proc = subprocess.run(list(map(str, cmd)), cwd=tmp_path, env=mpi_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(mpirun(2, ROOT / "tests" / "api_errors.py", out), cwd=tmp_path,
+                          env=mpi_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0  # the last case is not caught
     assert "40 rows" in proc.stderr
     ranks = [json.loads((tmp_path / f"errors.{rank}.json").read_text()) for rank in (0, 1)]

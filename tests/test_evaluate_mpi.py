@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from mpijobs import MPIRUN, PYTHON, ROOT, mpi_env, requires_mpirun, run_job, small_job, start_many
+from mpijobs import ROOT, mpi_env, mpirun, requires_mpirun, run_job, small_job, start_many
 
 from mpinewton.data import write_dataset
 
@@ -33,7 +33,7 @@ def start(ranks, command, *args):
 
 
 def _popen(ranks, *args):
-    return subprocess.Popen([MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, *args],
+    return subprocess.Popen(mpirun(ranks, *args),
                             cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

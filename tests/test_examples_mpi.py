@@ -20,16 +20,7 @@ import sys
 
 import numpy as np
 import pytest
-from mpijobs import (
-    MPIRUN,
-    PYTHON,
-    ROOT,
-    mpi_env,
-    pythonpath,
-    read_metrics,
-    read_weights,
-    requires_mpirun,
-)
+from mpijobs import ROOT, mpi_env, mpirun, pythonpath, read_metrics, read_weights, requires_mpirun
 
 pytestmark = requires_mpirun
 EXAMPLES = ROOT / "docs" / "examples"
@@ -38,9 +29,9 @@ TIMEOUT = 400
 
 def launch(ranks, *args, cwd, env=None):
     """The examples load scikit-learn's data sets: their jobs start with it importable."""
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *PYTHON, *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=env or mpi_env(sklearn=True), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(mpirun(ranks, *args), cwd=cwd, env=env or mpi_env(sklearn=True),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def finish(proc):
