@@ -134,10 +134,12 @@ def rank_pids(run_dir):
 
 
 class ManyLaunch:
-    """A running :func:`start_many` launch; ``result(timeout)`` waits for it."""
+    """A running :func:`start_many` launch of ``count`` commands; ``result(timeout)`` or
+    ``outcomes(timeout)`` waits for it."""
 
-    def __init__(self, ranks, workdir, proc):
+    def __init__(self, ranks, workdir, proc, count, cli_last):
         self.ranks, self.workdir, self.proc = ranks, Path(workdir), proc
+        self.count, self.cli_last = count, cli_last
         self.started = time.monotonic()
         self._result = None
 
@@ -164,6 +166,21 @@ class ManyLaunch:
                 records[i][rank] = record
         self._result = proc, records
         return self._result
+
+    def outcomes(self, timeout):
+        """One record per command, after checking that the launch reached every command
+        on every rank: ``{rank: {"rc", "stdout", "stderr"}}`` for those run in-process,
+        and with ``cli_last`` the last command's as ``{0: {...}}``, holding the launch's
+        exit status and its whole output. ``timeout`` counts from the start."""
+        proc, records = self.result(timeout)
+        in_process = self.count - 1 if self.cli_last else self.count
+        reached = [sorted(rec) == list(range(self.ranks)) for rec in records]
+        assert len(records) == in_process and all(reached), \
+            (len(records), in_process, reached, proc.stdout[-3000:], proc.stderr[-3000:])
+        if self.cli_last:
+            records = [*records, {0: {"rc": proc.returncode, "stdout": proc.stdout,
+                                      "stderr": proc.stderr}}]
+        return records
 
     def kill(self):
         """End mpirun and its ranks if it still runs: SIGTERM (mpirun ends its ranks),
@@ -206,7 +223,7 @@ def start_many(module, ranks, commands, workdir, env=None, *, cli_last=True):
     cmd = mpirun(ranks, __file__, "run-many", spec)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or mpi_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return ManyLaunch(ranks, workdir, proc)
+    return ManyLaunch(ranks, workdir, proc, len(pairs), cli_last)
 
 
 def _entry(module):

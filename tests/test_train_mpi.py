@@ -117,13 +117,11 @@ def _launch(ranks, base, jobs):
                         [[*args, "--run-dir", str(base / name)] for name, args in jobs.items()],
                         base / "launch")
     try:
-        proc, records = launch.result(timeout=300)
+        records = launch.outcomes(timeout=300)
     finally:
         launch.kill()
-    results = {list(jobs)[-1]: (proc.returncode, proc.stdout, proc.stderr)}
-    for i, name in enumerate(list(jobs)[:-1]):
-        rec = records[i] if i < len(records) else {}
-        assert len(rec) == ranks, (name, proc.stdout, proc.stderr)
+    results = {}
+    for name, rec in zip(jobs, records, strict=True):
         assert len({r["rc"] for r in rec.values()}) == 1, rec  # the same verdict on every rank
         results[name] = (rec[0]["rc"], rec[0]["stdout"], rec[0]["stderr"])
     return results
