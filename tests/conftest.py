@@ -35,9 +35,9 @@ if _SM_DIR not in os.environ and "PMIX_RANK" not in os.environ \
 # hundred jobs; scripts/test.sh sets the same for the tests run under mpirun.
 os.environ.setdefault("OMPI_MCA_btl", "^ofi")
 
-# XLA's CPU backend compiles at LLVM optimisation level 0 in the tests: a third less
-# CPU time for each compilation (13 of 38 CPU-s for the two XLA products of
-# tests/test_resnet.py), which the suite, and every job it launches, does dozens of
+# XLA's CPU backend compiles at LLVM optimisation level 0 in the tests: the three XLA
+# tests of tests/test_resnet.py take a fifth less CPU time (30.3 against 38.6 user
+# CPU-s, docs/benchmarks.md), and the suite and the jobs it launches compile dozens of
 # times on two cores. What the tests check of XLA is above LLVM and unchanged: the
 # graphs, gradients and batching rules it compiles, and results that agree with eager
 # ones and explicit Hessians to the same tolerances. Users' jobs keep XLA's default.
