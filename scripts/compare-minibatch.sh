@@ -87,14 +87,6 @@
 #   kfac-double5  round 37, seeds 1, 8 and 9 (or kfac-double5-seedS for one), 150 s each:
 #          from 2,000, doubling every 50, 100, 200 or 400 steps, beside the job's
 #          -> docs/compare/tuning/minibatch-kfac-double5-seed{1,8,9}.json.gz
-#   kfac-adam  round 38, seeds 1, 8 and 9 (or kfac-adam-seedS for one), TIME (150) s each,
-#          in turns (--interleave): the job's K-FAC after N Adam steps (optimizer.adam_steps,
-#          lr 0.01) on batches of 2,000, Adam's racer, then on 8,000 (batch_factor 4 after
-#          N steps), N = 100, 200, 400, 800, beside the job's K-FAC and Adam
-#          -> docs/compare/tuning/minibatch-kfac-adam-seed{1,8,9}.json.gz
-#   kfac-adam-diag  round 38's diagnosis, seed 1, 120 s each, in turns: Adam's 100 steps on
-#          8,000, and 100 steps on 2,000 without Adam, beside the job's K-FAC
-#          -> docs/compare/tuning/minibatch-kfac-adam-diag-seed1.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -124,7 +116,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|kfac-double5|kfac-adam|kfac-adam-diag|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|race-kfac-double200|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow, kfac-double*, kfac-adam and kfac-adam-diag only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|kfac-double5|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|race-kfac-double200|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow and kfac-double* only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -712,34 +704,6 @@ for seed in 1 8 9; do
         --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm_job,$double,batch_every=400" \
         --out "docs/compare/tuning/minibatch-kfac-double5-seed$seed.json.gz"
 done
-# The job's K-FAC after N of Adam's steps on Adam's batches (round 38, race-kfac-adam)
-adam_start() { echo "kfac,average=0.95,$lm_job,curvature_fraction=0.0125,batch_size=2000,batch_growth=geometric,batch_factor=4,batch_every=$1,batch_max=8000,adam_steps=$1,adam_learning_rate=0.01"; }
-for seed in 1 8 9; do
-    [[ $stage == kfac-adam || $stage == "kfac-adam-seed$seed" ]] || continue
-    # Round 38: Adam leads the job's K-FAC in the first 4-56 s of every seven-seed race.
-    # K-FAC's first N steps as Adam's own (the same rate, batches and averaging decay
-    # as K-FAC's), its factors averaged over the last 20 of them; judged by the mean
-    # traced loss over the race and the final loss, in turns.
-    race --set "run.seed=$seed" --time-limit "${TIME:-150}" --interleave \
-        --variant "kfac-b8000-pace0.8-avg0.95=kfac,average=0.95,batch_size=8000,curvature_fraction=0.0125,$lm_job" \
-        --variant "kfac-adam100-avg0.95=$(adam_start 100)" \
-        --variant "kfac-adam200-avg0.95=$(adam_start 200)" \
-        --variant "kfac-adam400-avg0.95=$(adam_start 400)" \
-        --variant "kfac-adam800-avg0.95=$(adam_start 800)" \
-        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
-        --out "docs/compare/tuning/minibatch-kfac-adam-seed$seed.json.gz"
-done
-if [[ $stage == kfac-adam-diag ]]; then
-    # Round 38's diagnosis, seed 1, 120 s each, in turns: every Adam start plateaued near
-    # Adam's own loss. Adam's 100 steps on K-FAC's 8,000 (no change of batch), and the
-    # 100 steps on 2,000 without Adam (the batch change alone), beside the job's K-FAC.
-    k="kfac,average=0.95,curvature_fraction=0.0125,$lm_job"
-    race --set run.seed=1 --time-limit "${TIME:-120}" --interleave \
-        --variant "kfac-b8000=$k,batch_size=8000" \
-        --variant "kfac-adam100-b8000=$k,batch_size=8000,adam_steps=100,adam_learning_rate=0.01" \
-        --variant "kfac-grow100=$k,batch_size=2000,batch_growth=geometric,batch_factor=4,batch_every=100,batch_max=8000" \
-        --out docs/compare/tuning/minibatch-kfac-adam-diag-seed1.json.gz
-fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.

@@ -43,13 +43,8 @@ KFAC_STATE = ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5",
               "optimizer.damping_rule='levenberg_marquardt'", "optimizer.damping_every=1"]
 
 
-# Adam's first 3 steps (moments in the state, factors taken at each), then K-FAC: the
-# job stops inside the Adam steps and its resume takes the switch at step 4
-KFAC_ADAM_STATE = [*KFAC_STATE, "optimizer.adam_steps=3", "optimizer.adam_learning_rate=0.01"]
-
-
 METHODS = {"lbfgs": ["optimizer.method='lbfgs'"], "newton-gauss-newton-lm-growth": NEWTON_STATE,
-           "kfac": KFAC_STATE, "kfac-adam-start": KFAC_ADAM_STATE}
+           "kfac": KFAC_STATE}
 
 
 def _jobs(dataset, base, name):
@@ -88,8 +83,7 @@ def test_a_method_state_resumes_exactly(method_runs, method):
     """The L-BFGS memory and gradient cache, the LM damping, forcing and warm-start
     state, the curvature sample's growth and K-FAC's factors, inverses and damping resume
     exactly: a job stopped after 2 of its 4 iterations and resumed ends bitwise where
-    the uninterrupted job does, with the same records; so do Adam's moments of K-FAC's
-    first steps."""
+    the uninterrupted job does, with the same records."""
     base, outputs = method_runs
     for rc, output in outputs[method]:
         assert rc == 0, output[-3000:]
@@ -116,9 +110,3 @@ def test_a_method_state_resumes_exactly(method_runs, method):
         for folder in (run_dir, straight):
             summary = json.loads((folder / "summary.json").read_text())
             assert summary["hvps"] == 4, summary["hvps"]
-    if method is KFAC_ADAM_STATE:
-        steps = [r for r in read_metrics(run_dir) if r.get("phase") == "kfac"]
-        assert [r["adam"] for r in steps] == [True, True, True, False], steps
-        assert [r["step_size"] for r in steps] == [0.01, 0.01, 0.01, 0.05], steps
-        # the LM damping judges K-FAC's own step only: one Gauss-Newton product
-        assert [r["hvps"] for r in steps] == [0, 0, 0, 1], steps

@@ -24,7 +24,7 @@ import numpy as np
 from .base import Problem, SolverState, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
 
-__all__ = ["Adam", "AdamConfig", "AdamInfo", "AdamState", "adam_update"]
+__all__ = ["Adam", "AdamConfig", "AdamInfo", "AdamState"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,45 +98,31 @@ class Adam:
             raise ValueError(f"adam: moments have shape {state.m.shape}, weights have shape "
                              f"{w.shape}")
         cfg = self.config
+        lr, b1, b2, eps = (float(cfg.learning_rate), float(cfg.beta1), float(cfg.beta2),
+                           float(cfg.epsilon))
         t = state.iteration + 1
-        new_w, m, v = adam_update(w, g, state.m, state.v, t, cfg, "adam")
-        info = AdamInfo(loss, float(np.linalg.norm(g)), float(cfg.learning_rate),
-                        float(np.linalg.norm(new_w - w)))
+        from scipy.linalg.blas import daxpy
+
+        g = np.asarray(g, dtype=np.float64)
+        # In place, one scratch vector (BLAS axpy for the running means): on ResNet-50
+        # each temporary vector would be 189 MB of fresh pages.
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            m = np.multiply(g, 1.0 - b1)
+            v = np.multiply(g, g)
+            v *= 1.0 - b2
+            if state.m is not None:  # AdamState holds both moments or neither
+                m = daxpy(state.m, m, a=b1)  # m = b1 m0 + (1 - b1) g
+                v = daxpy(state.v, v, a=b2)  # v = b2 v0 + (1 - b2) g*g
+            step = np.divide(v, 1.0 - b2**t)  # v_hat, then sqrt(v_hat) + eps
+            np.sqrt(step, out=step)
+            step += eps
+            np.divide(m, step, out=step)  # then lr m_hat / (sqrt(v_hat) + eps)
+            step *= lr / (1.0 - b1**t)
+            new_w = np.subtract(w, step, out=np.empty_like(w, dtype=np.result_type(w, step)),
+                                casting="same_kind")
+        if not (np.all(np.isfinite(new_w)) and np.all(np.isfinite(m))
+                and np.all(np.isfinite(v))):
+            raise FloatingPointError(
+                f"adam: step {t} with learning_rate={lr!r} gives NaN/Inf weights or moments")
+        info = AdamInfo(loss, float(np.linalg.norm(g)), lr, float(np.linalg.norm(new_w - w)))
         return new_w, state.take(iteration=t, m=m, v=v), info
-
-
-def adam_update(w: np.ndarray, g: np.ndarray, m0: np.ndarray | None, v0: np.ndarray | None,
-                t: int, cfg: AdamConfig, who: str,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step ``t`` (from 1) of Algorithm 1: the new weights and moments ``m``, ``v``.
-
-    ``m0``, ``v0`` are the moments after step ``t - 1`` (None: zero, before the
-    first step). Raises ``FloatingPointError`` naming ``who`` on NaN/Inf weights
-    or moments. Shared by :class:`Adam` and K-FAC's first steps (``adam_steps``).
-    """
-    lr, b1, b2, eps = (float(cfg.learning_rate), float(cfg.beta1), float(cfg.beta2),
-                       float(cfg.epsilon))
-    from scipy.linalg.blas import daxpy
-
-    g = np.asarray(g, dtype=np.float64)
-    # In place, one scratch vector (BLAS axpy for the running means): on ResNet-50
-    # each temporary vector would be 189 MB of fresh pages.
-    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        m = np.multiply(g, 1.0 - b1)
-        v = np.multiply(g, g)
-        v *= 1.0 - b2
-        if m0 is not None and v0 is not None:  # the states hold both moments or neither
-            m = daxpy(m0, m, a=b1)  # m = b1 m0 + (1 - b1) g
-            v = daxpy(v0, v, a=b2)  # v = b2 v0 + (1 - b2) g*g
-        step = np.divide(v, 1.0 - b2**t)  # v_hat, then sqrt(v_hat) + eps
-        np.sqrt(step, out=step)
-        step += eps
-        np.divide(m, step, out=step)  # then lr m_hat / (sqrt(v_hat) + eps)
-        step *= lr / (1.0 - b1**t)
-        new_w = np.subtract(w, step, out=np.empty_like(w, dtype=np.result_type(w, step)),
-                            casting="same_kind")
-    if not (np.all(np.isfinite(new_w)) and np.all(np.isfinite(m))
-            and np.all(np.isfinite(v))):
-        raise FloatingPointError(
-            f"{who}: step {t} with learning_rate={lr!r} gives NaN/Inf weights or moments")
-    return new_w, m, v

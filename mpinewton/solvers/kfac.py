@@ -19,16 +19,6 @@ inverted, and one step is::
     nu = min(1, sqrt(kl_clip / (lr^2 p . g)))                   (Ba, Grosse & Martens 2017)
     v <- momentum v + nu p,  w <- w - lr v
 
-With ``adam_steps = N`` the first N steps are Adam's instead (Kingma & Ba
-2015, Algorithm 1, at ``adam_learning_rate``), and K-FAC's steps are counted
-from step N + 1: its refresh, warm-up and damping schedules start there, as
-if it had started from Adam's weights, with running factors already averaged
-over the last ``ceil(1 / (1 - stat_decay))`` of Adam's steps (the average's
-time constant; 20 at the default decay). A K-FAC run's first steps rest on
-factors from a few samples and on steps that the KL clip keeps short, where
-Adam's first steps make fast progress; this hands the start to Adam and the
-rest to K-FAC, a "warm start" of the second-order method by a first-order one.
-
 with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, the factored Tikhonov
 damping of Martens & Grosse (2015, sec. 6.3).  With ``damping_rule =
 "levenberg_marquardt"`` the damping ``lambda`` adapts every ``damping_every``
@@ -69,7 +59,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .adam import AdamConfig, adam_update
 from .base import Problem, SolverState, WorkShare, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
 from .newton import check_damping_rule, current_damping, lm_damping_update, optional_float
@@ -315,10 +304,6 @@ class KFACConfig:
     lm_rho_high: float = 0.75  # LM: reduction ratio above which the damping shrinks
     damping_min: float = 1e-8  # LM: lower bound of the damping; >= 0
     damping_max: float = 1e8  # LM: upper bound of the damping; >= damping_min
-    # the first this many steps are Adam's (betas 0.9, 0.999, epsilon 1e-8) at
-    # adam_learning_rate; K-FAC's schedules count from the step after them
-    adam_steps: int = 0
-    adam_learning_rate: float = 1e-3  # alpha of those steps, > 0
 
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
@@ -333,12 +318,6 @@ class KFACConfig:
         require(self, "kl_clip", ">= 0")
         require(self, "max_factor_dim", "int >= 1")
         require(self, "fisher", "choice", choices=FISHERS)
-        require(self, "adam_steps", "int >= 0")
-        require(self, "adam_learning_rate", "> 0")
-
-    def factor_window(self) -> int:
-        """Adam's last steps that take factors: the running average's time constant."""
-        return min(self.adam_steps, math.ceil(1.0 / (1.0 - self.stat_decay)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,9 +330,7 @@ class KFACState(SolverState):
     ``inverses`` is what the last refresh computed, so a resumed run steps
     exactly as an uninterrupted one. ``damping`` is the adapted damping of
     ``damping_rule = "levenberg_marquardt"`` (None: not adapted yet, the
-    configured one). ``adam_m`` and ``adam_v`` are Adam's moments during the
-    first ``adam_steps`` steps (None after them); the factors of their last
-    steps have no inverses yet.
+    configured one).
     """
 
     iteration: int = 0
@@ -361,27 +338,19 @@ class KFACState(SolverState):
     inverses: np.ndarray | None = None
     velocity: np.ndarray | None = None
     damping: float | None = None
-    adam_m: np.ndarray | None = None
-    adam_v: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_counter(self, "iteration")
         object.__setattr__(self, "damping", optional_float(type(self).__name__, "damping",
                                                            self.damping, 0.0, math.inf))
         owner = type(self).__name__
-        for name in ("factors", "inverses", "velocity", "adam_m", "adam_v"):
+        for name in ("factors", "inverses", "velocity"):
             object.__setattr__(self, name, _float_array(getattr(self, name), owner, name))
-        if (self.factors is None and self.inverses is not None) or (
+        if (self.factors is None) != (self.inverses is None) or (
                 self.factors is not None and self.inverses is not None
                 and self.factors.shape != self.inverses.shape):
-            raise ValueError(f"{owner}: inverses need factors of their shape")
-        if (self.adam_m is None) != (self.adam_v is None) or (
-                self.adam_m is not None and self.adam_v is not None
-                and self.adam_m.shape != self.adam_v.shape):
-            raise ValueError(f"{owner}: adam_m and adam_v must both be None or vectors of "
-                             "one shape")
-        if self.adam_v is not None and np.any(self.adam_v < 0):
-            raise ValueError(f"{owner}.adam_v must be >= 0 (a mean of squares)")
+            raise ValueError(f"{owner}: factors and inverses must both be None or vectors "
+                             "of one shape")
         super().__post_init__()
 
 
@@ -463,7 +432,6 @@ class KFACInfo(FixedStepInfo):
     update_norm: float  # |w_new - w|
     damping: float  # lambda at the step's start: a refresh on this step inverts with it
     rho: float | None = None  # LM: actual / predicted decrease, on steps that adapt
-    adam: bool = False  # an Adam step of the first adam_steps (step_size: its alpha)
 
 
 class KFAC:
@@ -578,11 +546,7 @@ class KFAC:
         cfg = self.config
         shapes = [factor_shapes(b, cfg.max_factor_dim) for b in blocks]
         t = state.iteration
-        k = t - cfg.adam_steps  # K-FAC's own step count (negative: an Adam step)
-        if k < 0:
-            stats = k >= -cfg.factor_window()
-        else:
-            stats = state.factors is None or k % cfg.stats_every == 0
+        stats = state.factors is None or t % cfg.stats_every == 0
         if stats:
             sampled = {"sampled": True} if cfg.fisher == "sampled" else {}
             new = [(np.asarray(a), np.asarray(gg))
@@ -596,14 +560,12 @@ class KFAC:
                 raise FloatingPointError(f"kfac: step {t + 1}: the Kronecker factors hold NaN "
                                          "or Inf")
         else:  # the running factors as they are, not copied (358 MB on ResNet-50)
+            assert state.factors is not None
             packed = state.factors
+        share, mine = self._shared(problem, blocks)
         lm = cfg.damping_rule == "levenberg_marquardt"
         damping = float(current_damping(state, cfg))
-        if k < 0:
-            return self._adam_step(w, loss, g, state, packed, stats, damping)
-        assert packed is not None
-        share, mine = self._shared(problem, blocks)
-        invert = state.inverses is None or k % cfg.inverse_every == 0 or k < cfg.inverse_warmup
+        invert = state.inverses is None or t % cfg.inverse_every == 0 or t < cfg.inverse_warmup
         if invert:
             packed_inverses = self._invert(blocks, packed, shapes, share, mine, damping)
         else:
@@ -630,30 +592,13 @@ class KFAC:
             raise FloatingPointError(f"kfac: step {t + 1} with learning_rate={lr!r} gives "
                                      "NaN/Inf weights")
         rho, new_damping = None, damping
-        if lm and (k + 1) % cfg.damping_every == 0:
+        if lm and (t + 1) % cfg.damping_every == 0:
             rho = self._reduction_ratio(problem, w, new_w, loss, g)
             new_damping = lm_damping_update(damping, rho, True, cfg)
         info = KFACInfo(loss, float(np.linalg.norm(g)), lr, nu, stats, invert, moved,
                         damping, rho if rho is not None and math.isfinite(rho) else None)
         return new_w, state.take(iteration=t + 1, factors=packed, inverses=packed_inverses,
-                                 velocity=velocity, damping=new_damping if lm else None,
-                                 adam_m=None, adam_v=None), info
-
-    def _adam_step(self, w: np.ndarray, loss: float, g: np.ndarray, state: KFACState,
-                   packed: np.ndarray | None, stats: bool, damping: float,
-                   ) -> tuple[np.ndarray, KFACState, KFACInfo]:
-        """One of the first ``adam_steps`` steps: Adam's, the factors averaged as they come."""
-        cfg = self.config
-        t = state.iteration + 1
-        adam = AdamConfig(learning_rate=cfg.adam_learning_rate)
-        if state.adam_m is not None and state.adam_m.shape != w.shape:
-            raise ValueError(f"kfac: Adam's moments have shape {state.adam_m.shape}, weights "
-                             f"have shape {w.shape}")
-        new_w, m, v = adam_update(w, g, state.adam_m, state.adam_v, t, adam,
-                                  "kfac (its Adam steps)")
-        info = KFACInfo(loss, float(np.linalg.norm(g)), float(cfg.adam_learning_rate), 1.0,
-                        stats, False, float(np.linalg.norm(new_w - w)), damping, None, adam=True)
-        return new_w, state.take(iteration=t, factors=packed, adam_m=m, adam_v=v), info
+                                 velocity=velocity, damping=new_damping if lm else None), info
 
     @staticmethod
     def _reduction_ratio(problem: Problem, w: np.ndarray, new_w: np.ndarray, loss: float,

@@ -180,7 +180,6 @@ def format_line(rec: dict[str, Any]) -> str:
     return (f"{rec['phase']:<8} {rec['iter']:4d}  loss {rec['loss']:.6e}  "
             f"|g| {rec['grad_norm']:.3e}"
             f"  cg {cg}  step {rec['step_size']:.3g}{' FALLBACK' if rec['fallback'] else ''}"
-            f"{' (adam)' if rec.get('adam') else ''}"
             f"  {rec['iter_seconds']:6.2f}s  t={rec['wall_time']:7.1f}s"
             + (f"  batch -> {rec['next_batch_size']}" if rec.get("next_batch_size") else "")
             + (f"  curvature -> {rec['next_curvature_fraction']:.3g}" if rec.get("curvature_grew")

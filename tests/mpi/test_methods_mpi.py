@@ -42,10 +42,6 @@ VARIANTS = {
                      "fisher": "sampled"},
     # the damping adapted every step from a Gauss-Newton product and the loss, both summed
     # over the ranks; refreshes at steps 1 and 3 invert with the adapted damping
-    # two Adam steps that take factors (summed over the ranks), then two K-FAC steps whose
-    # damping adapts from their own first step
-    "kfac-adam": {"learning_rate": 0.2, "adam_steps": 2, "adam_learning_rate": 0.01,
-                  "damping_rule": "levenberg_marquardt", "damping_every": 1},
     "kfac-lm": {"learning_rate": 0.2, "inverse_every": 2, "damping_rule": "levenberg_marquardt",
                 "damping_every": 1},
 }

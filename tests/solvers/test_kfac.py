@@ -208,69 +208,11 @@ def test_running_averages_refresh_and_momentum_by_hand(warmup):
     assert prob.factor_calls == 4
 
 
-def test_adam_steps_first_then_kfac_counted_from_the_switch_by_hand():
-    """``adam_steps = 4``: steps 1-4 are Adam's (moments by hand), factors taken at steps
-    3-4 (the window of decay 0.5 is 2); K-FAC's schedules (new factors every 2, inverses
-    every 3, velocity from zero) then count from step 5."""
-    blocks, pairs, n = _two_blocks()
-    rng = np.random.default_rng(11)
-    calls = [[(a * s, g * s) for a, g in pairs] for s in rng.uniform(0.5, 2.0, size=6)]
-    prob = KroneckerQuadratic(blocks, pairs, n, factors=calls)
-    cfg = KFACConfig(learning_rate=0.05, momentum=0.5, damping=1e-2, stat_decay=0.5,
-                     stats_every=2, inverse_every=3, kl_clip=0.0, adam_steps=4,
-                     adam_learning_rate=0.03)
-    assert cfg.factor_window() == 2
-    assert KFACConfig(adam_steps=100).factor_window() == 20  # 1 / (1 - 0.95)
-    assert KFACConfig(adam_steps=7).factor_window() == 7
-    method = KFAC(cfg)
-    w = rng.standard_normal(n)
-    state = method.init(w)
-    m, v = np.zeros(n), np.zeros(n)
-    ref_f, ref_inv, vel = None, None, np.zeros(n)
-    used = 0
-    for t in range(9):
-        _, g = prob.value_and_grad(w)
-        w_new, state, info = method.step(prob, w, state)
-        kstep = t - 4
-        stats = kstep >= -2 if kstep < 0 else kstep % 2 == 0
-        assert (info.adam, info.stats, info.inverted) == (
-            kstep < 0, stats, kstep >= 0 and kstep % 3 == 0), t
-        if stats:
-            new = calls[used]
-            used += 1
-            ref_f = new if ref_f is None else [
-                (0.5 * a0 + 0.5 * a1, 0.5 * g0 + 0.5 * g1)
-                for (a0, g0), (a1, g1) in zip(ref_f, new, strict=True)]
-        if kstep < 0:  # Kingma & Ba, Algorithm 1
-            m = 0.9 * m + 0.1 * g
-            v = 0.999 * v + 0.001 * g * g
-            step = 0.03 * (m / (1 - 0.9 ** (t + 1))) / (
-                np.sqrt(v / (1 - 0.999 ** (t + 1))) + 1e-8)
-            np.testing.assert_allclose(w_new, w - step, rtol=1e-12, atol=1e-15)
-            assert info.step_size == 0.03 and state.velocity is None
-            assert state.inverses is None and (state.factors is None) == (t < 2)
-            np.testing.assert_allclose(state.adam_m, m, rtol=1e-12)
-        else:
-            if kstep % 3 == 0:
-                ref_inv = []
-                for a, gg in ref_f:
-                    sa, sg = factored_damping(a, gg, 1e-2)
-                    ref_inv.append((np.linalg.inv(a + sa * np.eye(len(a))),
-                                    np.linalg.inv(gg + sg * np.eye(len(gg)))))
-            vel = 0.5 * vel + kfac_direction(tuple(blocks), ref_inv, g)
-            np.testing.assert_allclose(w_new, w - 0.05 * vel, rtol=1e-10, atol=1e-14)
-            assert state.adam_m is None and state.adam_v is None  # freed at the switch
-            assert info.step_size == 0.05
-        w = w_new
-    assert prob.factor_calls == used == 5  # steps 3, 4, 5, 7 and 9
-
-
-@pytest.mark.parametrize(("rule", "adam_steps"), [("fixed", 0), ("levenberg_marquardt", 0),
-                                                  ("levenberg_marquardt", 4)])
-def test_resume_from_a_saved_state_is_bitwise_the_same(rule, adam_steps):
+@pytest.mark.parametrize("rule", ["fixed", "levenberg_marquardt"])
+def test_resume_from_a_saved_state_is_bitwise_the_same(rule):
     blocks, pairs, n = _two_blocks()
     cfg = KFACConfig(learning_rate=0.2, inverse_every=4, stats_every=2, damping_rule=rule,
-                     damping_every=2, adam_steps=adam_steps, adam_learning_rate=0.05)
+                     damping_every=2)
     w0 = np.linspace(-1, 1, n)
 
     def steps(w, state, k, prob):
@@ -455,17 +397,8 @@ def test_diagonal_factors_above_max_factor_dim_step_as_the_same_diagonal_matrice
 
 
 def test_state_and_config_validate():
-    with pytest.raises(ValueError, match="inverses need factors"):
-        KFACState(inverses=np.zeros(3))
-    with pytest.raises(ValueError, match="inverses need factors of their shape"):
-        KFACState(factors=np.zeros(3), inverses=np.zeros(4))
-    KFACState(factors=np.zeros(3))  # taken during Adam's last steps, not inverted yet
-    with pytest.raises(ValueError, match="adam_m and adam_v"):
-        KFACState(adam_m=np.zeros(3))
-    with pytest.raises(ValueError, match="adam_m and adam_v"):
-        KFACState(adam_m=np.zeros(3), adam_v=np.zeros(2))
-    with pytest.raises(ValueError, match="adam_v must be >= 0"):
-        KFACState(adam_m=np.zeros(2), adam_v=np.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="factors and inverses"):
+        KFACState(factors=np.zeros(3))
     with pytest.raises(ValueError, match="iteration"):
         KFACState(iteration=-1)
     for field, value in (("learning_rate", 0.0), ("damping", 0.0), ("momentum", 1.0),
@@ -473,8 +406,7 @@ def test_state_and_config_validate():
                          ("inverse_warmup", -1), ("kl_clip", -1.0), ("max_factor_dim", 0),
                          ("damping_rule", "trust_region"), ("damping_every", 0),
                          ("lm_increase", 1.0), ("lm_decrease", 1.0), ("lm_rho_low", 0.0),
-                         ("damping_min", -1.0), ("adam_steps", -1), ("adam_steps", 2.5),
-                         ("adam_learning_rate", 0.0)):
+                         ("damping_min", -1.0)):
         with pytest.raises(ParameterError, match=f"KFACConfig.{field} ") as err:
             KFACConfig(**{field: value})
         assert err.value.name == field
