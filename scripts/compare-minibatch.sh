@@ -87,12 +87,6 @@
 #   kfac-double5  round 37, seeds 1, 8 and 9 (or kfac-double5-seedS for one), 150 s each:
 #          from 2,000, doubling every 50, 100, 200 or 400 steps, beside the job's
 #          -> docs/compare/tuning/minibatch-kfac-double5-seed{1,8,9}.json.gz
-#   kfac-graft  round 39, seeds 1, 8 and 9 (or kfac-graft-seedS for one), TIME (150) s each,
-#          in turns (--interleave): the job's K-FAC with each layer's step as long as
-#          Adam's (optimizer.graft = "adam") at lr 0.003, 0.01 and 0.03, beside the job's
-#          K-FAC and Adam -> docs/compare/tuning/minibatch-kfac-graft-seed{1,8,9}.json.gz
-#   kfac-graft2  round 40, seed 1, TIME (150) s each, in turns: past that grid's upper edge,
-#          lr 0.1 and 0.3, beside the job's K-FAC -> docs/compare/tuning/minibatch-kfac-graft2-seed1.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -122,7 +116,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|kfac-double5|kfac-graft|kfac-graft2|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|race-kfac-double200|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow, kfac-double* and kfac-graft* only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|kfac-double5|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|race-kfac-double200|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow and kfac-double* only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -710,29 +704,6 @@ for seed in 1 8 9; do
         --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm_job,$double,batch_every=400" \
         --out "docs/compare/tuning/minibatch-kfac-double5-seed$seed.json.gz"
 done
-for seed in 1 8 9; do
-    [[ $stage == kfac-graft || $stage == "kfac-graft-seed$seed" ]] || continue
-    # Round 38 (at bbdfdfe): Adam's first steps, then K-FAC, lost. Here K-FAC keeps its
-    # direction from the first step and takes Adam's length, layer by layer
-    # (learning-rate grafting); judged by the traced losses over the race and the final.
-    k="kfac,average=0.95,batch_size=8000,curvature_fraction=0.0125,$lm_job"
-    race --set "run.seed=$seed" --time-limit "${TIME:-150}" --interleave \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k" \
-        --variant "kfac-graft-lr0.003=$k,graft=adam,learning_rate=0.003" \
-        --variant "kfac-graft-lr0.01=$k,graft=adam,learning_rate=0.01" \
-        --variant "kfac-graft-lr0.03=$k,graft=adam,learning_rate=0.03" \
-        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
-        --out "docs/compare/tuning/minibatch-kfac-graft-seed$seed.json.gz"
-done
-if [[ $stage == kfac-graft2 ]]; then
-    # Round 40: round 39's best rate, 0.03, was its grid's highest.
-    k="kfac,average=0.95,batch_size=8000,curvature_fraction=0.0125,$lm_job"
-    race --set run.seed=1 --time-limit "${TIME:-150}" --interleave \
-        --variant "kfac-b8000-pace0.8-avg0.95=$k" \
-        --variant "kfac-graft-lr0.1=$k,graft=adam,learning_rate=0.1" \
-        --variant "kfac-graft-lr0.3=$k,graft=adam,learning_rate=0.3" \
-        --out docs/compare/tuning/minibatch-kfac-graft2-seed1.json.gz
-fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.

@@ -26,8 +26,7 @@
 # kfac11 tunes K-FAC 512's inverse warm-up on seed 1, in turns
 # (docs/compare/tuning/resnet-random-kfac11.json); race-warmup races its winner (WARMUP)
 # against race-turns' K-FAC and Adam, in turns (docs/compare/resnet-random-warmup.json,
-# with SEED=S -seedS.json); kfac13 tunes K-FAC 512 with Adam's step lengths
-# (optimizer.graft = "adam") on seed 1, in turns (docs/compare/tuning/resnet-random-kfac13.json);
+# with SEED=S -seedS.json);
 # step-setup times the first steps of Adam and gradient descent alone and in turns, with
 # and without a memory arena per thread, and with Eigen's kernels
 # (docs/compare/step-setup/).
@@ -36,7 +35,7 @@
 # (docs/compare/tuning/resnet-perturbed-kfac.json, -kfac2.json, -kfac3.json); race-kfac races
 # the winners on seed 0 (KFAC_OUT, default docs/compare/resnet-perturbed-kfac.json).
 # Usage: scripts/compare-resnet.sh START STAGE   (START random|perturbed, STAGE
-#        tune|tune2|tune3|race|kfac|kfac2|...|kfac11|kfac13|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|race-warmup|step-setup|tune-kfac|...|tune-kfac3|race-kfac; tune2,
+#        tune|tune2|tune3|race|kfac|kfac2|...|kfac11|race-kfac-dim|race-kfac-dim2|step-costs|race-turns|race-warmup|step-setup|tune-kfac|...|tune-kfac3|race-kfac; tune2,
 #        tune3, tune-kfac*: the perturbed start's; kfac*: the random start's; race-kfac: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -165,7 +164,7 @@ elif [[ $stage == tune-kfac || $stage == tune-kfac2 || $stage == tune-kfac3 || (
             --variant "gd-lr$GD_LR=gd,learning_rate=$GD_LR" \
             --out "${KFAC_OUT:-docs/compare/resnet-perturbed-kfac.json}"
     fi
-elif [[ $stage =~ ^(kfac([2-9]|1[013])?|race-kfac|race-kfac-dim2?|step-costs|race-turns|race-warmup|step-setup)$ ]]; then
+elif [[ $stage =~ ^(kfac([2-9]|1[01])?|race-kfac|race-kfac-dim2?|step-costs|race-turns|race-warmup|step-setup)$ ]]; then
     [[ $start == random ]] || { echo "$stage is the random start's" >&2; exit 2; }
     # K-FAC with its factors from an eighth or a quarter of each batch of 256 (10
     # backward passes a sample for G), its KL clip (which sets the step's length while it
@@ -319,19 +318,6 @@ elif [[ $stage =~ ^(kfac([2-9]|1[013])?|race-kfac|race-kfac-dim2?|step-costs|rac
             --variant "kfac-d512-iw10=$k,inverse_warmup=10" \
             --variant "kfac-d512-iw20=$k,inverse_warmup=20" \
             --out docs/compare/tuning/resnet-random-kfac11.json
-    elif [[ $stage == kfac13 ]]; then
-        # Adam was first in race-warmup's first minute on every seed: K-FAC 512 with the
-        # warm-up and each layer's step as long as Adam's (optimizer.graft = "adam") at
-        # lr 1e-4, 3e-4 and 1e-3, beside it with its KL clip and Adam, in turns on seed 1,
-        # TUNE_TIME (90) s each.
-        k="$sampled512,inverse_warmup=10"
-        race --set run.seed=1 --time-limit "${TUNE_TIME:-90}" --interleave \
-            --variant "kfac-d512-iw10=$k" \
-            --variant "kfac-d512-iw10-graft-lr0.0001=$k,graft=adam,learning_rate=0.0001" \
-            --variant "kfac-d512-iw10-graft-lr0.0003=$k,graft=adam,learning_rate=0.0003" \
-            --variant "kfac-d512-iw10-graft-lr0.001=$k,graft=adam,learning_rate=0.001" \
-            --variant "adam-lr0.0003=adam,learning_rate=0.0003" \
-            --out docs/compare/tuning/resnet-random-kfac13.json
     elif [[ $stage == race-warmup ]]; then
         # kfac11's winner (WARMUP steps of inverses at every step) against race-turns'
         # K-FAC and Adam, in turns, on seed SEED (0; not tuned on), TIME (200) s each.

@@ -43,12 +43,8 @@ KFAC_STATE = ["optimizer.method='kfac'", "optimizer.curvature_fraction=0.5",
               "optimizer.damping_rule='levenberg_marquardt'", "optimizer.damping_every=1"]
 
 
-# the same with each block's step as long as Adam's: Adam's moments join the state
-KFAC_GRAFT_STATE = [*KFAC_STATE, "optimizer.graft='adam'", "optimizer.learning_rate=0.01"]
-
-
 METHODS = {"lbfgs": ["optimizer.method='lbfgs'"], "newton-gauss-newton-lm-growth": NEWTON_STATE,
-           "kfac": KFAC_STATE, "kfac-graft-adam": KFAC_GRAFT_STATE}
+           "kfac": KFAC_STATE}
 
 
 def _jobs(dataset, base, name):
@@ -87,8 +83,7 @@ def test_a_method_state_resumes_exactly(method_runs, method):
     """The L-BFGS memory and gradient cache, the LM damping, forcing and warm-start
     state, the curvature sample's growth and K-FAC's factors, inverses and damping resume
     exactly: a job stopped after 2 of its 4 iterations and resumed ends bitwise where
-    the uninterrupted job does, with the same records; so do the Adam moments of
-    K-FAC's grafted steps."""
+    the uninterrupted job does, with the same records."""
     base, outputs = method_runs
     for rc, output in outputs[method]:
         assert rc == 0, output[-3000:]

@@ -19,21 +19,6 @@ inverted, and one step is::
     nu = min(1, sqrt(kl_clip / (lr^2 p . g)))                   (Ba, Grosse & Martens 2017)
     v <- momentum v + nu p,  w <- w - lr v
 
-With ``graft = "adam"`` the step's length comes from Adam instead, layer by
-layer (learning-rate grafting: Agarwal, Anil, Hazan, Koren & Zhang 2020,
-"Disentangling adaptive gradient methods from learning rates"; as Shampoo
-grafts it, Anil et al. 2020), and its direction from K-FAC::
-
-    m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g*g            Adam's moments (t-th step)
-    u = lr m_hat / (sqrt(v_hat) + eps)                            Adam's step (Algorithm 1)
-    p = F^-1 m_hat                                                K-FAC's direction of m_hat
-    w_l <- w_l - (|u_l| / |p_l|) p_l       each block;  w <- w - u  outside the blocks
-
-(b1, b2, eps = 0.9, 0.999, 1e-8; neither ``momentum`` nor ``kl_clip`` applies:
-``m`` is the momentum and Adam's length the clip.) K-FAC's steps are as long
-as Adam's on each layer, where the KL clip's steps may be several times
-longer or shorter.
-
 with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, the factored Tikhonov
 damping of Martens & Grosse (2015, sec. 6.3).  With ``damping_rule =
 "levenberg_marquardt"`` the damping ``lambda`` adapts every ``damping_every``
@@ -78,8 +63,8 @@ from .base import Problem, SolverState, WorkShare, check_value_and_grad, require
 from .momentum import FixedStepInfo, _check_counter, _float_array
 from .newton import check_damping_rule, current_damping, lm_damping_update, optional_float
 
-__all__ = ["FISHERS", "GRAFTS", "KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock",
-           "factor_shapes", "factored_damping", "graft", "kfac_direction", "share_blocks"]
+__all__ = ["FISHERS", "KFAC", "KFACConfig", "KFACInfo", "KFACState", "KroneckerBlock",
+           "factor_shapes", "factored_damping", "kfac_direction", "share_blocks"]
 
 
 @dataclass(frozen=True)
@@ -254,43 +239,6 @@ def kfac_direction(blocks: tuple[KroneckerBlock, ...], inverses: list[tuple[np.n
     return p
 
 
-def graft(blocks: tuple[KroneckerBlock, ...], p: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Each block's part of ``p`` rescaled to the length of ``u``'s; ``u`` outside the blocks.
-
-    Learning-rate grafting (Agarwal et al. 2020): the direction of one method
-    with the per-layer step length of another. A block where ``p`` is zero
-    does not move.
-    """
-    d = np.array(u, dtype=np.float64, copy=True)
-    for block in blocks:
-        pm, um = block.matrix(p), block.matrix(u)
-        pn, un = float(np.linalg.norm(pm)), float(np.linalg.norm(um))
-        block.put(d, pm * (un / pn) if pn > 0 else np.zeros_like(pm))
-    return d
-
-
-def _adam_moments(g: np.ndarray, state: KFACState, t: int, lr: float,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Adam's moments after step ``t`` (from 1), ``m_hat`` and Adam's step ``u`` (Algorithm 1).
-
-    Kingma & Ba 2015 with beta1 0.9, beta2 0.999, epsilon 1e-8, as
-    :class:`~.adam.Adam` (its defaults) computes them.
-    """
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    g = np.asarray(g, dtype=np.float64)
-    if state.adam_m is not None and state.adam_m.shape != g.shape:
-        raise ValueError(f"kfac: Adam's moments have shape {state.adam_m.shape}, the gradient "
-                         f"{g.shape}")
-    m = (1.0 - b1) * g
-    v = (1.0 - b2) * (g * g)
-    if state.adam_m is not None and state.adam_v is not None:
-        m += b1 * state.adam_m
-        v += b2 * state.adam_v
-    mhat = m / (1.0 - b1**t)
-    u = lr * mhat / (np.sqrt(v / (1.0 - b2**t)) + eps)
-    return m, v, mhat, u
-
-
 def share_blocks(blocks: tuple[KroneckerBlock, ...], max_dim: int, inverse_every: int,
                  parts: int) -> list[int]:
     """The part that inverts and applies each block: a greedy balance of their work.
@@ -323,7 +271,6 @@ def share_blocks(blocks: tuple[KroneckerBlock, ...], max_dim: int, inverse_every
 #: distribution (K backward passes a sample, K the outputs), or the Monte-Carlo Fisher
 #: of one label a sample drawn from it (one backward pass; Martens & Grosse 2015, sec. 5).
 FISHERS = ("exact", "sampled")
-GRAFTS = ("none", "adam")  # graft: the step length of each block, K-FAC's own or Adam's
 
 
 def factor_shapes(block: KroneckerBlock, max_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -357,8 +304,6 @@ class KFACConfig:
     lm_rho_high: float = 0.75  # LM: reduction ratio above which the damping shrinks
     damping_min: float = 1e-8  # LM: lower bound of the damping; >= 0
     damping_max: float = 1e8  # LM: upper bound of the damping; >= damping_min
-    # "none", or "adam": each block's step as long as Adam's at learning_rate there
-    graft: str = "none"
 
     def __post_init__(self) -> None:
         require(self, "learning_rate", "> 0")
@@ -373,7 +318,6 @@ class KFACConfig:
         require(self, "kl_clip", ">= 0")
         require(self, "max_factor_dim", "int >= 1")
         require(self, "fisher", "choice", choices=FISHERS)
-        require(self, "graft", "choice", choices=GRAFTS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -394,23 +338,14 @@ class KFACState(SolverState):
     inverses: np.ndarray | None = None
     velocity: np.ndarray | None = None
     damping: float | None = None
-    adam_m: np.ndarray | None = None  # graft = "adam": Adam's moments
-    adam_v: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_counter(self, "iteration")
         object.__setattr__(self, "damping", optional_float(type(self).__name__, "damping",
                                                            self.damping, 0.0, math.inf))
         owner = type(self).__name__
-        for name in ("factors", "inverses", "velocity", "adam_m", "adam_v"):
+        for name in ("factors", "inverses", "velocity"):
             object.__setattr__(self, name, _float_array(getattr(self, name), owner, name))
-        if (self.adam_m is None) != (self.adam_v is None) or (
-                self.adam_m is not None and self.adam_v is not None
-                and self.adam_m.shape != self.adam_v.shape):
-            raise ValueError(f"{owner}: adam_m and adam_v must both be None or vectors of "
-                             "one shape")
-        if self.adam_v is not None and np.any(self.adam_v < 0):
-            raise ValueError(f"{owner}.adam_v must be >= 0 (a mean of squares)")
         if (self.factors is None) != (self.inverses is None) or (
                 self.factors is not None and self.inverses is not None
                 and self.factors.shape != self.inverses.shape):
@@ -637,24 +572,8 @@ class KFAC:
             assert state.inverses is not None
             packed_inverses = state.inverses
         inverses = _unpack(packed_inverses, shapes)
-        lr = float(cfg.learning_rate)
-        if cfg.graft == "adam":
-            m, v, mhat, u = _adam_moments(g, state, t + 1, lr)
-            p = self._direction(blocks, inverses, packed_inverses, mhat, w.dtype, share, mine)
-            new_w, moved = _stepped(w, graft(blocks, p, u), 1.0)
-            if not np.isfinite(moved):
-                raise FloatingPointError(f"kfac: step {t + 1} with learning_rate={lr!r} "
-                                         "gives NaN/Inf weights")
-            rho, new_damping = None, damping
-            if lm and (t + 1) % cfg.damping_every == 0:
-                rho = self._reduction_ratio(problem, w, new_w, loss, g)
-                new_damping = lm_damping_update(damping, rho, True, cfg)
-            info = KFACInfo(loss, float(np.linalg.norm(g)), lr, 1.0, stats, invert, moved,
-                            damping, rho if rho is not None and math.isfinite(rho) else None)
-            return new_w, state.take(iteration=t + 1, factors=packed,
-                                     inverses=packed_inverses, damping=new_damping if lm
-                                     else None, adam_m=m, adam_v=v), info
         p = self._direction(blocks, inverses, packed_inverses, g, w.dtype, share, mine)
+        lr = float(cfg.learning_rate)
         nu = 1.0
         if cfg.kl_clip > 0:
             vg = lr * lr * float(p @ g)

@@ -42,8 +42,6 @@ VARIANTS = {
                      "fisher": "sampled"},
     # the damping adapted every step from a Gauss-Newton product and the loss, both summed
     # over the ranks; refreshes at steps 1 and 3 invert with the adapted damping
-    # Adam's moments summed gradients, K-FAC's direction, each block Adam's length
-    "kfac-graft": {"learning_rate": 0.01, "graft": "adam", "inverse_every": 3, "stats_every": 2},
     "kfac-lm": {"learning_rate": 0.2, "inverse_every": 2, "damping_rule": "levenberg_marquardt",
                 "damping_every": 1},
 }

@@ -16,7 +16,6 @@ from mpinewton.solvers.kfac import (
     KroneckerBlock,
     check_blocks,
     factored_damping,
-    graft,
     kfac_direction,
     share_blocks,
 )
@@ -209,70 +208,11 @@ def test_running_averages_refresh_and_momentum_by_hand(warmup):
     assert prob.factor_calls == 4
 
 
-def test_graft_keeps_each_block_direction_with_the_other_length():
-    blocks, _, n = _two_blocks()
-    rng = np.random.default_rng(5)
-    p, u = rng.standard_normal(n), rng.standard_normal(n)
-    d = graft(tuple(blocks), p, u)
-    covered = np.zeros(n, dtype=bool)
-    for b in blocks:
-        idx = b.indices().ravel()
-        covered[idx] = True
-        # the block's direction is p's, its length u's
-        np.testing.assert_allclose(np.linalg.norm(d[idx]), np.linalg.norm(u[idx]), rtol=1e-13)
-        np.testing.assert_allclose(d[idx] / np.linalg.norm(d[idx]),
-                                   p[idx] / np.linalg.norm(p[idx]), rtol=1e-12)
-    np.testing.assert_array_equal(d[~covered], u[~covered])  # u itself outside the blocks
-    p[blocks[1].indices().ravel()] = 0.0  # a block p does not move stays put
-    assert not np.any(graft(tuple(blocks), p, u)[blocks[1].indices().ravel()])
-
-
-def test_adam_grafted_steps_by_hand():
-    """``graft = "adam"``: K-FAC's direction of Adam's m_hat, each block as long as Adam's
-    step there, Adam's step outside the blocks; neither momentum nor the KL clip applies."""
-    blocks, pairs, n = _two_blocks()
-    rng = np.random.default_rng(12)
-    calls = [[(a * s, g * s) for a, g in pairs] for s in rng.uniform(0.5, 2.0, size=5)]
-    prob = KroneckerQuadratic(blocks, pairs, n, factors=calls)
-    cfg = KFACConfig(learning_rate=0.02, momentum=0.9, kl_clip=1e-9, damping=1e-2,
-                     stat_decay=0.5, inverse_every=2, graft="adam")
-    method = KFAC(cfg)
-    w = rng.standard_normal(n)
-    state = method.init(w)
-    m, v, ref_f, ref_inv = np.zeros(n), np.zeros(n), None, None
-    for t in range(5):
-        _, g = prob.value_and_grad(w)
-        w_new, state, info = method.step(prob, w, state)
-        ref_f = calls[t] if ref_f is None else [
-            (0.5 * a0 + 0.5 * a1, 0.5 * g0 + 0.5 * g1)
-            for (a0, g0), (a1, g1) in zip(ref_f, calls[t], strict=True)]
-        if t % 2 == 0:
-            ref_inv = []
-            for a, gg in ref_f:
-                sa, sg = factored_damping(a, gg, 1e-2)
-                ref_inv.append((np.linalg.inv(a + sa * np.eye(len(a))),
-                                np.linalg.inv(gg + sg * np.eye(len(gg)))))
-        m = 0.9 * m + 0.1 * g
-        v = 0.999 * v + 0.001 * g * g
-        mhat = m / (1 - 0.9 ** (t + 1))
-        u = 0.02 * mhat / (np.sqrt(v / (1 - 0.999 ** (t + 1))) + 1e-8)
-        p = kfac_direction(tuple(blocks), ref_inv, mhat)
-        d = u.copy()
-        for b in blocks:
-            idx = b.indices().ravel()
-            d[idx] = p[idx] * np.linalg.norm(u[idx]) / np.linalg.norm(p[idx])
-        np.testing.assert_allclose(w_new, w - d, rtol=1e-10, atol=1e-14)
-        assert info.clip == 1.0 and info.inverted == (t % 2 == 0) and state.velocity is None
-        np.testing.assert_allclose(state.adam_v, v, rtol=1e-12)
-        w = w_new
-
-
-@pytest.mark.parametrize(("rule", "graft"), [("fixed", "none"), ("levenberg_marquardt", "none"),
-                                             ("levenberg_marquardt", "adam")])
-def test_resume_from_a_saved_state_is_bitwise_the_same(rule, graft):
+@pytest.mark.parametrize("rule", ["fixed", "levenberg_marquardt"])
+def test_resume_from_a_saved_state_is_bitwise_the_same(rule):
     blocks, pairs, n = _two_blocks()
     cfg = KFACConfig(learning_rate=0.2, inverse_every=4, stats_every=2, damping_rule=rule,
-                     damping_every=2, graft=graft)
+                     damping_every=2)
     w0 = np.linspace(-1, 1, n)
 
     def steps(w, state, k, prob):
@@ -466,7 +406,7 @@ def test_state_and_config_validate():
                          ("inverse_warmup", -1), ("kl_clip", -1.0), ("max_factor_dim", 0),
                          ("damping_rule", "trust_region"), ("damping_every", 0),
                          ("lm_increase", 1.0), ("lm_decrease", 1.0), ("lm_rho_low", 0.0),
-                         ("damping_min", -1.0), ("graft", "sgd")):
+                         ("damping_min", -1.0)):
         with pytest.raises(ParameterError, match=f"KFACConfig.{field} ") as err:
             KFACConfig(**{field: value})
         assert err.value.name == field
@@ -476,10 +416,6 @@ def test_state_and_config_validate():
         KFACConfig(damping_min=1.0, damping_max=0.5)
     with pytest.raises(ValueError, match="damping"):
         KFACState(damping=-1.0)
-    with pytest.raises(ValueError, match="adam_m and adam_v"):
-        KFACState(adam_m=np.zeros(3))
-    with pytest.raises(ValueError, match="adam_v must be >= 0"):
-        KFACState(adam_m=np.zeros(2), adam_v=np.array([1.0, -1.0]))
     assert METHODS["kfac"] is KFAC and KFAC.config_class is KFACConfig
     assert KFAC().init(np.zeros(3)) == KFACState()
 
