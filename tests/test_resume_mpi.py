@@ -17,6 +17,7 @@ from mpijobs import (
     run_job,
     small_job,
     start_job,
+    start_many,
     wait_for_records,
 )
 
@@ -108,12 +109,18 @@ def test_resume_without_checkpoint_and_from_a_corrupt_one(dataset, tmp_path):
     run_dir = tmp_path / "run"
     args = small_job(dataset, "--set", "checkpoint.every=2",
                       "--set", "checkpoint.keep=5")
-    proc = run_job(1, *args, "--run-dir", str(run_dir), "--resume", "required", timeout=120)
-    assert proc.returncode == 2
-    assert "no valid checkpoint" in proc.stderr
-    proc = run_job(1, *args, "--run-dir", str(run_dir), "--resume", timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "starting afresh" in proc.stdout
+    # the refusal and the fresh start in one launch (a launch costs TensorFlow's start)
+    launch = start_many("mpinewton.train", 1,
+                        [[*args, "--run-dir", str(run_dir), "--resume", "required"],
+                         [*args, "--run-dir", str(run_dir), "--resume"]], tmp_path / "launch")
+    try:
+        refused, fresh = (rec[0] for rec in launch.outcomes(timeout=180))
+    finally:
+        launch.kill()
+    assert refused["rc"] == 2, refused
+    assert "no valid checkpoint" in refused["stderr"]
+    assert fresh["rc"] == 0, fresh["stderr"][-3000:]
+    assert "starting afresh" in fresh["stdout"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] is None
     checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.h5"))
