@@ -87,6 +87,10 @@
 #   kfac-double5  round 37, seeds 1, 8 and 9 (or kfac-double5-seedS for one), 150 s each:
 #          from 2,000, doubling every 50, 100, 200 or 400 steps, beside the job's
 #          -> docs/compare/tuning/minibatch-kfac-double5-seed{1,8,9}.json.gz
+#   kfac-iw  round 41, seed 1, TIME (150) s each, in turns (--interleave): the job's K-FAC
+#          with its inverses also at each of its first 10 or 20 steps (inverse_warmup, as on
+#          ResNet-50), beside the job's K-FAC and Adam
+#          -> docs/compare/tuning/minibatch-kfac-iw-seed1.json.gz
 #   race-kfac-warm  seeds 0 and 2-7 (or race-kfac-warm-seedS for one): the warmed-up
 #          K-FAC that round 29 chose, the fixed one and Adam
 #          -> docs/compare/cnn-minibatch-kfac-warm-seed{0,2,3,4,5,6,7}.json.gz
@@ -116,7 +120,7 @@
 #   race   seed 0 (not tuned on): the best of each, TIME (150) s each; the target is
 #          gradient descent's loss after 1,000 steps
 #          -> docs/compare/cnn-minibatch.json.gz (and .png)
-# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|kfac-double5|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|race-kfac-double200|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow and kfac-double* only by name)
+# Usage: scripts/compare-minibatch.sh [tune|batches|batches2|growth|growth3|knobs|average|linesearch|knobs2|kfac|kfac2|kfac3|kfac4|kfac5|kfac6|kfac-seed4|basin-seed4|kfac-seed5|kfac7|kfac8|kfac9|kfac10|kfac11|kfac-seed5-lm|kfac-warm|kfac-warm-every|kfac-warm-start|kfac-warm-pace|kfac-grow|kfac-double|kfac-double2|kfac-double3|kfac-double4|kfac-double5|kfac-iw|race|race-average|race-linesearch|race-kfac|race-kfac-seed2|race-kfac-seed3|race-kfac-seed4|race-kfac-sampled|race-kfac-fresh|race-kfac-warm|race-kfac-warm0.1|race-kfac-pace0.8|race-kfac-double|race-kfac-double200|all]   (2 ranks; all runs every stage in turn, many hours: a seven-seed race alone about an hour; kfac-seed4, basin-seed4, kfac-seed5, kfac-seed5-lm, kfac-warm, kfac-warm-every, kfac-warm-start, kfac-warm-pace, kfac-grow, kfac-double* and kfac-iw only by name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -704,6 +708,18 @@ for seed in 1 8 9; do
         --variant "kfac-double2000-every400-pace0.8-avg0.95=$k,$lm_job,$double,batch_every=400" \
         --out "docs/compare/tuning/minibatch-kfac-double5-seed$seed.json.gz"
 done
+if [[ $stage == kfac-iw ]]; then
+    # Round 41: K-FAC's first inverses come from step 1's factors (100 images) and serve
+    # steps 1-10; on ResNet-50 refreshing them at each of the first 10 steps ended lower
+    # on every seed ("K-FAC's first inverses: a warm-up"). Judged as round 38.
+    k="kfac,average=0.95,batch_size=8000,curvature_fraction=0.0125,$lm_job"
+    race --set run.seed=1 --time-limit "${TIME:-150}" --interleave \
+        --variant "kfac-b8000-pace0.8-avg0.95=$k" \
+        --variant "kfac-iw10=$k,inverse_warmup=10" \
+        --variant "kfac-iw20=$k,inverse_warmup=20" \
+        --variant "adam-lr0.01-b2000-avg0.98=adam,learning_rate=0.01,batch_size=2000,average=0.98" \
+        --out docs/compare/tuning/minibatch-kfac-iw-seed1.json.gz
+fi
 if [[ $stage == race-linesearch || $stage == all ]]; then
     # Seed 0, TIME (150) s each: round 15's line search (at most 3 trials) against the
     # Newton-CG of the race above and the two first-order methods that beat it there.
